@@ -1,0 +1,38 @@
+// How a layer runs: thread count, random stream and whether to record phase timings.
+// Nothing is global; a layer reads everything it needs to run from here.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+
+namespace sy {
+
+struct ExecContext {
+  int n_threads = 0;      // 0: OpenMP's default (OMP_NUM_THREADS or all cores)
+  uint64_t seed = 0;      // for stochastic parts (noise, jitter)
+  bool training = true;   // selects the train or eval capacity factor
+  bool profile = false;   // record per-phase wall times into the layer's cache
+};
+
+// Sets the OpenMP team size (and with it OpenBLAS's, built on OpenMP) for the scope's lifetime
+// and restores the previous one after.
+class ThreadScope {
+ public:
+  explicit ThreadScope(int n_threads);
+  ~ThreadScope();
+  ThreadScope(const ThreadScope&) = delete;
+  ThreadScope& operator=(const ThreadScope&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+int max_threads();
+
+// Wall clock in seconds since an arbitrary origin, for benchmarks and phase timings.
+inline double wall_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+}  // namespace sy

@@ -1,0 +1,18 @@
+// CPU kernels: free functions over non-owning views. Each has a plain twin in
+// kernels/ref.h that tests compare against. All are instantiated for float and double
+// (double for finite-difference checks); outputs are overwritten unless the comment says +=.
+// Results do not depend on the thread count: every output element is reduced by one thread in
+// a fixed order.
+#pragma once
+
+#include <cstdint>
+#include <span>
+
+#include "switchyard/core/dtype.h"
+#include "switchyard/core/view.h"
+
+namespace sy::cpu {
+
+#include "switchyard/kernels/detail/kernel_decls.inc"
+
+}  // namespace sy::cpu

@@ -1,0 +1,31 @@
+// Configuration of one MoE layer. validate() is the one place bad values are caught: it throws
+// ConfigError naming the field (as `moe.<field>`), the value and the accepted range.
+#pragma once
+
+#include <cstdint>
+
+namespace sy {
+
+struct MoeConfig {
+  int64_t d_model = 0;    // token width d
+  int64_t d_ff = 0;       // hidden width f of each SwiGLU expert
+  int64_t n_experts = 0;  // E
+  int64_t top_k = 2;      // experts per token, 1..E
+  // Rescale the k chosen probabilities to sum to 1 (Mixtral); off: the raw softmax values
+  // (Switch, GShard's first expert).
+  bool renormalize = true;
+  // Rows an expert takes: ceil(factor * T * k / E). Train and eval differ as in Switch
+  // Transformer: a larger eval factor drops fewer tokens at inference.
+  double capacity_factor_train = 1.25;
+  double capacity_factor_eval = 2.0;
+  bool dropless = false;  // no capacity: every chosen slot is computed
+  // Weights of the auxiliary losses added to the training loss (0 turns one off).
+  double loss_balance_weight = 0.01;  // Switch load-balancing loss, E * sum_e f_e P_e
+  double loss_z_weight = 0.001;       // router z-loss, mean_t logsumexp(logits_t)^2
+
+  void validate() const;
+  // Rows each expert takes for n_tokens tokens; -1 means unbounded (dropless).
+  int64_t capacity(int64_t n_tokens, bool training) const;
+};
+
+}  // namespace sy

@@ -1,0 +1,103 @@
+// The sparse MoE layer: router -> dispatch plan -> gather -> SwiGLU experts -> weighted combine.
+// Backward runs the same path in reverse with the plan kept from forward; the auxiliary
+// losses' gradients are included, so the caller adds forward's loss_balance + loss_z to its
+// loss and passes only dL/dy.
+//
+//   MoeConfig cfg{.d_model = 512, .d_ff = 1024, .n_experts = 8, .top_k = 2};
+//   MoeLayer layer(cfg);                               // throws ConfigError
+//   MoeParams p = init_moe_params(cfg, DType::kF32, /*seed=*/1);
+//   MoeParams g = zeros_like(p);
+//   MoeCache cache;
+//   MoeForward out = layer.forward(p, x, y, cache, ctx);   // x, y: [T, d]
+//   layer.backward(p, cache, dy, g, dx, ctx);              // g += ..., dx = ...
+//
+// dtypes: x, y and params all f32, or all f64 (for gradient checks). Forward also takes bf16
+// expert weights with f32 x (inference; memory-bound decode reads half the bytes).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "switchyard/core/exec_context.h"
+#include "switchyard/core/tensor.h"
+#include "switchyard/moe/config.h"
+#include "switchyard/moe/dispatch_plan.h"
+#include "switchyard/moe/experts.h"
+#include "switchyard/moe/router.h"
+
+namespace sy {
+
+struct MoeParams {
+  Tensor w_gate;  // [d, E]
+  Tensor w1;      // [E, d, f]  gate projection
+  Tensor w3;      // [E, d, f]  up projection
+  Tensor w2;      // [E, f, d]  down projection
+};
+
+// Router weights ~ N(0, 1/d); expert weights ~ N(0, 1/fan_in). Deterministic in seed.
+MoeParams init_moe_params(const MoeConfig& cfg, DType dtype, uint64_t seed);
+MoeParams zeros_like(const MoeParams& p);
+
+struct RoutingStats {
+  std::vector<int64_t> demand;  // [E]: slots that chose each expert
+  std::vector<int64_t> rows;    // [E]: slots each expert computed (after capacity)
+  int64_t capacity = -1;        // -1: dropless
+  double dropped_fraction = 0;  // dropped slots / (T * k)
+  double router_entropy = 0;    // mean over tokens of -sum_e p log p, in nats
+  double load_max_over_mean = 0;  // max_e demand / mean_e demand; 1 is perfect balance
+};
+
+// Wall seconds of each phase of the last forward/backward, when ExecContext::profile is set.
+struct MoeTimes {
+  double router = 0, plan = 0, gather = 0, experts = 0, combine = 0;
+  double backward_combine = 0, backward_experts = 0, backward_scatter = 0, backward_router = 0;
+};
+
+struct MoeCache {
+  Tensor x;       // [T, d] copy of the input (router backward needs it)
+  RouterCache router;
+  DispatchPlan plan;
+  Tensor xs, ys;  // [n, d]: dispatched rows and expert outputs
+  ExpertsCache experts;
+  Tensor dys, dxs, dweight;  // backward's scratch: [n, d], [n, d], [T, k]
+  MoeTimes times;
+};
+
+struct MoeForward {
+  double loss_balance = 0;  // weighted auxiliary losses, to add to the training loss
+  double loss_z = 0;
+  RoutingStats stats;
+};
+
+class MoeLayer {
+ public:
+  explicit MoeLayer(const MoeConfig& cfg);  // throws ConfigError
+  const MoeConfig& config() const { return cfg_; }
+
+  // x: [T, d] -> y: [T, d] (=). Throws ShapeError for a shape or dtype that does not fit.
+  MoeForward forward(const MoeParams& p, const Tensor& x, Tensor& y, MoeCache& cache,
+                     const ExecContext& ctx) const;
+  // dy: [T, d] -> dx: [T, d] (=), g (+=). Needs the cache of the forward call just before.
+  void backward(const MoeParams& p, MoeCache& cache, const Tensor& dy, MoeParams& g, Tensor& dx,
+                const ExecContext& ctx) const;
+
+  // Extra memory for dispatch in a cache after forward: the plan's indices plus the dispatched
+  // rows xs and ys, i.e. O(T k d); no [T, E, C] tensor exists.
+  static size_t dispatch_bytes(const MoeCache& cache);
+
+  void check_params(const MoeParams& p) const;  // throws ShapeError naming the tensor
+
+ private:
+  template <class T, class W>
+  MoeForward forward_impl(const MoeParams& p, const Tensor& x, Tensor& y, MoeCache& c,
+                          const ExecContext& ctx) const;
+  template <class T>
+  void backward_impl(const MoeParams& p, MoeCache& c, const Tensor& dy, MoeParams& g, Tensor& dx,
+                     const ExecContext& ctx) const;
+
+  MoeConfig cfg_;
+  Router router_;
+};
+
+}  // namespace sy

@@ -1,0 +1,48 @@
+// Linear router with softmax top-k gating, and the two auxiliary losses it is trained with.
+//   logits = x w_gate; probs = softmax(logits); expert = top-k of probs;
+//   weight = chosen probs (divided by their sum when cfg.renormalize).
+//   loss_balance = w_b * E * sum_e f_e P_e   (Switch Transformer; f_e: share of the T*k slots
+//                  that chose e, not differentiable; P_e: mean router probability of e)
+//   loss_z       = w_z * mean_t logsumexp(logits_t)^2   (ST-MoE)
+// Derivations: docs/moe_backward.md.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "switchyard/core/tensor.h"
+#include "switchyard/moe/config.h"
+
+namespace sy {
+
+struct RouterCache {
+  Tensor logits;                // [T, E]
+  Tensor probs;                 // [T, E]
+  Tensor lse;                   // [T]
+  std::vector<int32_t> expert;  // [T*k]: slot t*k+j holds token t's j-th choice, best first
+  Tensor weight;                // [T, k]: combine weights
+  std::vector<int32_t> demand;  // [E]: slots that chose each expert
+  double loss_balance = 0;      // weighted, as added to the training loss
+  double loss_z = 0;            // weighted
+  Tensor dprobs, dlogits;       // [T, E]: backward's scratch, kept to avoid reallocation
+};
+
+class Router {
+ public:
+  explicit Router(const MoeConfig& cfg);  // cfg must already be validated
+
+  // w_gate: [d, E], x: [T, d] -> cache (expert, weight, losses, ...)
+  template <class T>
+  void forward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCache& cache) const;
+
+  // dweight: [T, k] (gradient of the task loss w.r.t. the combine weights). Adds the gradients
+  // of the auxiliary losses. dw_gate: [d, E] (+=), dx: [T, d] (=).
+  template <class T>
+  void backward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCache& cache,
+                ConstMatrixView<T> dweight, MatrixView<T> dw_gate, MatrixView<T> dx) const;
+
+ private:
+  MoeConfig cfg_;
+};
+
+}  // namespace sy

@@ -1,0 +1,208 @@
+// `switchyard bench moe`. For each shape: median wall time of forward and of forward+backward,
+// GFLOP/s of active FLOPs, and the ratio to a dense sgemm [T*k, d] x [d, f] timed in the same
+// run; the share of layer time spent outside the expert GEMMs (router, plan, gather, combine);
+// for decode shapes, bytes of expert weights read per second against memcpy bandwidth.
+#include "cli/bench_moe.h"
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+
+#include "switchyard/core/file.h"
+#include "switchyard/core/rng.h"
+#include "switchyard/kernels/cpu.h"
+#include "switchyard/moe/moe_layer.h"
+
+namespace sy::cli {
+
+const std::vector<MoeShape>& moe_bench_shapes() {
+  static const std::vector<MoeShape> shapes = {
+      {"A", 4096, 512, 1024, 8, 2, false},
+      {"B", 4096, 1024, 512, 64, 8, false},
+      {"C1", 1, 1024, 3584, 8, 2, true},
+      {"C16", 16, 1024, 3584, 8, 2, true},
+  };
+  return shapes;
+}
+
+namespace {
+
+// Median wall time of fn over iters runs after one warm-up run.
+double median_seconds(int iters, const std::function<void()>& fn) {
+  fn();
+  std::vector<double> t(size_t(std::max(iters, 1)));
+  for (double& s : t) {
+    const double t0 = wall_seconds();
+    fn();
+    s = wall_seconds() - t0;
+  }
+  std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
+  return t[t.size() / 2];
+}
+
+// Copy bandwidth in bytes/s, counting the bytes read and the bytes written, over a buffer far
+// larger than the caches. Split across threads as the layer's kernels are.
+double copy_bandwidth(int iters) {
+  const int64_t n = int64_t(256) << 20;  // bytes per buffer
+  std::vector<char> src(size_t(n), 1), dst(size_t(n), 0);
+  const double t = median_seconds(iters, [&] {
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < 64; ++b)
+      std::memcpy(dst.data() + b * (n / 64), src.data() + b * (n / 64), size_t(n / 64));
+  });
+  return 2.0 * double(n) / t;
+}
+
+int default_iters(const MoeShape& s) { return s.decode ? 50 : 5; }
+
+nlohmann::json bench_shape(const MoeShape& s, const BenchMoeOptions& opt, double copy_bw) {
+  MoeConfig cfg{.d_model = s.d_model, .d_ff = s.d_ff, .n_experts = s.n_experts,
+                .top_k = s.top_k};
+  cfg.dropless = opt.capacity_factor <= 0;
+  if (!cfg.dropless) cfg.capacity_factor_train = cfg.capacity_factor_eval = opt.capacity_factor;
+  MoeLayer layer(cfg);
+  MoeParams p = init_moe_params(cfg, DType::kF32, opt.seed);
+  const bool bf16_weights = opt.weights == "bf16";
+  if (bf16_weights) {
+    p.w1 = convert(p.w1, DType::kBF16);
+    p.w3 = convert(p.w3, DType::kBF16);
+    p.w2 = convert(p.w2, DType::kBF16);
+  }
+  Tensor x({s.n_tokens, s.d_model}, DType::kF32), y, dx;
+  fill_normal(x.span<float>(), Philox(opt.seed, 100), 1.0f);
+  MoeCache cache;
+  const int iters = opt.iters > 0 ? opt.iters : default_iters(s);
+  ExecContext ctx{.n_threads = opt.n_threads, .seed = opt.seed, .training = true};
+
+  MoeForward out = layer.forward(p, x, y, cache, ctx);
+  const int64_t n = cache.plan.n_rows();
+  const double flops_fwd = 6.0 * double(n) * double(s.d_model) * double(s.d_ff) +
+                           2.0 * double(s.n_tokens) * double(s.d_model) * double(s.n_experts);
+
+  // The ceiling: one dense sgemm over all n rows, same K and N as an expert's first GEMM.
+  Tensor a({std::max<int64_t>(n, 1), s.d_model}, DType::kF32), b({s.d_model, s.d_ff}, DType::kF32),
+      c({std::max<int64_t>(n, 1), s.d_ff}, DType::kF32);
+  fill_normal(a.span<float>(), Philox(opt.seed, 101), 1.0f);
+  fill_normal(b.span<float>(), Philox(opt.seed, 102), 1.0f);
+  double t_dense;
+  {
+    ThreadScope threads(opt.n_threads);
+    t_dense = median_seconds(iters, [&] {
+      cpu::gemm<float>(false, false, 1.0f, a.matrix<float>(), b.matrix<float>(), 0.0f,
+                       c.matrix<float>());
+    });
+  }
+  const double dense_rate = 2.0 * double(a.dim(0)) * double(s.d_model) * double(s.d_ff) / t_dense;
+
+  const double t_fwd = median_seconds(iters, [&] { layer.forward(p, x, y, cache, ctx); });
+  nlohmann::json r = {
+      {"shape", s.name},       {"T", s.n_tokens},     {"d", s.d_model},
+      {"f", s.d_ff},           {"E", s.n_experts},    {"k", s.top_k},
+      {"rows", n},             {"weights", opt.weights},
+      {"dense_gflops", dense_rate / 1e9},
+      {"fwd_ms", t_fwd * 1e3}, {"fwd_gflops", flops_fwd / t_fwd / 1e9},
+      {"fwd_vs_dense", flops_fwd / t_fwd / dense_rate},
+      {"dropped_fraction", out.stats.dropped_fraction},
+  };
+
+  // Phase shares of one profiled forward (its own run: timers add a little overhead).
+  ExecContext prof = ctx;
+  prof.profile = true;
+  layer.forward(p, x, y, cache, prof);
+  const MoeTimes& tm = cache.times;
+  const double total = tm.router + tm.plan + tm.gather + tm.experts + tm.combine;
+  r["fwd_phase_ms"] = {{"router", tm.router * 1e3},   {"plan", tm.plan * 1e3},
+                       {"gather", tm.gather * 1e3},   {"experts", tm.experts * 1e3},
+                       {"combine", tm.combine * 1e3}};
+  r["fwd_overhead_share"] = total > 0 ? (total - tm.experts) / total : 0.0;
+
+  if (!bf16_weights) {
+    MoeParams g = zeros_like(p);
+    Tensor dy({s.n_tokens, s.d_model}, DType::kF32);
+    fill_normal(dy.span<float>(), Philox(opt.seed, 103), 1.0f);
+    const double t_fb = median_seconds(iters, [&] {
+      layer.forward(p, x, y, cache, ctx);
+      layer.backward(p, cache, dy, g, dx, ctx);
+    });
+    r["fwd_bwd_ms"] = t_fb * 1e3;
+    r["fwd_bwd_gflops"] = 3 * flops_fwd / t_fb / 1e9;
+    r["fwd_bwd_vs_dense"] = 3 * flops_fwd / t_fb / dense_rate;
+  }
+
+  if (s.decode) {
+    int64_t used = 0;
+    for (int64_t e = 0; e < s.n_experts; ++e) used += cache.plan.rows_of(e) > 0;
+    const double bytes = double(used) * 3.0 * double(s.d_model * s.d_ff) *
+                         double(dtype_size(p.w1.dtype()));
+    r["experts_touched"] = used;
+    r["weight_gbps"] = bytes / t_fwd / 1e9;
+    r["copy_gbps"] = copy_bw / 1e9;
+    r["weight_bw_vs_copy"] = bytes / t_fwd / copy_bw;
+  }
+  return r;
+}
+
+void print_row(const nlohmann::json& r) {
+  std::string line = fmt::format(
+      "{:<4} T={:<5} d={:<5} f={:<5} E={:<3} k={}  fwd {:8.2f} ms {:7.1f} GF/s ({:.2f} of dense "
+      "{:.1f})",
+      r["shape"].get<std::string>(), r["T"].get<int64_t>(), r["d"].get<int64_t>(),
+      r["f"].get<int64_t>(), r["E"].get<int64_t>(), r["k"].get<int64_t>(),
+      r["fwd_ms"].get<double>(), r["fwd_gflops"].get<double>(), r["fwd_vs_dense"].get<double>(),
+      r["dense_gflops"].get<double>());
+  if (r.contains("fwd_bwd_ms"))
+    line += fmt::format("  fwd+bwd {:8.2f} ms {:7.1f} GF/s ({:.2f})", r["fwd_bwd_ms"].get<double>(),
+                        r["fwd_bwd_gflops"].get<double>(), r["fwd_bwd_vs_dense"].get<double>());
+  line += fmt::format("  non-expert {:.1f}%", 100 * r["fwd_overhead_share"].get<double>());
+  if (r.contains("weight_gbps"))
+    line += fmt::format("  weights {:.1f} GB/s ({:.2f} of copy {:.1f})",
+                        r["weight_gbps"].get<double>(), r["weight_bw_vs_copy"].get<double>(),
+                        r["copy_gbps"].get<double>());
+  std::puts(line.c_str());
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+int run_bench_moe(const BenchMoeOptions& opt) {
+  std::vector<MoeShape> chosen;
+  for (const MoeShape& s : moe_bench_shapes())
+    if (opt.shapes.empty() || std::count(opt.shapes.begin(), opt.shapes.end(), s.name))
+      chosen.push_back(s);
+  for (const std::string& name : opt.shapes)
+    if (std::none_of(chosen.begin(), chosen.end(), [&](const MoeShape& s) { return s.name == name; }))
+      throw ConfigError(fmt::format("--shape {}: expected one of A, B, C1, C16", name));
+  if (opt.weights != "f32" && opt.weights != "bf16")
+    throw ConfigError(fmt::format("--weights {}: expected f32 or bf16", opt.weights));
+
+  double copy_bw = 0;
+  if (std::any_of(chosen.begin(), chosen.end(), [](const MoeShape& s) { return s.decode; })) {
+    ThreadScope threads(opt.n_threads);
+    copy_bw = copy_bandwidth(10);
+  }
+  fmt::print("switchyard bench moe: {} threads, expert weights {}, {}\n",
+             opt.n_threads > 0 ? opt.n_threads : max_threads(), opt.weights,
+             opt.capacity_factor > 0 ? fmt::format("capacity factor {}", opt.capacity_factor)
+                                     : std::string("dropless"));
+  nlohmann::json all = nlohmann::json::array();
+  for (const MoeShape& s : chosen) {
+    nlohmann::json r = bench_shape(s, opt, copy_bw);
+    print_row(r);
+    all.push_back(r);
+  }
+  if (!opt.json_path.empty()) {
+    const std::string text = all.dump(2) + "\n";
+    if (opt.json_path == "-") {
+      std::fputs(text.c_str(), stdout);
+    } else {
+      write_file_atomic(opt.json_path, text);
+    }
+  }
+  return 0;
+}
+
+}  // namespace sy::cli

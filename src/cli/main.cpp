@@ -1,0 +1,99 @@
+// The `switchyard` command. Subcommands are built on CLI11; library errors (sy::Error) become
+// `error: ...` with exit 1, usage errors exit 2 with the closest valid flag suggested.
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "cli/bench_moe.h"
+#include "switchyard/core/error.h"
+
+namespace {
+
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diag = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] != b[j - 1])});
+      diag = up;
+    }
+  }
+  return row[b.size()];
+}
+
+// The long flag of `app` (or of the subcommand that was parsed last) closest to `arg`.
+std::string closest_flag(const CLI::App& app, const std::string& arg) {
+  const CLI::App* cur = &app;
+  for (;;) {
+    auto subs = cur->get_subcommands();
+    if (subs.empty()) break;
+    cur = subs.front();
+  }
+  std::string best;
+  size_t best_d = SIZE_MAX;
+  for (const CLI::Option* o : cur->get_options())
+    for (const std::string& name : o->get_lnames()) {
+      const size_t d = edit_distance(arg, "--" + name);
+      if (d < best_d) best_d = d, best = "--" + name;
+    }
+  return best_d <= std::max<size_t>(3, arg.size() / 3) ? best : "";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Switchyard: sparse Mixture-of-Experts models in C++", "switchyard"};
+  app.set_version_flag("--version", "switchyard 0.1.0");
+  app.require_subcommand(1);
+
+  CLI::App* bench = app.add_subcommand("bench", "Benchmarks against ceilings measured in the same run");
+  bench->require_subcommand(1);
+  sy::cli::BenchMoeOptions moe_opt;
+  CLI::App* bench_moe = bench->add_subcommand("moe", "MoE layer forward and backward on CPU");
+  bench_moe->add_option("--shape", moe_opt.shapes, "Shapes to run: A, B, C1, C16 (default: all)");
+  bench_moe->add_option("--threads", moe_opt.n_threads, "Threads (0: all cores)")
+      ->capture_default_str();
+  bench_moe->add_option("--iters", moe_opt.iters, "Timed runs per figure (0: per shape)")
+      ->capture_default_str();
+  bench_moe->add_option("--weights", moe_opt.weights, "Expert weight dtype: f32 or bf16")
+      ->capture_default_str();
+  bench_moe->add_option("--capacity-factor", moe_opt.capacity_factor,
+                        "Capacity factor (0: dropless)")
+      ->capture_default_str();
+  bench_moe->add_option("--json", moe_opt.json_path, "Also write the results as JSON (- for stdout)");
+  bench_moe->add_option("--seed", moe_opt.seed, "Seed of weights and inputs")->capture_default_str();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ExtrasError& e) {
+    std::string msg = e.what();
+    for (const std::string& extra : app.remaining()) {
+      const std::string hint = extra.rfind("--", 0) == 0 ? closest_flag(app, extra) : "";
+      if (!hint.empty()) msg += fmt::format(" (did you mean {}?)", hint);
+    }
+    fmt::print(stderr, "error: {}\n", msg);
+    return 2;
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app.exit(e);
+    fmt::print(stderr, "error: {}\n", e.what());
+    return 2;
+  }
+
+  try {
+    if (bench_moe->parsed()) return sy::cli::run_bench_moe(moe_opt);
+  } catch (const sy::ConfigError& e) {
+    fmt::print(stderr, "error: {}\n", e.what());
+    return 2;
+  } catch (const sy::Error& e) {
+    fmt::print(stderr, "error: {}\n", e.what());
+    return 1;
+  }
+  return 0;
+}

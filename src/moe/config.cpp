@@ -1,0 +1,43 @@
+// MoeConfig validation and the capacity rule.
+#include "switchyard/moe/config.h"
+
+#include <cmath>
+
+#include "switchyard/core/error.h"
+
+namespace sy {
+
+void MoeConfig::validate() const {
+  auto positive = [](const char* name, int64_t v) {
+    if (v < 1) throw ConfigError(fmt::format("moe.{} = {}: expected >= 1", name, v));
+  };
+  positive("d_model", d_model);
+  positive("d_ff", d_ff);
+  positive("n_experts", n_experts);
+  if (top_k < 1 || top_k > n_experts)
+    throw ConfigError(
+        fmt::format("moe.top_k = {}: expected 1..{} (moe.n_experts)", top_k, n_experts));
+  if (!dropless) {
+    auto factor = [](const char* name, double v) {
+      if (!(v > 0) || !std::isfinite(v))
+        throw ConfigError(fmt::format(
+            "moe.{} = {}: expected a finite value > 0 (or set moe.dropless = true)", name, v));
+    };
+    factor("capacity_factor_train", capacity_factor_train);
+    factor("capacity_factor_eval", capacity_factor_eval);
+  }
+  auto weight = [](const char* name, double v) {
+    if (!(v >= 0) || !std::isfinite(v))
+      throw ConfigError(fmt::format("moe.{} = {}: expected a finite value >= 0", name, v));
+  };
+  weight("loss_balance_weight", loss_balance_weight);
+  weight("loss_z_weight", loss_z_weight);
+}
+
+int64_t MoeConfig::capacity(int64_t n_tokens, bool training) const {
+  if (dropless) return -1;
+  const double factor = training ? capacity_factor_train : capacity_factor_eval;
+  return int64_t(std::ceil(factor * double(n_tokens * top_k) / double(n_experts)));
+}
+
+}  // namespace sy

@@ -1,0 +1,191 @@
+// The MoE layer: ties router, dispatch plan, experts and combine together, validates what comes
+// in from the caller, and gathers routing statistics.
+#include "switchyard/moe/moe_layer.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "switchyard/core/rng.h"
+#include "switchyard/kernels/cpu.h"
+
+namespace sy {
+
+namespace {
+
+// Runs fn and, when profiling, adds its wall time to *slot.
+template <class Fn>
+void timed(bool profile, double* slot, Fn&& fn) {
+  if (!profile) return fn();
+  const double t0 = wall_seconds();
+  fn();
+  *slot += wall_seconds() - t0;
+}
+
+RoutingStats routing_stats(const RouterCache& rc, const DispatchPlan& plan,
+                           const Tensor& probs) {
+  RoutingStats s;
+  const int64_t E = plan.n_experts;
+  s.demand.assign(rc.demand.begin(), rc.demand.end());
+  s.rows.resize(size_t(E));
+  for (int64_t e = 0; e < E; ++e) s.rows[e] = plan.rows_of(e);
+  s.capacity = plan.capacity;
+  if (plan.n_slots() == 0) return s;
+  s.dropped_fraction = double(plan.n_dropped()) / double(plan.n_slots());
+  const double mean = double(plan.n_slots()) / double(E);
+  s.load_max_over_mean = double(*std::max_element(s.demand.begin(), s.demand.end())) / mean;
+  double h = 0;
+  auto entropy = [&](auto view) {
+    for (int64_t i = 0; i < view.size(); ++i) {
+      const double p = double(view.data[i]);
+      if (p > 0) h -= p * std::log(p);
+    }
+  };
+  if (probs.dtype() == DType::kF64) entropy(probs.matrix<double>());
+  else entropy(probs.matrix<float>());
+  s.router_entropy = h / double(plan.n_tokens);
+  return s;
+}
+
+}  // namespace
+
+MoeParams init_moe_params(const MoeConfig& cfg, DType dtype, uint64_t seed) {
+  cfg.validate();
+  const int64_t d = cfg.d_model, f = cfg.d_ff, E = cfg.n_experts;
+  MoeParams p;
+  auto init = [&](std::initializer_list<int64_t> shape, int64_t fan_in, uint64_t stream) {
+    Tensor t(shape, DType::kF64);
+    fill_normal(t.span<double>(), Philox(seed, stream), 1.0 / std::sqrt(double(fan_in)));
+    return convert(t, dtype);
+  };
+  p.w_gate = init({d, E}, d, 0);
+  p.w1 = init({E, d, f}, d, 1);
+  p.w3 = init({E, d, f}, d, 2);
+  p.w2 = init({E, f, d}, f, 3);
+  return p;
+}
+
+MoeParams zeros_like(const MoeParams& p) {
+  return {Tensor(p.w_gate.shape(), p.w_gate.dtype()), Tensor(p.w1.shape(), p.w1.dtype()),
+          Tensor(p.w3.shape(), p.w3.dtype()), Tensor(p.w2.shape(), p.w2.dtype())};
+}
+
+MoeLayer::MoeLayer(const MoeConfig& cfg) : cfg_(cfg), router_((cfg.validate(), cfg)) {}
+
+void MoeLayer::check_params(const MoeParams& p) const {
+  const int64_t d = cfg_.d_model, f = cfg_.d_ff, E = cfg_.n_experts;
+  expect_shape(p.w_gate, {d, E}, "moe.w_gate");
+  expect_shape(p.w1, {E, d, f}, "moe.w1");
+  expect_shape(p.w3, {E, d, f}, "moe.w3");
+  expect_shape(p.w2, {E, f, d}, "moe.w2");
+  if (p.w1.dtype() != p.w3.dtype() || p.w1.dtype() != p.w2.dtype())
+    throw ShapeError(fmt::format("moe expert weights: dtypes w1 {}, w3 {}, w2 {}: expected one",
+                                 dtype_name(p.w1.dtype()), dtype_name(p.w3.dtype()),
+                                 dtype_name(p.w2.dtype())));
+}
+
+MoeForward MoeLayer::forward(const MoeParams& p, const Tensor& x, Tensor& y, MoeCache& cache,
+                             const ExecContext& ctx) const {
+  check_params(p);
+  if (x.rank() != 2 || x.dim(1) != cfg_.d_model)
+    throw ShapeError(fmt::format("moe input x: {}, expected [T, {}] (moe.d_model)",
+                                 x.shape_str(), cfg_.d_model));
+  const DType xt = x.dtype(), wt = p.w1.dtype();
+  if (p.w_gate.dtype() != xt)
+    throw ShapeError(fmt::format("moe.w_gate is {} but x is {}: expected the same dtype",
+                                 dtype_name(p.w_gate.dtype()), dtype_name(xt)));
+  ThreadScope threads(ctx.n_threads);
+  if (xt == DType::kF32 && wt == DType::kF32) return forward_impl<float, float>(p, x, y, cache, ctx);
+  if (xt == DType::kF64 && wt == DType::kF64)
+    return forward_impl<double, double>(p, x, y, cache, ctx);
+  if (xt == DType::kF32 && wt == DType::kBF16) return forward_impl<float, bf16>(p, x, y, cache, ctx);
+  throw ShapeError(fmt::format("moe: x {} with expert weights {}: expected f32/f32, f64/f64 or "
+                               "f32 x with bf16 weights",
+                               dtype_name(xt), dtype_name(wt)));
+}
+
+template <class T, class W>
+MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y, MoeCache& c,
+                                  const ExecContext& ctx) const {
+  const int64_t n_tok = x.dim(0), d = cfg_.d_model;
+  const DType dt = dtype_of<T>();
+  const bool prof = ctx.profile;
+  MoeTimes& tm = c.times;
+  tm = {};
+  c.x.resize({n_tok, d}, dt);
+  std::copy_n(x.data<T>(), x.numel(), c.x.data<T>());
+  y.resize({n_tok, d}, dt);
+  ConstMatrixView<T> xv = c.x.matrix<T>();
+
+  timed(prof, &tm.router, [&] { router_.forward<T>(p.w_gate.matrix<T>(), xv, c.router); });
+  timed(prof, &tm.plan, [&] {
+    build_dispatch_plan(c.router.expert, n_tok, cfg_.top_k, cfg_.n_experts,
+                        cfg_.capacity(n_tok, ctx.training), c.plan);
+  });
+  const int64_t n = c.plan.n_rows();
+  c.xs.resize({n, d}, dt);
+  c.ys.resize({n, d}, dt);
+  timed(prof, &tm.gather, [&] { cpu::gather_rows<T>(xv, c.plan.row_token, c.xs.matrix<T>()); });
+  timed(prof, &tm.experts, [&] {
+    experts_forward(p.w1.stacked<W>(), p.w3.stacked<W>(), p.w2.stacked<W>(),
+                    ConstMatrixView<T>(c.xs.matrix<T>()), c.plan.offsets, c.ys.matrix<T>(),
+                    c.experts);
+  });
+  timed(prof, &tm.combine, [&] {
+    combine_rows<T>(c.ys.matrix<T>(), c.plan, c.router.weight.matrix<T>(), y.matrix<T>());
+  });
+  return {c.router.loss_balance, c.router.loss_z, routing_stats(c.router, c.plan, c.router.probs)};
+}
+
+void MoeLayer::backward(const MoeParams& p, MoeCache& cache, const Tensor& dy, MoeParams& g,
+                        Tensor& dx, const ExecContext& ctx) const {
+  check_params(p);
+  check_params(g);
+  expect_shape(dy, cache.x.shape(), "moe backward dy");
+  const DType dt = cache.x.dtype();
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&dy, &p.w_gate, &p.w1, &g.w_gate, &g.w1})
+    if (t->dtype() != dt)
+      throw ShapeError(fmt::format("moe backward: a tensor is {} but the forward input was {}: "
+                                   "backward needs params, grads and dy in the input's dtype",
+                                   dtype_name(t->dtype()), dtype_name(dt)));
+  ThreadScope threads(ctx.n_threads);
+  if (dt == DType::kF32) backward_impl<float>(p, cache, dy, g, dx, ctx);
+  else backward_impl<double>(p, cache, dy, g, dx, ctx);
+}
+
+template <class T>
+void MoeLayer::backward_impl(const MoeParams& p, MoeCache& c, const Tensor& dy, MoeParams& g,
+                             Tensor& dx, const ExecContext& ctx) const {
+  const int64_t n_tok = c.x.dim(0), d = cfg_.d_model, n = c.plan.n_rows();
+  const DType dt = dtype_of<T>();
+  const bool prof = ctx.profile;
+  MoeTimes& tm = c.times;
+  c.dys.resize({n, d}, dt);
+  c.dxs.resize({n, d}, dt);
+  c.dweight.resize({n_tok, cfg_.top_k}, dt);
+  dx.resize({n_tok, d}, dt);
+
+  timed(prof, &tm.backward_combine, [&] {
+    combine_rows_backward<T>(c.ys.matrix<T>(), c.plan, c.router.weight.matrix<T>(),
+                             dy.matrix<T>(), c.dys.matrix<T>(), c.dweight.matrix<T>());
+  });
+  timed(prof, &tm.backward_experts, [&] {
+    experts_backward<T>(p.w1.stacked<T>(), p.w3.stacked<T>(), p.w2.stacked<T>(),
+                        c.xs.matrix<T>(), c.plan.offsets, c.dys.matrix<T>(), c.experts,
+                        g.w1.stacked<T>(), g.w3.stacked<T>(), g.w2.stacked<T>(),
+                        c.dxs.matrix<T>());
+  });
+  // The router writes dx (=); the dispatched rows' gradients are then added onto it.
+  timed(prof, &tm.backward_router, [&] {
+    router_.backward<T>(p.w_gate.matrix<T>(), c.x.matrix<T>(), c.router, c.dweight.matrix<T>(),
+                        g.w_gate.matrix<T>(), dx.matrix<T>());
+  });
+  timed(prof, &tm.backward_scatter, [&] {
+    cpu::scatter_add_rows<T>(c.dxs.matrix<T>(), c.plan.row_token, {}, dx.matrix<T>());
+  });
+}
+
+size_t MoeLayer::dispatch_bytes(const MoeCache& c) {
+  return c.plan.index_bytes() + c.xs.nbytes() + c.ys.nbytes();
+}
+
+}  // namespace sy
