@@ -7,6 +7,9 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstring>
+#include <utility>
 #include <vector>
 
 #include "switchyard/kernels/cpu.h"
@@ -18,6 +21,7 @@ namespace {
 
 constexpr int64_t kSkinnyRows = 16;
 constexpr int64_t kSkinnyMaxBlock = 1024;
+constexpr int64_t kTileK = 16;  // weight rows per register-blocked tile
 
 inline float widen(float v) { return v; }
 inline double widen(double v) { return v; }
@@ -34,46 +38,87 @@ void blas_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, 
               int(M), int(N), int(K), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
 }
 
+// A SIMD vector of 64 bytes (GCC/Clang vector extension: zmm with AVX-512, else split).
+template <class T>
+using Vec [[gnu::vector_size(64)]] = T;
+template <class T>
+constexpr int64_t kLanes = 64 / sizeof(T);
+
+template <class T>
+inline Vec<T> load_wide(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+// 16 bf16 -> 16 f32: the bf16 bits are the high half of the f32 bits.
+inline Vec<float> load_wide(const bf16* p) {
+  using U16 [[gnu::vector_size(32)]] = uint16_t;
+  using U32 [[gnu::vector_size(64)]] = uint32_t;
+  U16 h;
+  std::memcpy(&h, p, sizeof(h));
+  return std::bit_cast<Vec<float>>(__builtin_convertvector(h, U32) << 16);
+}
+
+// One column block of the skinny GEMM for exactly MR rows:
+//   acc[m][0:nb] += sum_{k < K} x[m][k] w[k][0:nb]   (nb a multiple of the vector width)
+// The MR accumulators of one column vector stay in registers across a tile of kTileK weight
+// rows, so each weight vector is loaded once and feeds MR FMAs (with broadcast x operands).
+// The next tile's rows are prefetched: each row segment is only a few KiB, too short for the
+// hardware prefetcher to ramp up on its own.
+template <int MR, class T, class W>
+void skinny_block(const T* x, int64_t ldx, int64_t K, const W* w, int64_t ldw, int64_t nb,
+                  T* acc, int64_t ld_acc) {
+  constexpr int64_t L = kLanes<T>;
+  for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
+    const int64_t kt = std::min(kTileK, K - k0);
+    const bool ahead = k0 + kTileK + kt <= K;
+    for (int64_t n = 0; n < nb; n += L) {
+      if (ahead)
+        for (int64_t r = 0; r < kt; ++r) __builtin_prefetch(w + (k0 + kTileK + r) * ldw + n);
+      Vec<T> a[MR];
+      for (int m = 0; m < MR; ++m) std::memcpy(&a[m], acc + m * ld_acc + n, sizeof(Vec<T>));
+      for (int64_t kk = 0; kk < kt; ++kk) {
+        const Vec<T> v = load_wide(w + (k0 + kk) * ldw + n);
+        for (int m = 0; m < MR; ++m) a[m] += x[m * ldx + k0 + kk] * v;
+      }
+      for (int m = 0; m < MR; ++m) std::memcpy(acc + m * ld_acc + n, &a[m], sizeof(Vec<T>));
+    }
+  }
+}
+
+template <class T, class W, int... MR>
+void skinny_block_dispatch(std::integer_sequence<int, MR...>, int64_t M, const T* x, int64_t ldx,
+                           int64_t K, const W* w, int64_t ldw, int64_t nb, T* acc,
+                           int64_t ld_acc) {
+  ((M == MR + 1 ? skinny_block<MR + 1>(x, ldx, K, w, ldw, nb, acc, ld_acc) : void()), ...);
+}
+
 // ys = xs w for few rows. xs: [M, K], w: [K, N] -> ys: [M, N], M <= kSkinnyRows.
-// Columns are split into blocks, one thread per block, each output element summed over k in
-// the same order whatever the blocking: the result does not depend on the thread count.
+// Memory-bound: w is read once. Columns are split into blocks, one thread per block; each
+// output element is summed over k in the same order whatever the blocking, so the result does
+// not depend on the thread count.
 template <class T, class W>
 void skinny_gemm(ConstMatrixView<T> xs, ConstMatrixView<W> w, MatrixView<T> ys) {
+  constexpr int64_t L = kLanes<T>;
   const int64_t M = xs.rows, K = w.rows, N = w.cols;
-  SY_CHECK(M <= kSkinnyRows, "skinny gemm with {} rows", M);
-  const int64_t per_thread = (N + 2 * omp_get_max_threads() - 1) / (2 * omp_get_max_threads());
-  const int64_t block = std::clamp<int64_t>((per_thread + 15) / 16 * 16, 16, kSkinnyMaxBlock);
+  SY_CHECK(M >= 1 && M <= kSkinnyRows, "skinny gemm with {} rows", M);
+  const int64_t threads = omp_get_max_threads();
+  const int64_t per_thread = (N + 2 * threads - 1) / (2 * threads);
+  const int64_t block = std::clamp<int64_t>((per_thread + L - 1) / L * L, L, kSkinnyMaxBlock);
   const int64_t n_blocks = (N + block - 1) / block;
 #pragma omp parallel for schedule(static) if (n_blocks > 1 && M * K * N > (1 << 16))
   for (int64_t b = 0; b < n_blocks; ++b) {
-    const int64_t n0 = b * block, nb = std::min(block, N - n0);
-    alignas(64) T acc[kSkinnyRows][kSkinnyMaxBlock];
-    for (int64_t m = 0; m < M; ++m) std::fill_n(acc[m], nb, T(0));
-    int64_t k = 0;
-    // Four weight rows at a time: one pass over each accumulator row per four loads.
-    for (; k + 4 <= K; k += 4) {
-      const W* w0 = w.row(k) + n0;
-      const W* w1 = w.row(k + 1) + n0;
-      const W* w2 = w.row(k + 2) + n0;
-      const W* w3 = w.row(k + 3) + n0;
-      for (int64_t m = 0; m < M; ++m) {
-        const T x0 = xs(m, k), x1 = xs(m, k + 1), x2 = xs(m, k + 2), x3 = xs(m, k + 3);
-        T* a = acc[m];
-#pragma omp simd
-        for (int64_t n = 0; n < nb; ++n)
-          a[n] += x0 * widen(w0[n]) + x1 * widen(w1[n]) + x2 * widen(w2[n]) + x3 * widen(w3[n]);
-      }
-    }
-    for (; k < K; ++k) {
-      const W* w0 = w.row(k) + n0;
-      for (int64_t m = 0; m < M; ++m) {
-        const T x0 = xs(m, k);
-        T* a = acc[m];
-#pragma omp simd
-        for (int64_t n = 0; n < nb; ++n) a[n] += x0 * widen(w0[n]);
-      }
-    }
-    for (int64_t m = 0; m < M; ++m) std::copy_n(acc[m], nb, ys.row(m) + n0);
+    const int64_t n0 = b * block, nb = std::min(block, N - n0), nv = nb / L * L;
+    // Rows padded by one vector: a 4 KiB row stride would alias the rows in L1.
+    constexpr int64_t ld_acc = kSkinnyMaxBlock + L;
+    alignas(64) T acc[kSkinnyRows * ld_acc];
+    for (int64_t m = 0; m < M; ++m) std::fill_n(acc + m * ld_acc, nb, T(0));
+    skinny_block_dispatch(std::make_integer_sequence<int, kSkinnyRows>(), M, xs.data, xs.cols,
+                          K, w.data + n0, w.cols, nv, acc, ld_acc);
+    for (int64_t m = 0; m < M; ++m)  // columns past the last full vector
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t n = nv; n < nb; ++n) acc[m * ld_acc + n] += xs(m, k) * widen(w(k, n0 + n));
+    for (int64_t m = 0; m < M; ++m) std::copy_n(acc + m * ld_acc, nb, ys.row(m) + n0);
   }
 }
 
