@@ -92,8 +92,7 @@ nlohmann::json bench_shape(const MoeShape& s, const BenchMoeOptions& opt, double
   {
     ThreadScope threads(opt.n_threads);
     t_dense = median_seconds(iters, [&] {
-      cpu::gemm<float>(false, false, 1.0f, a.matrix<float>(), b.matrix<float>(), 0.0f,
-                       c.matrix<float>());
+      cpu::blas_sgemm(a.matrix<float>(), b.matrix<float>(), c.matrix<float>());
     });
   }
   const double dense_rate = 2.0 * double(a.dim(0)) * double(s.d_model) * double(s.d_ff) / t_dense;

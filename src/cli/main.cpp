@@ -74,7 +74,7 @@ int main(int argc, char** argv) {
     app.parse(argc, argv);
   } catch (const CLI::ExtrasError& e) {
     std::string msg = e.what();
-    for (const std::string& extra : app.remaining()) {
+    for (const std::string& extra : app.remaining(true)) {
       const std::string hint = extra.rfind("--", 0) == 0 ? closest_flag(app, extra) : "";
       if (!hint.empty()) msg += fmt::format(" (did you mean {}?)", hint);
     }

@@ -15,4 +15,9 @@ namespace sy::cpu {
 
 #include "switchyard/kernels/detail/kernel_decls.inc"
 
+// c = a b as one plain multi-threaded BLAS call: the machine's dense GEMM rate, which
+// benchmarks use as their ceiling. Unlike gemm, its last bits may change with the thread count.
+// a: [M, K], b: [K, N] -> c: [M, N]
+void blas_sgemm(ConstMatrixView<float> a, ConstMatrixView<float> b, MatrixView<float> c);
+
 }  // namespace sy::cpu

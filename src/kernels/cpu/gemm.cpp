@@ -1,5 +1,9 @@
 // GEMM and grouped GEMM on CPU. Large products go to OpenBLAS (cblas_sgemm/dgemm), the
-// machine's own best GEMM. Groups of at most kSkinnyRows rows (decode: one to a few tokens per
+// machine's own best GEMM, but not as one multi-threaded call: OpenBLAS splits work by thread
+// count, and its results then differ in the last bits between 1 and 2 threads. Instead the
+// output is cut into fixed kTile x kTile tiles and each tile is one single-threaded BLAS call
+// (OpenBLAS runs single-threaded inside a parallel region), so the numbers never depend on
+// the thread count; packing costs under 1% at these tile sizes. Groups of at most kSkinnyRows rows (decode: one to a few tokens per
 // expert) are memory-bound, and BLAS would pack the whole weight first, reading it twice; the
 // skinny kernel streams each weight row once instead. bf16 weights are widened on load.
 // Reference: ref::gemm / ref::grouped_gemm.
@@ -22,6 +26,7 @@ namespace {
 constexpr int64_t kSkinnyRows = 16;
 constexpr int64_t kSkinnyMaxBlock = 1024;
 constexpr int64_t kTileK = 16;  // weight rows per register-blocked tile
+constexpr int64_t kTile = 384;  // rows and columns of one single-threaded BLAS tile
 
 inline float widen(float v) { return v; }
 inline double widen(double v) { return v; }
@@ -130,42 +135,93 @@ void check_grouped(int64_t n_rows, StackedView<const T> w, std::span<const int32
            offsets.front(), offsets.back(), n_rows);
 }
 
+// One tile of c = alpha op(a) op(b) + beta c: rows [i0, i1) and columns [j0, j1) of c.
+template <class T>
+struct GemmTile {
+  bool ta, tb;
+  ConstMatrixView<T> a, b;
+  MatrixView<T> c;
+  int64_t i0, i1, j0, j1;
+};
+
+template <class T>
+void run_tile(const GemmTile<T>& t, T alpha, T beta) {
+  const int64_t K = t.ta ? t.a.rows : t.a.cols;
+  const T* a = t.ta ? t.a.data + t.i0 : t.a.data + t.i0 * t.a.cols;
+  const T* b = t.tb ? t.b.data + t.j0 * t.b.cols : t.b.data + t.j0;
+  blas_gemm(t.ta, t.tb, t.i1 - t.i0, t.j1 - t.j0, K, alpha, a, t.a.cols, b, t.b.cols, beta,
+            t.c.data + t.i0 * t.c.cols + t.j0, t.c.cols);
+}
+
+// Appends the tiles of one product c = op(a) op(b).
+template <class T>
+void add_tiles(bool ta, bool tb, ConstMatrixView<T> a, ConstMatrixView<T> b, MatrixView<T> c,
+               std::vector<GemmTile<T>>& tiles) {
+  for (int64_t i0 = 0; i0 < c.rows; i0 += kTile)
+    for (int64_t j0 = 0; j0 < c.cols; j0 += kTile)
+      tiles.push_back({ta, tb, a, b, c, i0, std::min(i0 + kTile, c.rows), j0,
+                       std::min(j0 + kTile, c.cols)});
+}
+
+template <class T>
+void run_tiles(const std::vector<GemmTile<T>>& tiles, T alpha, T beta) {
+  const int64_t n = int64_t(tiles.size());
+#pragma omp parallel for schedule(dynamic, 1) if (n > 1)
+  for (int64_t i = 0; i < n; ++i) run_tile(tiles[i], alpha, beta);
+}
+
+template <class T>
+void check_gemm(bool trans_a, bool trans_b, ConstMatrixView<T> a, ConstMatrixView<T> b,
+                MatrixView<T> c) {
+  const int64_t K = trans_a ? a.rows : a.cols;
+  SY_CHECK((trans_a ? a.cols : a.rows) == c.rows && (trans_b ? b.cols : b.rows) == K &&
+               (trans_b ? b.rows : b.cols) == c.cols,
+           "gemm shapes a [{}, {}] b [{}, {}] c [{}, {}]", a.rows, a.cols, b.rows, b.cols, c.rows,
+           c.cols);
+}
+
 }  // namespace
 
 template <class T>
 void gemm(bool trans_a, bool trans_b, T alpha, ConstMatrixView<T> a, ConstMatrixView<T> b, T beta,
           MatrixView<T> c) {
-  const int64_t M = c.rows, N = c.cols, K = trans_a ? a.rows : a.cols;
-  SY_CHECK((trans_a ? a.cols : a.rows) == M && (trans_b ? b.cols : b.rows) == K &&
-               (trans_b ? b.rows : b.cols) == N,
-           "gemm shapes a [{}, {}] b [{}, {}] c [{}, {}]", a.rows, a.cols, b.rows, b.cols, M, N);
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
+  check_gemm(trans_a, trans_b, a, b, c);
+  if (c.rows == 0 || c.cols == 0) return;
+  if ((trans_a ? a.rows : a.cols) == 0) {
     for (int64_t i = 0; i < c.size(); ++i) c.data[i] = beta == T(0) ? T(0) : beta * c.data[i];
     return;
   }
-  blas_gemm(trans_a, trans_b, M, N, K, alpha, a.data, a.cols, b.data, b.cols, beta, c.data,
-            c.cols);
+  std::vector<GemmTile<T>> tiles;
+  add_tiles(trans_a, trans_b, a, b, c, tiles);
+  run_tiles(tiles, alpha, beta);
+}
+
+void blas_sgemm(ConstMatrixView<float> a, ConstMatrixView<float> b, MatrixView<float> c) {
+  check_gemm(false, false, a, b, c);
+  blas_gemm(false, false, c.rows, c.cols, a.cols, 1.0f, a.data, a.cols, b.data, b.cols, 0.0f,
+            c.data, c.cols);
 }
 
 template <class T>
 void grouped_gemm(ConstMatrixView<T> xs, StackedView<const T> w, std::span<const int32_t> offsets,
                   MatrixView<T> ys) {
   check_grouped(xs.rows, w, offsets);
+  std::vector<GemmTile<T>> tiles;
   for (int64_t g = 0; g < w.n; ++g) {
     const int64_t r0 = offsets[g], r1 = offsets[g + 1];
     if (r1 == r0) continue;
     if (r1 - r0 <= kSkinnyRows)
       skinny_gemm<T, T>(xs.slice_rows(r0, r1), w[g], ys.slice_rows(r0, r1));
     else
-      gemm<T>(false, false, T(1), xs.slice_rows(r0, r1), w[g], T(0), ys.slice_rows(r0, r1));
+      add_tiles<T>(false, false, xs.slice_rows(r0, r1), w[g], ys.slice_rows(r0, r1), tiles);
   }
+  run_tiles(tiles, T(1), T(0));
 }
 
 void grouped_gemm(ConstMatrixView<float> xs, StackedView<const bf16> w,
                   std::span<const int32_t> offsets, MatrixView<float> ys) {
   check_grouped(xs.rows, w, offsets);
-  std::vector<float> wide;  // one expert's weight in f32, only for groups BLAS handles
+  std::vector<float> wide;  // one expert's weight in f32, for the groups BLAS handles
   for (int64_t g = 0; g < w.n; ++g) {
     const int64_t r0 = offsets[g], r1 = offsets[g + 1];
     if (r1 == r0) continue;
@@ -186,22 +242,26 @@ template <class T>
 void grouped_gemm_bt(ConstMatrixView<T> dys, StackedView<const T> w,
                      std::span<const int32_t> offsets, T beta, MatrixView<T> dxs) {
   check_grouped(dys.rows, w, offsets);
+  std::vector<GemmTile<T>> tiles;
   for (int64_t g = 0; g < w.n; ++g) {
     const int64_t r0 = offsets[g], r1 = offsets[g + 1];
     if (r1 > r0)
-      gemm<T>(false, true, T(1), dys.slice_rows(r0, r1), w[g], beta, dxs.slice_rows(r0, r1));
+      add_tiles<T>(false, true, dys.slice_rows(r0, r1), w[g], dxs.slice_rows(r0, r1), tiles);
   }
+  run_tiles(tiles, T(1), beta);
 }
 
 template <class T>
 void grouped_gemm_at(ConstMatrixView<T> xs, ConstMatrixView<T> dys,
                      std::span<const int32_t> offsets, StackedView<T> dw) {
   check_grouped(xs.rows, StackedView<const T>(dw), offsets);
+  std::vector<GemmTile<T>> tiles;
   for (int64_t g = 0; g < dw.n; ++g) {
     const int64_t r0 = offsets[g], r1 = offsets[g + 1];
     if (r1 > r0)
-      gemm<T>(true, false, T(1), xs.slice_rows(r0, r1), dys.slice_rows(r0, r1), T(1), dw[g]);
+      add_tiles<T>(true, false, xs.slice_rows(r0, r1), dys.slice_rows(r0, r1), dw[g], tiles);
   }
+  run_tiles(tiles, T(1), T(1));
 }
 
 SY_INSTANTIATE_GEMM_KERNELS(float)

@@ -82,7 +82,7 @@ void topk_rows(ConstMatrixView<T> scores, MatrixView<int32_t> idx, MatrixView<T>
 template <class T>
 void silu(std::span<const T> x, std::span<T> y) {
   const int64_t n = int64_t(x.size());
-#pragma omp parallel for simd schedule(static) if (n > kParallelMin)
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
   for (int64_t i = 0; i < n; ++i) y[i] = x[i] * sigmoid(x[i]);
 }
 
@@ -99,7 +99,7 @@ void swiglu(ConstMatrixView<T> h1, ConstMatrixView<T> h3, MatrixView<T> a) {
   const int64_t n = h1.size();
   const T *g = h1.data, *u = h3.data;
   T* out = a.data;
-#pragma omp parallel for simd schedule(static) if (n > kParallelMin)
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
   for (int64_t i = 0; i < n; ++i) out[i] = g[i] * sigmoid(g[i]) * u[i];
 }
 
@@ -109,7 +109,7 @@ void swiglu_backward(ConstMatrixView<T> h1, ConstMatrixView<T> h3, ConstMatrixVi
   const int64_t n = h1.size();
   const T *g = h1.data, *u = h3.data, *d = da.data;
   T *d1 = dh1.data, *d3 = dh3.data;
-#pragma omp parallel for simd schedule(static) if (n > kParallelMin)
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
     const T s = sigmoid(g[i]);
     d1[i] = d[i] * u[i] * s * (T(1) + g[i] * (T(1) - s));

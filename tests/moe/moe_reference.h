@@ -1,0 +1,82 @@
+// A naive MoE layer for tests: loops over tokens and their chosen experts, written from the
+// definitions alone (sort for top-k, a counter per expert for capacity, one SwiGLU per
+// token and expert), sharing no code with the layer beyond the config.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "switchyard/moe/config.h"
+#include "switchyard/moe/moe_layer.h"
+
+namespace sy::testing {
+
+struct NaiveMoe {
+  std::vector<double> y;           // [T, d]
+  std::vector<bool> kept;          // [T*k]
+  std::vector<int32_t> expert;     // [T*k]
+};
+
+// p, x in f64. capacity -1: none.
+inline NaiveMoe naive_moe(const MoeConfig& cfg, const MoeParams& p, const Tensor& x,
+                          int64_t capacity) {
+  const int64_t T = x.dim(0), d = cfg.d_model, f = cfg.d_ff, E = cfg.n_experts, k = cfg.top_k;
+  auto X = x.matrix<double>();
+  auto Wg = p.w_gate.matrix<double>();
+  auto W1 = p.w1.stacked<double>(), W3 = p.w3.stacked<double>(), W2 = p.w2.stacked<double>();
+  NaiveMoe out{std::vector<double>(size_t(T * d), 0.0), std::vector<bool>(size_t(T * k)),
+               std::vector<int32_t>(size_t(T * k))};
+  std::vector<std::vector<double>> weight(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<double> logit(static_cast<size_t>(E), 0.0);
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t c = 0; c < d; ++c) logit[e] += X(t, c) * Wg(c, e);
+    const double mx = *std::max_element(logit.begin(), logit.end());
+    double z = 0;
+    for (double l : logit) z += std::exp(l - mx);
+    std::vector<int32_t> order(static_cast<size_t>(E));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int32_t a, int32_t b) { return logit[a] > logit[b]; });
+    double sum = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      out.expert[t * k + j] = order[j];
+      weight[t].push_back(std::exp(logit[order[j]] - mx) / z);
+      sum += weight[t].back();
+    }
+    if (cfg.renormalize)
+      for (double& w : weight[t]) w /= sum;
+  }
+  // Capacity: first choices of all tokens in order, then second choices, ...
+  std::vector<int64_t> used(size_t(E), 0);
+  for (int64_t j = 0; j < k; ++j)
+    for (int64_t t = 0; t < T; ++t) {
+      const int32_t e = out.expert[t * k + j];
+      out.kept[t * k + j] = capacity < 0 || used[e] < capacity;
+      if (out.kept[t * k + j]) ++used[e];
+    }
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < k; ++j) {
+      if (!out.kept[t * k + j]) continue;
+      const int32_t e = out.expert[t * k + j];
+      std::vector<double> act(static_cast<size_t>(f));
+      for (int64_t h = 0; h < f; ++h) {
+        double g = 0, u = 0;
+        for (int64_t c = 0; c < d; ++c) {
+          g += X(t, c) * W1[e](c, h);
+          u += X(t, c) * W3[e](c, h);
+        }
+        act[h] = g / (1 + std::exp(-g)) * u;
+      }
+      for (int64_t c = 0; c < d; ++c) {
+        double s = 0;
+        for (int64_t h = 0; h < f; ++h) s += act[h] * W2[e](h, c);
+        out.y[t * d + c] += weight[t][j] * s;
+      }
+    }
+  return out;
+}
+
+}  // namespace sy::testing

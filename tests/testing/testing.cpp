@@ -1,0 +1,53 @@
+// Test helpers: random tensors and the finite-difference gradient check.
+#include "testing/testing.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace sy::testing {
+
+Tensor random_tensor(std::initializer_list<int64_t> shape, DType dtype, uint64_t seed, double lo,
+                     double hi) {
+  Tensor t(shape, DType::kF64);
+  fill_uniform(t.span<double>(), Philox(seed, 0x7e57), lo, hi);
+  return dtype == DType::kF64 ? std::move(t) : convert(t, dtype);
+}
+
+double max_scaled_error(std::span<const double> a, std::span<const double> b, double atol,
+                        double rtol) {
+  EXPECT_EQ(a.size(), b.size());
+  double worst = 0;
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i)
+    worst = std::max(worst, std::abs(a[i] - b[i]) / (atol + rtol * std::abs(b[i])));
+  return worst;
+}
+
+void expect_grad_close(const std::function<double()>& loss, std::span<double> param,
+                       std::span<const double> grad, std::string_view name, double eps,
+                       double atol, double rtol, int max_checks) {
+  ASSERT_EQ(param.size(), grad.size()) << name;
+  const size_t n = param.size();
+  const size_t stride = std::max<size_t>(1, n / size_t(max_checks));
+  int failures = 0;
+  // A prime offset so the sampled entries do not all fall in the same column.
+  for (size_t i = n > 7 ? 7 % stride : 0; i < n; i += stride) {
+    const double saved = param[i];
+    param[i] = saved + eps;
+    const double up = loss();
+    param[i] = saved - eps;
+    const double down = loss();
+    param[i] = saved;
+    const double numeric = (up - down) / (2 * eps);
+    if (std::abs(numeric - grad[i]) > atol + rtol * std::abs(numeric) && ++failures <= 5)
+      ADD_FAILURE() << name << "[" << i << "]: analytic " << grad[i] << ", numeric " << numeric;
+  }
+  EXPECT_EQ(failures, 0) << name << ": entries whose gradient disagrees";
+}
+
+double dot(std::span<const double> y, std::span<const double> r) {
+  double s = 0;
+  for (size_t i = 0; i < y.size(); ++i) s += y[i] * r[i];
+  return s;
+}
+
+}  // namespace sy::testing

@@ -1,0 +1,36 @@
+// Shared test helpers: random tensors from a fixed seed (never zeros) and the float64
+// central-difference gradient check every backward goes through.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <string_view>
+
+#include "switchyard/core/rng.h"
+#include "switchyard/core/tensor.h"
+
+namespace sy::testing {
+
+// A tensor of the given shape and dtype with entries uniform in [lo, hi).
+Tensor random_tensor(std::initializer_list<int64_t> shape, DType dtype, uint64_t seed,
+                     double lo = -1.0, double hi = 1.0);
+
+// Largest |a - b| / (atol + rtol * |b|) over two equal-length spans; <= 1 passes.
+double max_scaled_error(std::span<const double> a, std::span<const double> b, double atol,
+                        double rtol);
+
+// Checks d loss / d param against the analytic `grad` by central differences with step eps,
+// on up to max_checks entries spread over param (all of them when it is small). The loss is
+// re-evaluated with each entry nudged; param is restored afterwards.
+// Passes when |numeric - analytic| <= atol + rtol * |numeric| for every checked entry.
+void expect_grad_close(const std::function<double()>& loss, std::span<double> param,
+                       std::span<const double> grad, std::string_view name, double eps = 1e-6,
+                       double atol = 1e-7, double rtol = 1e-5, int max_checks = 48);
+
+// sum(y * r): a scalar loss whose gradient w.r.t. y is r.
+double dot(std::span<const double> y, std::span<const double> r);
+
+}  // namespace sy::testing
