@@ -25,6 +25,7 @@ void expect_close(const Tensor& got, const Tensor& want, double atol, double rto
 
 struct RowShape {
   int64_t rows, cols;
+  friend void PrintTo(const RowShape& s, std::ostream* os) { *os << s.rows << "x" << s.cols; }
 };
 class RowKernels : public ::testing::TestWithParam<RowShape> {};
 
@@ -128,6 +129,9 @@ INSTANTIATE_TEST_SUITE_P(Shapes, RowKernels,
 
 struct GemmShape {
   int64_t M, N, K;
+  friend void PrintTo(const GemmShape& s, std::ostream* os) {
+    *os << "M" << s.M << "_N" << s.N << "_K" << s.K;
+  }
 };
 class Gemm : public ::testing::TestWithParam<GemmShape> {};
 
@@ -154,6 +158,10 @@ INSTANTIATE_TEST_SUITE_P(Shapes, Gemm,
 struct GroupedShape {
   std::vector<int32_t> group_rows;
   int64_t K, N;
+  friend void PrintTo(const GroupedShape& s, std::ostream* os) {
+    *os << "groups" << s.group_rows.size() << "_rows" << std::accumulate(s.group_rows.begin(), s.group_rows.end(), 0)
+        << "_K" << s.K << "_N" << s.N;
+  }
 };
 class GroupedGemm : public ::testing::TestWithParam<GroupedShape> {};
 

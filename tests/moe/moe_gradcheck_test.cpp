@@ -18,6 +18,10 @@ struct RouterCase {
   bool renorm;
   double w_balance, w_z;
   bool task_loss;  // false: the aux losses alone
+  friend void PrintTo(const RouterCase& c, std::ostream* os) {
+    *os << "k" << c.k << (c.renorm ? "_renorm" : "") << "_wb" << c.w_balance << "_wz" << c.w_z
+        << (c.task_loss ? "" : "_aux_only");
+  }
 };
 class RouterGrad : public ::testing::TestWithParam<RouterCase> {};
 
@@ -102,6 +106,10 @@ struct LayerGradCase {
   int64_t T, d, f, E, k;
   bool renorm;
   double capacity_factor;  // 0: dropless
+  friend void PrintTo(const LayerGradCase& c, std::ostream* os) {
+    *os << "T" << c.T << "_d" << c.d << "_f" << c.f << "_E" << c.E << "_k" << c.k
+        << (c.renorm ? "_renorm" : "") << "_cf" << c.capacity_factor;
+  }
 };
 class LayerGrad : public ::testing::TestWithParam<LayerGradCase> {};
 

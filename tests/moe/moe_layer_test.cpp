@@ -20,6 +20,10 @@ struct LayerCase {
   int64_t T, d, f, E, k;
   bool renorm;
   double capacity_factor;  // 0: dropless
+  friend void PrintTo(const LayerCase& c, std::ostream* os) {
+    *os << "T" << c.T << "_d" << c.d << "_f" << c.f << "_E" << c.E << "_k" << c.k
+        << (c.renorm ? "_renorm" : "") << "_cf" << c.capacity_factor;
+  }
 };
 
 MoeConfig config_of(const LayerCase& c) {

@@ -1,0 +1,82 @@
+// Google Benchmark view of the MoE layer on the shapes of `switchyard bench moe` (A, B, C1,
+// C16), plus the dense sgemm of the same active FLOPs as the ceiling, so one run gives both.
+// Counters: FLOP/s of active FLOPs (forward: 6 n d f + 2 T d E; forward+backward: 3x).
+//   ./build/bench/moe_bench --benchmark_filter='A|dense_A'
+#include <benchmark/benchmark.h>
+
+#include "cli/bench_moe.h"
+#include "switchyard/core/rng.h"
+#include "switchyard/kernels/cpu.h"
+#include "switchyard/moe/moe_layer.h"
+
+namespace {
+
+using namespace sy;
+
+struct Setup {
+  MoeConfig cfg;
+  MoeParams p, g;
+  Tensor x, y, dy, dx;
+  MoeCache cache;
+  double flops_fwd = 0;
+
+  explicit Setup(const cli::MoeShape& s)
+      : cfg{.d_model = s.d_model, .d_ff = s.d_ff, .n_experts = s.n_experts, .top_k = s.top_k,
+            .dropless = true},
+        p(init_moe_params(cfg, DType::kF32, 1)),
+        g(zeros_like(p)),
+        x({s.n_tokens, s.d_model}, DType::kF32),
+        dy({s.n_tokens, s.d_model}, DType::kF32) {
+    fill_normal(x.span<float>(), Philox(1, 100), 1.0f);
+    fill_normal(dy.span<float>(), Philox(1, 103), 1.0f);
+    flops_fwd = 6.0 * double(s.n_tokens * s.top_k) * double(s.d_model * s.d_ff) +
+                2.0 * double(s.n_tokens * s.d_model * s.n_experts);
+  }
+};
+
+void forward(benchmark::State& state, const cli::MoeShape& s) {
+  Setup u(s);
+  MoeLayer layer(u.cfg);
+  for (auto _ : state) layer.forward(u.p, u.x, u.y, u.cache, {});
+  state.counters["FLOP/s"] =
+      benchmark::Counter(u.flops_fwd, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void forward_backward(benchmark::State& state, const cli::MoeShape& s) {
+  Setup u(s);
+  MoeLayer layer(u.cfg);
+  for (auto _ : state) {
+    layer.forward(u.p, u.x, u.y, u.cache, {});
+    layer.backward(u.p, u.cache, u.dy, u.g, u.dx, {});
+  }
+  state.counters["FLOP/s"] =
+      benchmark::Counter(3 * u.flops_fwd, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// The ceiling: sgemm [T*k, d] x [d, f], one plain multi-threaded BLAS call.
+void dense(benchmark::State& state, const cli::MoeShape& s) {
+  const int64_t M = s.n_tokens * s.top_k;
+  Tensor a({M, s.d_model}, DType::kF32), b({s.d_model, s.d_ff}, DType::kF32),
+      c({M, s.d_ff}, DType::kF32);
+  fill_normal(a.span<float>(), Philox(1, 101), 1.0f);
+  fill_normal(b.span<float>(), Philox(1, 102), 1.0f);
+  for (auto _ : state) cpu::blas_sgemm(a.matrix<float>(), b.matrix<float>(), c.matrix<float>());
+  state.counters["FLOP/s"] = benchmark::Counter(2.0 * double(M * s.d_model * s.d_ff),
+                                                benchmark::Counter::kIsIterationInvariantRate);
+}
+
+const bool registered = [] {
+  for (const cli::MoeShape& s : cli::moe_bench_shapes()) {
+    benchmark::RegisterBenchmark(("dense_" + s.name).c_str(), dense, s)
+        ->Unit(benchmark::kMillisecond)->UseRealTime()->MinWarmUpTime(0.5);
+    benchmark::RegisterBenchmark(("moe_fwd_" + s.name).c_str(), forward, s)
+        ->Unit(benchmark::kMillisecond)->UseRealTime()->MinWarmUpTime(0.5);
+    benchmark::RegisterBenchmark(("moe_fwd_bwd_" + s.name).c_str(), forward_backward, s)
+        ->Unit(benchmark::kMillisecond)->UseRealTime()->MinWarmUpTime(0.5);
+  }
+  return true;
+}();
+
+}  // namespace
+
+BENCHMARK_MAIN();
