@@ -21,7 +21,10 @@ struct Setup {
   double flops_fwd = 0;
 
   explicit Setup(const cli::MoeShape& s)
-      : cfg{.d_model = s.d_model, .d_ff = s.d_ff, .n_experts = s.n_experts, .top_k = s.top_k,
+      : cfg{.d_model = s.d_model,
+            .d_ff = s.d_ff,
+            .n_experts = s.n_experts,
+            .top_k = s.top_k,
             .dropless = true},
         p(init_moe_params(cfg, DType::kF32, 1)),
         g(zeros_like(p)),
@@ -68,11 +71,17 @@ void dense(benchmark::State& state, const cli::MoeShape& s) {
 const bool registered = [] {
   for (const cli::MoeShape& s : cli::moe_bench_shapes()) {
     benchmark::RegisterBenchmark(("dense_" + s.name).c_str(), dense, s)
-        ->Unit(benchmark::kMillisecond)->UseRealTime()->MinWarmUpTime(0.5);
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime()
+        ->MinWarmUpTime(0.5);
     benchmark::RegisterBenchmark(("moe_fwd_" + s.name).c_str(), forward, s)
-        ->Unit(benchmark::kMillisecond)->UseRealTime()->MinWarmUpTime(0.5);
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime()
+        ->MinWarmUpTime(0.5);
     benchmark::RegisterBenchmark(("moe_fwd_bwd_" + s.name).c_str(), forward_backward, s)
-        ->Unit(benchmark::kMillisecond)->UseRealTime()->MinWarmUpTime(0.5);
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime()
+        ->MinWarmUpTime(0.5);
   }
   return true;
 }();

@@ -5,12 +5,12 @@
 #include "cli/bench_moe.h"
 
 #include <fmt/format.h>
-#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <nlohmann/json.hpp>
 
 #include "switchyard/core/file.h"
 #include "switchyard/core/rng.h"
@@ -60,8 +60,7 @@ double copy_bandwidth(int iters) {
 int default_iters(const MoeShape& s) { return s.decode ? 50 : 5; }
 
 nlohmann::json bench_shape(const MoeShape& s, const BenchMoeOptions& opt, double copy_bw) {
-  MoeConfig cfg{.d_model = s.d_model, .d_ff = s.d_ff, .n_experts = s.n_experts,
-                .top_k = s.top_k};
+  MoeConfig cfg{.d_model = s.d_model, .d_ff = s.d_ff, .n_experts = s.n_experts, .top_k = s.top_k};
   cfg.dropless = opt.capacity_factor <= 0;
   if (!cfg.dropless) cfg.capacity_factor_train = cfg.capacity_factor_eval = opt.capacity_factor;
   MoeLayer layer(cfg);
@@ -91,19 +90,24 @@ nlohmann::json bench_shape(const MoeShape& s, const BenchMoeOptions& opt, double
   double t_dense;
   {
     ThreadScope threads(opt.n_threads);
-    t_dense = median_seconds(iters, [&] {
-      cpu::blas_sgemm(a.matrix<float>(), b.matrix<float>(), c.matrix<float>());
-    });
+    t_dense = median_seconds(
+        iters, [&] { cpu::blas_sgemm(a.matrix<float>(), b.matrix<float>(), c.matrix<float>()); });
   }
   const double dense_rate = 2.0 * double(a.dim(0)) * double(s.d_model) * double(s.d_ff) / t_dense;
 
   const double t_fwd = median_seconds(iters, [&] { layer.forward(p, x, y, cache, ctx); });
   nlohmann::json r = {
-      {"shape", s.name},       {"T", s.n_tokens},     {"d", s.d_model},
-      {"f", s.d_ff},           {"E", s.n_experts},    {"k", s.top_k},
-      {"rows", n},             {"weights", opt.weights},
+      {"shape", s.name},
+      {"T", s.n_tokens},
+      {"d", s.d_model},
+      {"f", s.d_ff},
+      {"E", s.n_experts},
+      {"k", s.top_k},
+      {"rows", n},
+      {"weights", opt.weights},
       {"dense_gflops", dense_rate / 1e9},
-      {"fwd_ms", t_fwd * 1e3}, {"fwd_gflops", flops_fwd / t_fwd / 1e9},
+      {"fwd_ms", t_fwd * 1e3},
+      {"fwd_gflops", flops_fwd / t_fwd / 1e9},
       {"fwd_vs_dense", flops_fwd / t_fwd / dense_rate},
       {"dropped_fraction", out.stats.dropped_fraction},
   };
@@ -114,8 +118,10 @@ nlohmann::json bench_shape(const MoeShape& s, const BenchMoeOptions& opt, double
   layer.forward(p, x, y, cache, prof);
   const MoeTimes& tm = cache.times;
   const double total = tm.router + tm.plan + tm.gather + tm.experts + tm.combine;
-  r["fwd_phase_ms"] = {{"router", tm.router * 1e3},   {"plan", tm.plan * 1e3},
-                       {"gather", tm.gather * 1e3},   {"experts", tm.experts * 1e3},
+  r["fwd_phase_ms"] = {{"router", tm.router * 1e3},
+                       {"plan", tm.plan * 1e3},
+                       {"gather", tm.gather * 1e3},
+                       {"experts", tm.experts * 1e3},
                        {"combine", tm.combine * 1e3}};
   r["fwd_overhead_share"] = total > 0 ? (total - tm.experts) / total : 0.0;
 
@@ -135,8 +141,8 @@ nlohmann::json bench_shape(const MoeShape& s, const BenchMoeOptions& opt, double
   if (s.decode) {
     int64_t used = 0;
     for (int64_t e = 0; e < s.n_experts; ++e) used += cache.plan.rows_of(e) > 0;
-    const double bytes = double(used) * 3.0 * double(s.d_model * s.d_ff) *
-                         double(dtype_size(p.w1.dtype()));
+    const double bytes =
+        double(used) * 3.0 * double(s.d_model * s.d_ff) * double(dtype_size(p.w1.dtype()));
     r["experts_touched"] = used;
     r["weight_gbps"] = bytes / t_fwd / 1e9;
     r["copy_gbps"] = copy_bw / 1e9;
@@ -158,9 +164,9 @@ void print_row(const nlohmann::json& r) {
                         r["fwd_bwd_gflops"].get<double>(), r["fwd_bwd_vs_dense"].get<double>());
   line += fmt::format("  non-expert {:.1f}%", 100 * r["fwd_overhead_share"].get<double>());
   if (r.contains("weight_gbps"))
-    line += fmt::format("  weights {:.1f} GB/s ({:.2f} of copy {:.1f})",
-                        r["weight_gbps"].get<double>(), r["weight_bw_vs_copy"].get<double>(),
-                        r["copy_gbps"].get<double>());
+    line +=
+        fmt::format("  weights {:.1f} GB/s ({:.2f} of copy {:.1f})", r["weight_gbps"].get<double>(),
+                    r["weight_bw_vs_copy"].get<double>(), r["copy_gbps"].get<double>());
   std::puts(line.c_str());
   std::fflush(stdout);
 }
@@ -173,7 +179,8 @@ int run_bench_moe(const BenchMoeOptions& opt) {
     if (opt.shapes.empty() || std::count(opt.shapes.begin(), opt.shapes.end(), s.name))
       chosen.push_back(s);
   for (const std::string& name : opt.shapes)
-    if (std::none_of(chosen.begin(), chosen.end(), [&](const MoeShape& s) { return s.name == name; }))
+    if (std::none_of(chosen.begin(), chosen.end(),
+                     [&](const MoeShape& s) { return s.name == name; }))
       throw ConfigError(fmt::format("--shape {}: expected one of A, B, C1, C16", name));
   if (opt.weights != "f32" && opt.weights != "bf16")
     throw ConfigError(fmt::format("--weights {}: expected f32 or bf16", opt.weights));

@@ -22,10 +22,10 @@ const std::vector<MoeShape>& moe_bench_shapes();
 struct BenchMoeOptions {
   std::vector<std::string> shapes;  // names from moe_bench_shapes(); empty: all
   int n_threads = 0;
-  int iters = 0;                    // 0: per shape, enough for ~1 s
-  std::string weights = "f32";      // expert weight dtype: f32 or bf16 (forward only)
-  double capacity_factor = 0;       // 0: dropless, so every shape computes exactly T*k rows
-  std::string json_path;            // write results as JSON here ("-": stdout)
+  int iters = 0;                // 0: per shape, enough for ~1 s
+  std::string weights = "f32";  // expert weight dtype: f32 or bf16 (forward only)
+  double capacity_factor = 0;   // 0: dropless, so every shape computes exactly T*k rows
+  std::string json_path;        // write results as JSON here ("-": stdout)
   uint64_t seed = 1;
 };
 

@@ -1,8 +1,8 @@
 // The `switchyard` command. Subcommands are built on CLI11; library errors (sy::Error) become
 // `error: ...` with exit 1, usage errors exit 2 with the closest valid flag suggested.
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstdio>
 #include <string>
@@ -53,7 +53,8 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", "switchyard 0.1.0");
   app.require_subcommand(1);
 
-  CLI::App* bench = app.add_subcommand("bench", "Benchmarks against ceilings measured in the same run");
+  CLI::App* bench =
+      app.add_subcommand("bench", "Benchmarks against ceilings measured in the same run");
   bench->require_subcommand(1);
   sy::cli::BenchMoeOptions moe_opt;
   CLI::App* bench_moe = bench->add_subcommand("moe", "MoE layer forward and backward on CPU");
@@ -64,11 +65,13 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   bench_moe->add_option("--weights", moe_opt.weights, "Expert weight dtype: f32 or bf16")
       ->capture_default_str();
-  bench_moe->add_option("--capacity-factor", moe_opt.capacity_factor,
-                        "Capacity factor (0: dropless)")
+  bench_moe
+      ->add_option("--capacity-factor", moe_opt.capacity_factor, "Capacity factor (0: dropless)")
       ->capture_default_str();
-  bench_moe->add_option("--json", moe_opt.json_path, "Also write the results as JSON (- for stdout)");
-  bench_moe->add_option("--seed", moe_opt.seed, "Seed of weights and inputs")->capture_default_str();
+  bench_moe->add_option("--json", moe_opt.json_path,
+                        "Also write the results as JSON (- for stdout)");
+  bench_moe->add_option("--seed", moe_opt.seed, "Seed of weights and inputs")
+      ->capture_default_str();
 
   try {
     app.parse(argc, argv);

@@ -22,12 +22,12 @@ std::byte* alloc_aligned(size_t bytes) {
 
 int64_t checked_numel(std::span<const int64_t> shape) {
   if (shape.size() > static_cast<size_t>(Tensor::kMaxRank))
-    throw ShapeError(fmt::format("tensor of rank {}: expected at most {}", shape.size(),
-                                 Tensor::kMaxRank));
+    throw ShapeError(
+        fmt::format("tensor of rank {}: expected at most {}", shape.size(), Tensor::kMaxRank));
   int64_t n = 1;
   for (int64_t s : shape) {
-    if (s < 0) throw ShapeError(fmt::format("tensor shape [{}]: dims must be >= 0",
-                                            fmt::join(shape, ", ")));
+    if (s < 0)
+      throw ShapeError(fmt::format("tensor shape [{}]: dims must be >= 0", fmt::join(shape, ", ")));
     n *= s;
   }
   return n;
@@ -95,9 +95,15 @@ template <class From>
 void convert_from(const Tensor& t, Tensor& out) {
   const From* src = t.data<From>();
   switch (out.dtype()) {
-    case DType::kF32: convert_elems(src, out.data<float>(), t.numel()); break;
-    case DType::kF64: convert_elems(src, out.data<double>(), t.numel()); break;
-    case DType::kBF16: convert_elems(src, out.data<bf16>(), t.numel()); break;
+    case DType::kF32:
+      convert_elems(src, out.data<float>(), t.numel());
+      break;
+    case DType::kF64:
+      convert_elems(src, out.data<double>(), t.numel());
+      break;
+    case DType::kBF16:
+      convert_elems(src, out.data<bf16>(), t.numel());
+      break;
   }
 }
 }  // namespace
@@ -105,9 +111,15 @@ void convert_from(const Tensor& t, Tensor& out) {
 Tensor convert(const Tensor& t, DType to) {
   Tensor out(t.shape(), to);
   switch (t.dtype()) {
-    case DType::kF32: convert_from<float>(t, out); break;
-    case DType::kF64: convert_from<double>(t, out); break;
-    case DType::kBF16: convert_from<bf16>(t, out); break;
+    case DType::kF32:
+      convert_from<float>(t, out);
+      break;
+    case DType::kF64:
+      convert_from<double>(t, out);
+      break;
+    case DType::kBF16:
+      convert_from<bf16>(t, out);
+      break;
   }
   return out;
 }

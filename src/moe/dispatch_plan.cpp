@@ -31,8 +31,8 @@ void build_dispatch_plan(std::span<const int32_t> expert, int64_t n_tokens, int6
     for (int64_t r = 0; r < n_slots; ++r) {
       const int32_t s = rank[r];
       if (s < 0 || s >= n_slots || seen[s])
-        throw ShapeError(fmt::format("slot rank[{}] = {}: expected a permutation of 0..{}", r, s,
-                                     n_slots - 1));
+        throw ShapeError(
+            fmt::format("slot rank[{}] = {}: expected a permutation of 0..{}", r, s, n_slots - 1));
       seen[s] = true;
     }
   }
@@ -53,7 +53,8 @@ void build_dispatch_plan(std::span<const int32_t> expert, int64_t n_tokens, int6
   // Histogram -> kept rows per expert -> exclusive prefix sum.
   plan.offsets.assign(size_t(n_experts) + 1, 0);
   for (int64_t e = 0; e < n_experts; ++e) {
-    const int64_t kept = capacity < 0 ? plan.demand[e] : std::min<int64_t>(plan.demand[e], capacity);
+    const int64_t kept =
+        capacity < 0 ? plan.demand[e] : std::min<int64_t>(plan.demand[e], capacity);
     plan.offsets[e + 1] = plan.offsets[e] + int32_t(kept);
   }
   const int64_t n_rows = plan.offsets.back();

@@ -51,8 +51,8 @@ void experts_backward(StackedView<const T> w1, StackedView<const T> w3, StackedV
   // ys = act w2:  dw2 += act^T dys,  dact = dys w2^T.
   cpu::grouped_gemm_at<T>(c.act.matrix<T>(), dys, offsets, dw2);
   cpu::grouped_gemm_bt<T>(dys, w2, offsets, T(0), c.dact.matrix<T>());
-  cpu::swiglu_backward<T>(c.h1.matrix<T>(), c.h3.matrix<T>(), c.dact.matrix<T>(),
-                          c.dh1.matrix<T>(), c.dh3.matrix<T>());
+  cpu::swiglu_backward<T>(c.h1.matrix<T>(), c.h3.matrix<T>(), c.dact.matrix<T>(), c.dh1.matrix<T>(),
+                          c.dh3.matrix<T>());
   // h1 = xs w1, h3 = xs w3:  dw += xs^T dh,  dxs = dh1 w1^T + dh3 w3^T.
   cpu::grouped_gemm_at<T>(xs, c.dh1.matrix<T>(), offsets, dw1);
   cpu::grouped_gemm_at<T>(xs, c.dh3.matrix<T>(), offsets, dw3);
@@ -60,14 +60,14 @@ void experts_backward(StackedView<const T> w1, StackedView<const T> w3, StackedV
   cpu::grouped_gemm_bt<T>(c.dh3.matrix<T>(), w3, offsets, T(1), dxs);
 }
 
-#define SY_INSTANTIATE(T)                                                                     \
-  template void experts_forward(StackedView<const T>, StackedView<const T>,                  \
-                                StackedView<const T>, ConstMatrixView<T>,                    \
-                                std::span<const int32_t>, MatrixView<T>, ExpertsCache&);     \
-  template void experts_backward(StackedView<const T>, StackedView<const T>,                 \
-                                 StackedView<const T>, ConstMatrixView<T>,                   \
-                                 std::span<const int32_t>, ConstMatrixView<T>, ExpertsCache&, \
-                                 StackedView<T>, StackedView<T>, StackedView<T>, MatrixView<T>);
+#define SY_INSTANTIATE(T)                                                                          \
+  template void experts_forward(StackedView<const T>, StackedView<const T>, StackedView<const T>,  \
+                                ConstMatrixView<T>, std::span<const int32_t>, MatrixView<T>,       \
+                                ExpertsCache&);                                                    \
+  template void experts_backward(StackedView<const T>, StackedView<const T>, StackedView<const T>, \
+                                 ConstMatrixView<T>, std::span<const int32_t>, ConstMatrixView<T>, \
+                                 ExpertsCache&, StackedView<T>, StackedView<T>, StackedView<T>,    \
+                                 MatrixView<T>);
 SY_INSTANTIATE(float)
 SY_INSTANTIATE(double)
 #undef SY_INSTANTIATE

@@ -21,8 +21,7 @@ void timed(bool profile, double* slot, Fn&& fn) {
   *slot += wall_seconds() - t0;
 }
 
-RoutingStats routing_stats(const RouterCache& rc, const DispatchPlan& plan,
-                           const Tensor& probs) {
+RoutingStats routing_stats(const RouterCache& rc, const DispatchPlan& plan, const Tensor& probs) {
   RoutingStats s;
   const int64_t E = plan.n_experts;
   s.demand.assign(rc.demand.begin(), rc.demand.end());
@@ -40,8 +39,10 @@ RoutingStats routing_stats(const RouterCache& rc, const DispatchPlan& plan,
       if (p > 0) h -= p * std::log(p);
     }
   };
-  if (probs.dtype() == DType::kF64) entropy(probs.matrix<double>());
-  else entropy(probs.matrix<float>());
+  if (probs.dtype() == DType::kF64)
+    entropy(probs.matrix<double>());
+  else
+    entropy(probs.matrix<float>());
   s.router_entropy = h / double(plan.n_tokens);
   return s;
 }
@@ -87,20 +88,23 @@ MoeForward MoeLayer::forward(const MoeParams& p, const Tensor& x, Tensor& y, Moe
                              const ExecContext& ctx) const {
   check_params(p);
   if (x.rank() != 2 || x.dim(1) != cfg_.d_model)
-    throw ShapeError(fmt::format("moe input x: {}, expected [T, {}] (moe.d_model)",
-                                 x.shape_str(), cfg_.d_model));
+    throw ShapeError(fmt::format("moe input x: {}, expected [T, {}] (moe.d_model)", x.shape_str(),
+                                 cfg_.d_model));
   const DType xt = x.dtype(), wt = p.w1.dtype();
   if (p.w_gate.dtype() != xt)
     throw ShapeError(fmt::format("moe.w_gate is {} but x is {}: expected the same dtype",
                                  dtype_name(p.w_gate.dtype()), dtype_name(xt)));
   ThreadScope threads(ctx.n_threads);
-  if (xt == DType::kF32 && wt == DType::kF32) return forward_impl<float, float>(p, x, y, cache, ctx);
+  if (xt == DType::kF32 && wt == DType::kF32)
+    return forward_impl<float, float>(p, x, y, cache, ctx);
   if (xt == DType::kF64 && wt == DType::kF64)
     return forward_impl<double, double>(p, x, y, cache, ctx);
-  if (xt == DType::kF32 && wt == DType::kBF16) return forward_impl<float, bf16>(p, x, y, cache, ctx);
-  throw ShapeError(fmt::format("moe: x {} with expert weights {}: expected f32/f32, f64/f64 or "
-                               "f32 x with bf16 weights",
-                               dtype_name(xt), dtype_name(wt)));
+  if (xt == DType::kF32 && wt == DType::kBF16)
+    return forward_impl<float, bf16>(p, x, y, cache, ctx);
+  throw ShapeError(
+      fmt::format("moe: x {} with expert weights {}: expected f32/f32, f64/f64 or "
+                  "f32 x with bf16 weights",
+                  dtype_name(xt), dtype_name(wt)));
 }
 
 template <class T, class W>
@@ -142,14 +146,18 @@ void MoeLayer::backward(const MoeParams& p, MoeCache& cache, const Tensor& dy, M
   check_params(g);
   expect_shape(dy, cache.x.shape(), "moe backward dy");
   const DType dt = cache.x.dtype();
-  for (const Tensor* t : std::initializer_list<const Tensor*>{&dy, &p.w_gate, &p.w1, &g.w_gate, &g.w1})
+  for (const Tensor* t :
+       std::initializer_list<const Tensor*>{&dy, &p.w_gate, &p.w1, &g.w_gate, &g.w1})
     if (t->dtype() != dt)
-      throw ShapeError(fmt::format("moe backward: a tensor is {} but the forward input was {}: "
-                                   "backward needs params, grads and dy in the input's dtype",
-                                   dtype_name(t->dtype()), dtype_name(dt)));
+      throw ShapeError(
+          fmt::format("moe backward: a tensor is {} but the forward input was {}: "
+                      "backward needs params, grads and dy in the input's dtype",
+                      dtype_name(t->dtype()), dtype_name(dt)));
   ThreadScope threads(ctx.n_threads);
-  if (dt == DType::kF32) backward_impl<float>(p, cache, dy, g, dx, ctx);
-  else backward_impl<double>(p, cache, dy, g, dx, ctx);
+  if (dt == DType::kF32)
+    backward_impl<float>(p, cache, dy, g, dx, ctx);
+  else
+    backward_impl<double>(p, cache, dy, g, dx, ctx);
 }
 
 template <class T>
@@ -165,23 +173,21 @@ void MoeLayer::backward_impl(const MoeParams& p, MoeCache& c, const Tensor& dy, 
   dx.resize({n_tok, d}, dt);
 
   timed(prof, &tm.backward_combine, [&] {
-    combine_rows_backward<T>(c.ys.matrix<T>(), c.plan, c.router.weight.matrix<T>(),
-                             dy.matrix<T>(), c.dys.matrix<T>(), c.dweight.matrix<T>());
+    combine_rows_backward<T>(c.ys.matrix<T>(), c.plan, c.router.weight.matrix<T>(), dy.matrix<T>(),
+                             c.dys.matrix<T>(), c.dweight.matrix<T>());
   });
   timed(prof, &tm.backward_experts, [&] {
-    experts_backward<T>(p.w1.stacked<T>(), p.w3.stacked<T>(), p.w2.stacked<T>(),
-                        c.xs.matrix<T>(), c.plan.offsets, c.dys.matrix<T>(), c.experts,
-                        g.w1.stacked<T>(), g.w3.stacked<T>(), g.w2.stacked<T>(),
-                        c.dxs.matrix<T>());
+    experts_backward<T>(p.w1.stacked<T>(), p.w3.stacked<T>(), p.w2.stacked<T>(), c.xs.matrix<T>(),
+                        c.plan.offsets, c.dys.matrix<T>(), c.experts, g.w1.stacked<T>(),
+                        g.w3.stacked<T>(), g.w2.stacked<T>(), c.dxs.matrix<T>());
   });
   // The router writes dx (=); the dispatched rows' gradients are then added onto it.
   timed(prof, &tm.backward_router, [&] {
     router_.backward<T>(p.w_gate.matrix<T>(), c.x.matrix<T>(), c.router, c.dweight.matrix<T>(),
                         g.w_gate.matrix<T>(), dx.matrix<T>());
   });
-  timed(prof, &tm.backward_scatter, [&] {
-    cpu::scatter_add_rows<T>(c.dxs.matrix<T>(), c.plan.row_token, {}, dx.matrix<T>());
-  });
+  timed(prof, &tm.backward_scatter,
+        [&] { cpu::scatter_add_rows<T>(c.dxs.matrix<T>(), c.plan.row_token, {}, dx.matrix<T>()); });
 }
 
 size_t MoeLayer::dispatch_bytes(const MoeCache& c) {

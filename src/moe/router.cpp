@@ -56,8 +56,7 @@ void Router::forward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCach
 
 template <class T>
 void Router::backward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCache& c,
-                      ConstMatrixView<T> dweight, MatrixView<T> dw_gate,
-                      MatrixView<T> dx) const {
+                      ConstMatrixView<T> dweight, MatrixView<T> dw_gate, MatrixView<T> dx) const {
   const int64_t n_tok = x.rows, E = cfg_.n_experts, k = cfg_.top_k;
   if (n_tok == 0) return;
   const DType dt = dtype_of<T>();
@@ -71,8 +70,8 @@ void Router::backward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCac
   std::vector<T> dbal(size_t(E), T(0));
   if (cfg_.loss_balance_weight > 0)
     for (int64_t e = 0; e < E; ++e)
-      dbal[e] = T(cfg_.loss_balance_weight * double(E) * double(c.demand[e]) /
-                  double(n_tok * k) / double(n_tok));
+      dbal[e] = T(cfg_.loss_balance_weight * double(E) * double(c.demand[e]) / double(n_tok * k) /
+                  double(n_tok));
 
 #pragma omp parallel for schedule(static) if (n_tok * E > (1 << 14))
   for (int64_t t = 0; t < n_tok; ++t) {
@@ -105,8 +104,7 @@ void Router::backward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCac
 }
 
 template void Router::forward(ConstMatrixView<float>, ConstMatrixView<float>, RouterCache&) const;
-template void Router::forward(ConstMatrixView<double>, ConstMatrixView<double>,
-                              RouterCache&) const;
+template void Router::forward(ConstMatrixView<double>, ConstMatrixView<double>, RouterCache&) const;
 template void Router::backward(ConstMatrixView<float>, ConstMatrixView<float>, RouterCache&,
                                ConstMatrixView<float>, MatrixView<float>, MatrixView<float>) const;
 template void Router::backward(ConstMatrixView<double>, ConstMatrixView<double>, RouterCache&,

@@ -16,7 +16,8 @@ using testing::random_tensor;
 
 TEST(KernelGradcheck, Softmax) {
   const int64_t T = 5, E = 7;
-  Tensor logits = random_tensor({T, E}, DType::kF64, 1, -3, 3), r = random_tensor({T, E}, DType::kF64, 2);
+  Tensor logits = random_tensor({T, E}, DType::kF64, 1, -3, 3),
+         r = random_tensor({T, E}, DType::kF64, 2);
   Tensor p({T, E}, DType::kF64), lse({T}, DType::kF64), dl({T, E}, DType::kF64);
   auto loss = [&] {
     cpu::softmax_rows<double>(logits.matrix<double>(), p.matrix<double>(), lse.span<double>());
@@ -29,7 +30,8 @@ TEST(KernelGradcheck, Softmax) {
 
 TEST(KernelGradcheck, Swiglu) {
   const int64_t n = 6, f = 9;
-  Tensor h1 = random_tensor({n, f}, DType::kF64, 3, -3, 3), h3 = random_tensor({n, f}, DType::kF64, 4);
+  Tensor h1 = random_tensor({n, f}, DType::kF64, 3, -3, 3),
+         h3 = random_tensor({n, f}, DType::kF64, 4);
   Tensor r = random_tensor({n, f}, DType::kF64, 5), a({n, f}, DType::kF64);
   Tensor d1({n, f}, DType::kF64), d3({n, f}, DType::kF64);
   auto loss = [&] {
@@ -44,7 +46,8 @@ TEST(KernelGradcheck, Swiglu) {
 
 TEST(KernelGradcheck, RmsNorm) {
   const int64_t T = 4, d = 11;
-  Tensor x = random_tensor({T, d}, DType::kF64, 6), g = random_tensor({d}, DType::kF64, 7, 0.5, 1.5);
+  Tensor x = random_tensor({T, d}, DType::kF64, 6),
+         g = random_tensor({d}, DType::kF64, 7, 0.5, 1.5);
   Tensor r = random_tensor({T, d}, DType::kF64, 8), y({T, d}, DType::kF64), rstd({T}, DType::kF64);
   Tensor dx({T, d}, DType::kF64), dg({d}, DType::kF64);
   auto loss = [&] {
@@ -70,7 +73,8 @@ TEST(KernelGradcheck, ScatterAddIsTheAdjointOfWeightedGather) {
     cpu::gather_rows<double>(x.matrix<double>(), token, xs.matrix<double>());
     double s = 0;
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t c = 0; c < d; ++c) s += w.data<double>()[i] * xs.matrix<double>()(i, c) * r.matrix<double>()(i, c);
+      for (int64_t c = 0; c < d; ++c)
+        s += w.data<double>()[i] * xs.matrix<double>()(i, c) * r.matrix<double>()(i, c);
     return s;
   };
   cpu::scatter_add_rows<double>(r.matrix<double>(), token, w.span<double>(), dx.matrix<double>());

@@ -62,7 +62,8 @@ TEST_P(RowKernels, TopKMatchesSortWithTies) {
 
 TEST_P(RowKernels, ActivationsAndSwiglu) {
   auto [T, f] = GetParam();
-  Tensor h1 = random_tensor({T, f}, DType::kF32, 4, -6, 6), h3 = random_tensor({T, f}, DType::kF32, 5);
+  Tensor h1 = random_tensor({T, f}, DType::kF32, 4, -6, 6),
+         h3 = random_tensor({T, f}, DType::kF32, 5);
   Tensor a({T, f}, DType::kF32), ar({T, f}, DType::kF32);
   cpu::silu<float>(h1.span<float>(), a.span<float>());
   ref::silu<float>(h1.span<float>(), ar.span<float>());
@@ -108,8 +109,10 @@ TEST_P(RowKernels, RmsNormAndBackward) {
   if (d == 0) GTEST_SKIP();
   Tensor x = random_tensor({T, d}, DType::kF32, 10), g = random_tensor({d}, DType::kF32, 11);
   Tensor y({T, d}, DType::kF32), yr({T, d}, DType::kF32), r({T}, DType::kF32), rr({T}, DType::kF32);
-  cpu::rmsnorm<float>(x.matrix<float>(), g.span<float>(), 1e-5f, y.matrix<float>(), r.span<float>());
-  ref::rmsnorm<float>(x.matrix<float>(), g.span<float>(), 1e-5f, yr.matrix<float>(), rr.span<float>());
+  cpu::rmsnorm<float>(x.matrix<float>(), g.span<float>(), 1e-5f, y.matrix<float>(),
+                      r.span<float>());
+  ref::rmsnorm<float>(x.matrix<float>(), g.span<float>(), 1e-5f, yr.matrix<float>(),
+                      rr.span<float>());
   expect_close(y, yr, 1e-6);
   Tensor dy = random_tensor({T, d}, DType::kF32, 12);
   Tensor dx({T, d}, DType::kF32), dxr({T, d}, DType::kF32);
@@ -139,11 +142,14 @@ TEST_P(Gemm, AllTransposesAgainstReference) {
   auto [M, N, K] = GetParam();
   for (bool ta : {false, true})
     for (bool tb : {false, true}) {
-      Tensor a = ta ? random_tensor({K, M}, DType::kF32, 20) : random_tensor({M, K}, DType::kF32, 20);
-      Tensor b = tb ? random_tensor({N, K}, DType::kF32, 21) : random_tensor({K, N}, DType::kF32, 21);
+      Tensor a =
+          ta ? random_tensor({K, M}, DType::kF32, 20) : random_tensor({M, K}, DType::kF32, 20);
+      Tensor b =
+          tb ? random_tensor({N, K}, DType::kF32, 21) : random_tensor({K, N}, DType::kF32, 21);
       Tensor c = random_tensor({M, N}, DType::kF32, 22), cr = c.clone();
       cpu::gemm<float>(ta, tb, 0.5f, a.matrix<float>(), b.matrix<float>(), 2.0f, c.matrix<float>());
-      ref::gemm<float>(ta, tb, 0.5f, a.matrix<float>(), b.matrix<float>(), 2.0f, cr.matrix<float>());
+      ref::gemm<float>(ta, tb, 0.5f, a.matrix<float>(), b.matrix<float>(), 2.0f,
+                       cr.matrix<float>());
       expect_close(c, cr, 1e-6 * double(K + 1));
     }
 }
@@ -159,8 +165,9 @@ struct GroupedShape {
   std::vector<int32_t> group_rows;
   int64_t K, N;
   friend void PrintTo(const GroupedShape& s, std::ostream* os) {
-    *os << "groups" << s.group_rows.size() << "_rows" << std::accumulate(s.group_rows.begin(), s.group_rows.end(), 0)
-        << "_K" << s.K << "_N" << s.N;
+    *os << "groups" << s.group_rows.size() << "_rows"
+        << std::accumulate(s.group_rows.begin(), s.group_rows.end(), 0) << "_K" << s.K << "_N"
+        << s.N;
   }
 };
 class GroupedGemm : public ::testing::TestWithParam<GroupedShape> {};
@@ -188,8 +195,10 @@ TEST_P(GroupedGemm, ForwardAndBothBackwardsAgainstReference) {
 
   Tensor dys = random_tensor({n, N}, DType::kF32, 32);
   Tensor dxs = random_tensor({n, K}, DType::kF32, 33), dxsr = dxs.clone();
-  cpu::grouped_gemm_bt<float>(dys.matrix<float>(), w.stacked<float>(), off, 1.0f, dxs.matrix<float>());
-  ref::grouped_gemm_bt<float>(dys.matrix<float>(), w.stacked<float>(), off, 1.0f, dxsr.matrix<float>());
+  cpu::grouped_gemm_bt<float>(dys.matrix<float>(), w.stacked<float>(), off, 1.0f,
+                              dxs.matrix<float>());
+  ref::grouped_gemm_bt<float>(dys.matrix<float>(), w.stacked<float>(), off, 1.0f,
+                              dxsr.matrix<float>());
   expect_close(dxs, dxsr, 1e-6 * double(N));
 
   Tensor dw = random_tensor({G, K, N}, DType::kF32, 34), dwr = dw.clone();
@@ -202,7 +211,8 @@ TEST_P(GroupedGemm, SameResultAtAnyThreadCount) {
   const GroupedShape& s = GetParam();
   const auto off = offsets_of(s.group_rows);
   const int64_t G = int64_t(s.group_rows.size()), n = off.back();
-  Tensor xs = random_tensor({n, s.K}, DType::kF32, 40), w = random_tensor({G, s.K, s.N}, DType::kF32, 41);
+  Tensor xs = random_tensor({n, s.K}, DType::kF32, 40),
+         w = random_tensor({G, s.K, s.N}, DType::kF32, 41);
   auto run = [&](int threads) {
     ThreadScope scope(threads);
     Tensor ys({n, s.N}, DType::kF32);
@@ -213,12 +223,13 @@ TEST_P(GroupedGemm, SameResultAtAnyThreadCount) {
   EXPECT_EQ(run(1), run(3));
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Shapes, GroupedGemm,
-    ::testing::Values(GroupedShape{{1}, 1, 1}, GroupedShape{{3, 0, 5, 1}, 13, 33},
-                      GroupedShape{{0, 0, 40, 0}, 33, 70}, GroupedShape{{16, 17, 2}, 64, 129},
-                      GroupedShape{{7, 1, 0, 13, 9, 2, 5}, 37, 301},
-                      GroupedShape{{0, 0, 0}, 8, 8}));
+INSTANTIATE_TEST_SUITE_P(Shapes, GroupedGemm,
+                         ::testing::Values(GroupedShape{{1}, 1, 1},
+                                           GroupedShape{{3, 0, 5, 1}, 13, 33},
+                                           GroupedShape{{0, 0, 40, 0}, 33, 70},
+                                           GroupedShape{{16, 17, 2}, 64, 129},
+                                           GroupedShape{{7, 1, 0, 13, 9, 2, 5}, 37, 301},
+                                           GroupedShape{{0, 0, 0}, 8, 8}));
 
 }  // namespace
 }  // namespace sy

@@ -28,8 +28,13 @@ class RouterGrad : public ::testing::TestWithParam<RouterCase> {};
 TEST_P(RouterGrad, MatchesFiniteDifferences) {
   const RouterCase rc = GetParam();
   const int64_t T = 7, d = 5, E = 4;
-  MoeConfig cfg{.d_model = d, .d_ff = 3, .n_experts = E, .top_k = rc.k, .renormalize = rc.renorm,
-                .loss_balance_weight = rc.w_balance, .loss_z_weight = rc.w_z};
+  MoeConfig cfg{.d_model = d,
+                .d_ff = 3,
+                .n_experts = E,
+                .top_k = rc.k,
+                .renormalize = rc.renorm,
+                .loss_balance_weight = rc.w_balance,
+                .loss_z_weight = rc.w_z};
   cfg.validate();
   Router router(cfg);
   Tensor x = random_tensor({T, d}, DType::kF64, 1), w = random_tensor({d, E}, DType::kF64, 2);
@@ -53,14 +58,15 @@ INSTANTIATE_TEST_SUITE_P(Cases, RouterGrad,
                                            RouterCase{2, true, 0, 0, true},
                                            RouterCase{2, false, 0.3, 0.2, true},
                                            RouterCase{3, true, 0.3, 0.2, true},
-                                           RouterCase{2, true, 0.5, 0, false},  // balance only
+                                           RouterCase{2, true, 0.5, 0, false},    // balance only
                                            RouterCase{2, true, 0, 0.5, false}));  // z only
 
 TEST(ExpertsGrad, MatchesFiniteDifferences) {
   const int64_t d = 5, f = 6, E = 3;
   std::vector<int32_t> offsets = {0, 4, 4, 7};  // an expert with no rows
   const int64_t n = offsets.back();
-  Tensor w1 = random_tensor({E, d, f}, DType::kF64, 1), w3 = random_tensor({E, d, f}, DType::kF64, 2);
+  Tensor w1 = random_tensor({E, d, f}, DType::kF64, 1),
+         w3 = random_tensor({E, d, f}, DType::kF64, 2);
   Tensor w2 = random_tensor({E, f, d}, DType::kF64, 3), xs = random_tensor({n, d}, DType::kF64, 4);
   Tensor r = random_tensor({n, d}, DType::kF64, 5), ys({n, d}, DType::kF64);
   ExpertsCache c;
@@ -115,13 +121,19 @@ class LayerGrad : public ::testing::TestWithParam<LayerGradCase> {};
 
 TEST_P(LayerGrad, MatchesFiniteDifferences) {
   const LayerGradCase lc = GetParam();
-  MoeConfig cfg{.d_model = lc.d, .d_ff = lc.f, .n_experts = lc.E, .top_k = lc.k,
-                .renormalize = lc.renorm, .loss_balance_weight = 0.1, .loss_z_weight = 0.05};
+  MoeConfig cfg{.d_model = lc.d,
+                .d_ff = lc.f,
+                .n_experts = lc.E,
+                .top_k = lc.k,
+                .renormalize = lc.renorm,
+                .loss_balance_weight = 0.1,
+                .loss_z_weight = 0.05};
   cfg.dropless = lc.capacity_factor == 0;
   if (!cfg.dropless) cfg.capacity_factor_train = lc.capacity_factor;
   MoeLayer layer(cfg);
   MoeParams p = init_moe_params(cfg, DType::kF64, 21);
-  Tensor x = random_tensor({lc.T, lc.d}, DType::kF64, 22), r = random_tensor({lc.T, lc.d}, DType::kF64, 23);
+  Tensor x = random_tensor({lc.T, lc.d}, DType::kF64, 22),
+         r = random_tensor({lc.T, lc.d}, DType::kF64, 23);
   Tensor y, dx;
   MoeCache cache;
   auto loss = [&] {

@@ -27,8 +27,8 @@ struct LayerCase {
 };
 
 MoeConfig config_of(const LayerCase& c) {
-  MoeConfig cfg{.d_model = c.d, .d_ff = c.f, .n_experts = c.E, .top_k = c.k,
-                .renormalize = c.renorm};
+  MoeConfig cfg{
+      .d_model = c.d, .d_ff = c.f, .n_experts = c.E, .top_k = c.k, .renormalize = c.renorm};
   cfg.dropless = c.capacity_factor == 0;
   if (!cfg.dropless) cfg.capacity_factor_train = cfg.capacity_factor_eval = c.capacity_factor;
   return cfg;
@@ -67,11 +67,11 @@ TEST_P(LayerVsNaive, MatchesInF64AndF32) {
 
 INSTANTIATE_TEST_SUITE_P(
     Cases, LayerVsNaive,
-    ::testing::Values(LayerCase{1, 8, 16, 4, 2, true, 0},     // T = 1
-                      LayerCase{13, 7, 9, 5, 2, true, 1.0},   // odd sizes, dropping
+    ::testing::Values(LayerCase{1, 8, 16, 4, 2, true, 0},        // T = 1
+                      LayerCase{13, 7, 9, 5, 2, true, 1.0},      // odd sizes, dropping
                       LayerCase{33, 16, 24, 8, 1, false, 1.25},  // Switch top-1
-                      LayerCase{20, 12, 10, 6, 6, true, 0},   // k = E
-                      LayerCase{40, 9, 5, 3, 2, false, 0.5},  // heavy dropping
+                      LayerCase{20, 12, 10, 6, 6, true, 0},      // k = E
+                      LayerCase{40, 9, 5, 3, 2, false, 0.5},     // heavy dropping
                       LayerCase{17, 33, 40, 8, 2, true, 2.0},
                       LayerCase{0, 8, 16, 4, 2, true, 1.0}));  // T = 0
 
@@ -108,10 +108,13 @@ TEST(MoeLayer, OneExpertTopOneIsADenseSwiglu) {
   // Dense: (silu(x W1) * (x W3)) W2 with the router weight 1 (softmax over one expert).
   Tensor h1({T, 13}, DType::kF64), h3({T, 13}, DType::kF64), a({T, 13}, DType::kF64),
       want({T, 11}, DType::kF64);
-  ref::gemm<double>(false, false, 1, x.matrix<double>(), p.w1.stacked<double>()[0], 0, h1.matrix<double>());
-  ref::gemm<double>(false, false, 1, x.matrix<double>(), p.w3.stacked<double>()[0], 0, h3.matrix<double>());
+  ref::gemm<double>(false, false, 1, x.matrix<double>(), p.w1.stacked<double>()[0], 0,
+                    h1.matrix<double>());
+  ref::gemm<double>(false, false, 1, x.matrix<double>(), p.w3.stacked<double>()[0], 0,
+                    h3.matrix<double>());
   ref::swiglu<double>(h1.matrix<double>(), h3.matrix<double>(), a.matrix<double>());
-  ref::gemm<double>(false, false, 1, a.matrix<double>(), p.w2.stacked<double>()[0], 0, want.matrix<double>());
+  ref::gemm<double>(false, false, 1, a.matrix<double>(), p.w2.stacked<double>()[0], 0,
+                    want.matrix<double>());
   EXPECT_LE(testing::max_scaled_error(y.span<double>(), want.span<double>(), 1e-12, 1e-10), 1.0);
 }
 
@@ -158,7 +161,8 @@ TEST(MoeLayer, RoutingEntropyOfUniformRouterIsLogE) {
 TEST(MoeLayer, SameNumbersAtAnyThreadCount) {
   MoeConfig cfg{.d_model = 64, .d_ff = 96, .n_experts = 8, .top_k = 2};
   MoeParams p = init_moe_params(cfg, DType::kF32, 1);
-  Tensor x = random_tensor({300, 64}, DType::kF32, 2), dy = random_tensor({300, 64}, DType::kF32, 3);
+  Tensor x = random_tensor({300, 64}, DType::kF32, 2),
+         dy = random_tensor({300, 64}, DType::kF32, 3);
   auto run = [&](int threads) {
     MoeLayer layer(cfg);
     MoeCache cache;
@@ -204,7 +208,8 @@ TEST(MoeLayer, DispatchMemoryIsLinearInTokensTimesK) {
     const size_t rows_bytes = 2 * size_t(T * k * d) * sizeof(float);
     const size_t index_bytes = 4 * size_t(2 * E + 1 + 3 * T * k);
     EXPECT_EQ(MoeLayer::dispatch_bytes(cache), rows_bytes + index_bytes);
-    const int64_t C = MoeConfig{.d_model = d, .d_ff = 16, .n_experts = E, .top_k = k}.capacity(T, true);
+    const int64_t C =
+        MoeConfig{.d_model = d, .d_ff = 16, .n_experts = E, .top_k = k}.capacity(T, true);
     EXPECT_LT(MoeLayer::dispatch_bytes(cache), size_t(T * E * C) * sizeof(float) / 4);
   }
 }
@@ -225,15 +230,19 @@ TEST(MoeConfig, BadValuesNameTheField) {
     return message(c);
   };
   EXPECT_EQ(message(ok), "no error");
-  EXPECT_EQ(with([](MoeConfig& c) { c.top_k = 5; }), "moe.top_k = 5: expected 1..4 (moe.n_experts)");
-  EXPECT_EQ(with([](MoeConfig& c) { c.top_k = 0; }), "moe.top_k = 0: expected 1..4 (moe.n_experts)");
+  EXPECT_EQ(with([](MoeConfig& c) { c.top_k = 5; }),
+            "moe.top_k = 5: expected 1..4 (moe.n_experts)");
+  EXPECT_EQ(with([](MoeConfig& c) { c.top_k = 0; }),
+            "moe.top_k = 0: expected 1..4 (moe.n_experts)");
   EXPECT_EQ(with([](MoeConfig& c) { c.d_model = 0; }), "moe.d_model = 0: expected >= 1");
   EXPECT_EQ(with([](MoeConfig& c) { c.d_ff = -3; }), "moe.d_ff = -3: expected >= 1");
   EXPECT_EQ(with([](MoeConfig& c) { c.n_experts = 0; }), "moe.n_experts = 0: expected >= 1");
-  EXPECT_EQ(with([](MoeConfig& c) { c.capacity_factor_train = 0; }),
-            "moe.capacity_factor_train = 0: expected a finite value > 0 (or set moe.dropless = true)");
-  EXPECT_EQ(with([](MoeConfig& c) { c.capacity_factor_eval = -1; }),
-            "moe.capacity_factor_eval = -1: expected a finite value > 0 (or set moe.dropless = true)");
+  EXPECT_EQ(
+      with([](MoeConfig& c) { c.capacity_factor_train = 0; }),
+      "moe.capacity_factor_train = 0: expected a finite value > 0 (or set moe.dropless = true)");
+  EXPECT_EQ(
+      with([](MoeConfig& c) { c.capacity_factor_eval = -1; }),
+      "moe.capacity_factor_eval = -1: expected a finite value > 0 (or set moe.dropless = true)");
   EXPECT_EQ(with([](MoeConfig& c) { c.loss_z_weight = -0.1; }),
             "moe.loss_z_weight = -0.1: expected a finite value >= 0");
   EXPECT_EQ(with([](MoeConfig& c) { c.capacity_factor_train = 0, c.dropless = true; }), "no error");
@@ -259,7 +268,8 @@ TEST(MoeLayer, MismatchedShapesAndDtypesNameTheTensor) {
             "moe.w_gate is f32 but x is f64: expected the same dtype");
   MoeParams bad = zeros_like(p);
   bad.w2 = Tensor({4, 8, 12}, DType::kF32);
-  EXPECT_EQ(error_of(bad, Tensor({5, 8}, DType::kF32)), "moe.w2: shape [4, 8, 12], expected [4, 12, 8]");
+  EXPECT_EQ(error_of(bad, Tensor({5, 8}, DType::kF32)),
+            "moe.w2: shape [4, 8, 12], expected [4, 12, 8]");
   // Backward needs f32 weights: bf16 experts are for inference.
   MoeParams pb{p.w_gate.clone(), convert(p.w1, DType::kBF16), convert(p.w3, DType::kBF16),
                convert(p.w2, DType::kBF16)};

@@ -14,9 +14,9 @@
 namespace sy::testing {
 
 struct NaiveMoe {
-  std::vector<double> y;           // [T, d]
-  std::vector<bool> kept;          // [T*k]
-  std::vector<int32_t> expert;     // [T*k]
+  std::vector<double> y;        // [T, d]
+  std::vector<bool> kept;       // [T*k]
+  std::vector<int32_t> expert;  // [T*k]
 };
 
 // p, x in f64. capacity -1: none.

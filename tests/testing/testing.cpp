@@ -23,8 +23,8 @@ double max_scaled_error(std::span<const double> a, std::span<const double> b, do
 }
 
 void expect_grad_close(const std::function<double()>& loss, std::span<double> param,
-                       std::span<const double> grad, std::string_view name, double eps,
-                       double atol, double rtol, int max_checks) {
+                       std::span<const double> grad, std::string_view name, double eps, double atol,
+                       double rtol, int max_checks) {
   ASSERT_EQ(param.size(), grad.size()) << name;
   const size_t n = param.size();
   const size_t stride = std::max<size_t>(1, n / size_t(max_checks));

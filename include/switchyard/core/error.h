@@ -38,9 +38,9 @@ namespace detail {
 }  // namespace sy
 
 // Always on, also in release builds: a failed check is a bug, and continuing would hide it.
-#define SY_CHECK(cond, ...)                                                          \
-  do {                                                                               \
-    if (!(cond)) [[unlikely]]                                                        \
+#define SY_CHECK(cond, ...)                                                            \
+  do {                                                                                 \
+    if (!(cond)) [[unlikely]]                                                          \
       ::sy::detail::check_fail(__FILE__, __LINE__, #cond, ::fmt::format(__VA_ARGS__)); \
   } while (0)
 

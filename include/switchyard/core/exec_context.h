@@ -8,10 +8,10 @@
 namespace sy {
 
 struct ExecContext {
-  int n_threads = 0;      // 0: OpenMP's default (OMP_NUM_THREADS or all cores)
-  uint64_t seed = 0;      // for stochastic parts (noise, jitter)
-  bool training = true;   // selects the train or eval capacity factor
-  bool profile = false;   // record per-phase wall times into the layer's cache
+  int n_threads = 0;     // 0: OpenMP's default (OMP_NUM_THREADS or all cores)
+  uint64_t seed = 0;     // for stochastic parts (noise, jitter)
+  bool training = true;  // selects the train or eval capacity factor
+  bool profile = false;  // record per-phase wall times into the layer's cache
 };
 
 // Sets the OpenMP team size (and with it OpenBLAS's, built on OpenMP) for the scope's lifetime
@@ -31,8 +31,7 @@ int max_threads();
 
 // Wall clock in seconds since an arbitrary origin, for benchmarks and phase timings.
 inline double wall_seconds() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 }  // namespace sy

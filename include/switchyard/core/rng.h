@@ -15,8 +15,8 @@ namespace sy {
 
 class Philox {
  public:
-  Philox(uint64_t seed, uint64_t stream) : key_{uint32_t(seed), uint32_t(seed >> 32)},
-                                           stream_(stream) {}
+  Philox(uint64_t seed, uint64_t stream)
+      : key_{uint32_t(seed), uint32_t(seed >> 32)}, stream_(stream) {}
   // Four independent 32-bit words for counter i.
   std::array<uint32_t, 4> bits(uint64_t i) const;
   // Uniform in [0, 1) with 24 random bits; uses word 0 of counter i.

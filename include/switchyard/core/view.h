@@ -24,11 +24,7 @@ struct MatrixView {
     SY_DCHECK(0 <= begin && begin <= end && end <= rows, "rows [{}, {}) of {}", begin, end, rows);
     return {data + begin * cols, end - begin, cols};
   }
-  operator MatrixView<const T>() const
-    requires(!std::is_const_v<T>)
-  {
-    return {data, rows, cols};
-  }
+  operator MatrixView<const T>() const requires(!std::is_const_v<T>) { return {data, rows, cols}; }
 };
 template <class T>
 using ConstMatrixView = MatrixView<const T>;
@@ -41,9 +37,7 @@ struct StackedView {
   int64_t cols = 0;
 
   MatrixView<T> operator[](int64_t i) const { return {data + i * rows * cols, rows, cols}; }
-  operator StackedView<const T>() const
-    requires(!std::is_const_v<T>)
-  {
+  operator StackedView<const T>() const requires(!std::is_const_v<T>) {
     return {data, n, rows, cols};
   }
 };

@@ -26,12 +26,12 @@ struct DispatchPlan {
   int64_t n_tokens = 0;
   int64_t top_k = 0;
   int64_t n_experts = 0;
-  int64_t capacity = -1;          // -1: unbounded (dropless)
-  std::vector<int32_t> offsets;   // [E+1]: expert e computes rows offsets[e]..offsets[e+1]
-  std::vector<int32_t> row_token; // [n]: the token each row comes from
-  std::vector<int32_t> row_slot;  // [n]: the slot t*k+j each row serves
-  std::vector<int32_t> slot_row;  // [T*k]: the row serving each slot, -1 when dropped
-  std::vector<int32_t> demand;    // [E]: slots that chose each expert, before capacity
+  int64_t capacity = -1;           // -1: unbounded (dropless)
+  std::vector<int32_t> offsets;    // [E+1]: expert e computes rows offsets[e]..offsets[e+1]
+  std::vector<int32_t> row_token;  // [n]: the token each row comes from
+  std::vector<int32_t> row_slot;   // [n]: the slot t*k+j each row serves
+  std::vector<int32_t> slot_row;   // [T*k]: the row serving each slot, -1 when dropped
+  std::vector<int32_t> demand;     // [E]: slots that chose each expert, before capacity
 
   int64_t n_rows() const { return offsets.empty() ? 0 : offsets.back(); }
   int64_t n_slots() const { return n_tokens * top_k; }

@@ -12,7 +12,7 @@
 namespace sy {
 
 struct ExpertsCache {
-  Tensor h1, h3, act;  // [n, f]: what backward needs
+  Tensor h1, h3, act;     // [n, f]: what backward needs
   Tensor dact, dh1, dh3;  // [n, f]: backward's scratch
 };
 

@@ -40,11 +40,11 @@ MoeParams init_moe_params(const MoeConfig& cfg, DType dtype, uint64_t seed);
 MoeParams zeros_like(const MoeParams& p);
 
 struct RoutingStats {
-  std::vector<int64_t> demand;  // [E]: slots that chose each expert
-  std::vector<int64_t> rows;    // [E]: slots each expert computed (after capacity)
-  int64_t capacity = -1;        // -1: dropless
-  double dropped_fraction = 0;  // dropped slots / (T * k)
-  double router_entropy = 0;    // mean over tokens of -sum_e p log p, in nats
+  std::vector<int64_t> demand;    // [E]: slots that chose each expert
+  std::vector<int64_t> rows;      // [E]: slots each expert computed (after capacity)
+  int64_t capacity = -1;          // -1: dropless
+  double dropped_fraction = 0;    // dropped slots / (T * k)
+  double router_entropy = 0;      // mean over tokens of -sum_e p log p, in nats
   double load_max_over_mean = 0;  // max_e demand / mean_e demand; 1 is perfect balance
 };
 
@@ -55,7 +55,7 @@ struct MoeTimes {
 };
 
 struct MoeCache {
-  Tensor x;       // [T, d] copy of the input (router backward needs it)
+  Tensor x;  // [T, d] copy of the input (router backward needs it)
   RouterCache router;
   DispatchPlan plan;
   Tensor xs, ys;  // [n, d]: dispatched rows and expert outputs

@@ -3,10 +3,10 @@
 // count, and its results then differ in the last bits between 1 and 2 threads. Instead the
 // output is cut into fixed kTile x kTile tiles and each tile is one single-threaded BLAS call
 // (OpenBLAS runs single-threaded inside a parallel region), so the numbers never depend on
-// the thread count; packing costs under 1% at these tile sizes. Groups of at most kSkinnyRows rows (decode: one to a few tokens per
-// expert) are memory-bound, and BLAS would pack the whole weight first, reading it twice; the
-// skinny kernel streams each weight row once instead. bf16 weights are widened on load.
-// Reference: ref::gemm / ref::grouped_gemm.
+// the thread count; packing costs under 1% at these tile sizes. Groups of at most kSkinnyRows rows
+// (decode: one to a few tokens per expert) are memory-bound, and BLAS would pack the whole weight
+// first, reading it twice; the skinny kernel streams each weight row once instead. bf16 weights are
+// widened on load. Reference: ref::gemm / ref::grouped_gemm.
 #include <cblas.h>
 #include <omp.h>
 
@@ -16,8 +16,8 @@
 #include <utility>
 #include <vector>
 
-#include "switchyard/kernels/cpu.h"
 #include "kernels/instantiate.h"
+#include "switchyard/kernels/cpu.h"
 
 namespace sy::cpu {
 
@@ -34,13 +34,13 @@ inline float widen(bf16 v) { return to_float(v); }
 
 void blas_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* a,
                int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
-              int(M), int(N), int(K), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
+  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, int(M),
+              int(N), int(K), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
 }
 void blas_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* a,
                int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
-              int(M), int(N), int(K), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
+  cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, int(M),
+              int(N), int(K), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
 }
 
 // A SIMD vector of 64 bytes (GCC/Clang vector extension: zmm with AVX-512, else split).
@@ -71,8 +71,8 @@ inline Vec<float> load_wide(const bf16* p) {
 // The next tile's rows are prefetched: each row segment is only a few KiB, too short for the
 // hardware prefetcher to ramp up on its own.
 template <int MR, class T, class W>
-void skinny_block(const T* x, int64_t ldx, int64_t K, const W* w, int64_t ldw, int64_t nb,
-                  T* acc, int64_t ld_acc) {
+void skinny_block(const T* x, int64_t ldx, int64_t K, const W* w, int64_t ldw, int64_t nb, T* acc,
+                  int64_t ld_acc) {
   constexpr int64_t L = kLanes<T>;
   for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
     const int64_t kt = std::min(kTileK, K - k0);
@@ -93,8 +93,7 @@ void skinny_block(const T* x, int64_t ldx, int64_t K, const W* w, int64_t ldw, i
 
 template <class T, class W, int... MR>
 void skinny_block_dispatch(std::integer_sequence<int, MR...>, int64_t M, const T* x, int64_t ldx,
-                           int64_t K, const W* w, int64_t ldw, int64_t nb, T* acc,
-                           int64_t ld_acc) {
+                           int64_t K, const W* w, int64_t ldw, int64_t nb, T* acc, int64_t ld_acc) {
   ((M == MR + 1 ? skinny_block<MR + 1>(x, ldx, K, w, ldw, nb, acc, ld_acc) : void()), ...);
 }
 
@@ -118,8 +117,8 @@ void skinny_gemm(ConstMatrixView<T> xs, ConstMatrixView<W> w, MatrixView<T> ys) 
     constexpr int64_t ld_acc = kSkinnyMaxBlock + L;
     alignas(64) T acc[kSkinnyRows * ld_acc];
     for (int64_t m = 0; m < M; ++m) std::fill_n(acc + m * ld_acc, nb, T(0));
-    skinny_block_dispatch(std::make_integer_sequence<int, kSkinnyRows>(), M, xs.data, xs.cols,
-                          K, w.data + n0, w.cols, nv, acc, ld_acc);
+    skinny_block_dispatch(std::make_integer_sequence<int, kSkinnyRows>(), M, xs.data, xs.cols, K,
+                          w.data + n0, w.cols, nv, acc, ld_acc);
     for (int64_t m = 0; m < M; ++m)  // columns past the last full vector
       for (int64_t k = 0; k < K; ++k)
         for (int64_t n = nv; n < nb; ++n) acc[m * ld_acc + n] += xs(m, k) * widen(w(k, n0 + n));
@@ -159,8 +158,8 @@ void add_tiles(bool ta, bool tb, ConstMatrixView<T> a, ConstMatrixView<T> b, Mat
                std::vector<GemmTile<T>>& tiles) {
   for (int64_t i0 = 0; i0 < c.rows; i0 += kTile)
     for (int64_t j0 = 0; j0 < c.cols; j0 += kTile)
-      tiles.push_back({ta, tb, a, b, c, i0, std::min(i0 + kTile, c.rows), j0,
-                       std::min(j0 + kTile, c.cols)});
+      tiles.push_back(
+          {ta, tb, a, b, c, i0, std::min(i0 + kTile, c.rows), j0, std::min(j0 + kTile, c.cols)});
 }
 
 template <class T>

@@ -127,8 +127,8 @@ void gather_rows(ConstMatrixView<T> x, std::span<const int32_t> token, MatrixVie
 // Rows may repeat in `token`, so rows cannot be split between threads without races or
 // atomics; columns can: each thread owns a column block and walks all rows in order.
 template <class T>
-void scatter_add_rows(ConstMatrixView<T> dys, std::span<const int32_t> token,
-                      std::span<const T> w, MatrixView<T> dx) {
+void scatter_add_rows(ConstMatrixView<T> dys, std::span<const int32_t> token, std::span<const T> w,
+                      MatrixView<T> dx) {
   const int64_t n = int64_t(token.size()), d = dx.cols;
 #pragma omp parallel if (n * d > kParallelMin)
   {

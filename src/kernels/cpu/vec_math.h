@@ -1,7 +1,7 @@
 // Branch-free float math that the compiler vectorises (std::exp does not without -ffast-math).
 // exp_fast: Cody-Waite range reduction to r in [-ln2/2, ln2/2] and a degree-6 polynomial;
-// relative error below 2e-7 on [-87.3, 88.7], the input clamped to that range. Double keeps std::exp:
-// it serves the float64 gradient checks, where accuracy matters more than speed.
+// relative error below 2e-7 on [-87.3, 88.7], the input clamped to that range. Double keeps
+// std::exp: it serves the float64 gradient checks, where accuracy matters more than speed.
 #pragma once
 
 #include <cmath>

@@ -2,12 +2,12 @@
 // accumulation, one thread. Dense comments on purpose: this file is the spec.
 #include "switchyard/kernels/ref.h"
 
-#include "kernels/instantiate.h"
-
 #include <algorithm>
 #include <cmath>
 #include <numeric>
 #include <vector>
+
+#include "kernels/instantiate.h"
 
 namespace sy::ref {
 
@@ -19,8 +19,10 @@ double at(ConstMatrixView<T> m, bool trans, int64_t i, int64_t j) {
 }
 template <class T>
 double wide(T v) {
-  if constexpr (std::is_same_v<T, bf16>) return to_float(v);
-  else return double(v);
+  if constexpr (std::is_same_v<T, bf16>)
+    return to_float(v);
+  else
+    return double(v);
 }
 }  // namespace
 
@@ -158,8 +160,8 @@ void gather_rows(ConstMatrixView<T> x, std::span<const int32_t> token, MatrixVie
 }
 
 template <class T>
-void scatter_add_rows(ConstMatrixView<T> dys, std::span<const int32_t> token,
-                      std::span<const T> w, MatrixView<T> dx) {
+void scatter_add_rows(ConstMatrixView<T> dys, std::span<const int32_t> token, std::span<const T> w,
+                      MatrixView<T> dx) {
   for (size_t i = 0; i < token.size(); ++i) {
     double wi = w.empty() ? 1.0 : double(w[i]);
     for (int64_t c = 0; c < dx.cols; ++c)
