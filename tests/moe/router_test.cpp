@@ -34,7 +34,9 @@ TEST(Router, WeightsAreTheChosenProbabilities) {
       for (int64_t j = 0; j < 3; ++j) {
         const double p = probs(t, c.expert[t * 3 + j]);
         EXPECT_NEAR(weight(t, j), renorm ? p / sum : p, 1e-12);
-        if (j > 0) EXPECT_GE(probs(t, c.expert[t * 3 + j - 1]), p);
+        if (j > 0) {
+          EXPECT_GE(probs(t, c.expert[t * 3 + j - 1]), p);
+        }
       }
     }
     int64_t total = 0;
