@@ -3,6 +3,7 @@
 // without dropping. Each loss is sum(output * r) for a fixed random r, plus the aux losses.
 #include <gtest/gtest.h>
 
+#include "moe/moe_reference.h"
 #include "switchyard/moe/moe_layer.h"
 #include "testing/testing.h"
 
@@ -108,28 +109,13 @@ TEST(CombineGrad, MatchesFiniteDifferencesWithDroppedSlots) {
   expect_grad_close(loss, w.span<double>(), dw.span<double>(), "dweight");
 }
 
-struct LayerGradCase {
-  int64_t T, d, f, E, k;
-  bool renorm;
-  double capacity_factor;  // 0: dropless
-  friend void PrintTo(const LayerGradCase& c, std::ostream* os) {
-    *os << "T" << c.T << "_d" << c.d << "_f" << c.f << "_E" << c.E << "_k" << c.k
-        << (c.renorm ? "_renorm" : "") << "_cf" << c.capacity_factor;
-  }
-};
-class LayerGrad : public ::testing::TestWithParam<LayerGradCase> {};
+class LayerGrad : public ::testing::TestWithParam<testing::LayerCase> {};
 
 TEST_P(LayerGrad, MatchesFiniteDifferences) {
-  const LayerGradCase lc = GetParam();
-  MoeConfig cfg{.d_model = lc.d,
-                .d_ff = lc.f,
-                .n_experts = lc.E,
-                .top_k = lc.k,
-                .renormalize = lc.renorm,
-                .loss_balance_weight = 0.1,
-                .loss_z_weight = 0.05};
-  cfg.dropless = lc.capacity_factor == 0;
-  if (!cfg.dropless) cfg.capacity_factor_train = lc.capacity_factor;
+  const testing::LayerCase lc = GetParam();
+  MoeConfig cfg = testing::config_of(lc);
+  cfg.loss_balance_weight = 0.1;
+  cfg.loss_z_weight = 0.05;
   MoeLayer layer(cfg);
   MoeParams p = init_moe_params(cfg, DType::kF64, 21);
   Tensor x = random_tensor({lc.T, lc.d}, DType::kF64, 22),
@@ -154,10 +140,10 @@ TEST_P(LayerGrad, MatchesFiniteDifferences) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, LayerGrad,
-                         ::testing::Values(LayerGradCase{9, 6, 7, 4, 2, true, 0},
-                                           LayerGradCase{11, 5, 4, 3, 1, false, 0.7},
-                                           LayerGradCase{8, 7, 5, 5, 3, true, 0.6},
-                                           LayerGradCase{1, 4, 3, 2, 2, false, 0}));
+                         ::testing::Values(testing::LayerCase{9, 6, 7, 4, 2, true, 0},
+                                           testing::LayerCase{11, 5, 4, 3, 1, false, 0.7},
+                                           testing::LayerCase{8, 7, 5, 5, 3, true, 0.6},
+                                           testing::LayerCase{1, 4, 3, 2, 2, false, 0}));
 
 TEST(LayerGrad, ParameterGradientsAccumulate) {
   MoeConfig cfg{.d_model = 4, .d_ff = 3, .n_experts = 2, .top_k = 1, .dropless = true};

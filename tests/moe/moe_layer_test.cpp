@@ -14,25 +14,9 @@
 namespace sy {
 namespace {
 
+using testing::config_of;
+using testing::LayerCase;
 using testing::random_tensor;
-
-struct LayerCase {
-  int64_t T, d, f, E, k;
-  bool renorm;
-  double capacity_factor;  // 0: dropless
-  friend void PrintTo(const LayerCase& c, std::ostream* os) {
-    *os << "T" << c.T << "_d" << c.d << "_f" << c.f << "_E" << c.E << "_k" << c.k
-        << (c.renorm ? "_renorm" : "") << "_cf" << c.capacity_factor;
-  }
-};
-
-MoeConfig config_of(const LayerCase& c) {
-  MoeConfig cfg{
-      .d_model = c.d, .d_ff = c.f, .n_experts = c.E, .top_k = c.k, .renormalize = c.renorm};
-  cfg.dropless = c.capacity_factor == 0;
-  if (!cfg.dropless) cfg.capacity_factor_train = cfg.capacity_factor_eval = c.capacity_factor;
-  return cfg;
-}
 
 class LayerVsNaive : public ::testing::TestWithParam<LayerCase> {};
 
