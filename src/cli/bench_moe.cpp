@@ -16,15 +16,15 @@
 #include "switchyard/core/rng.h"
 #include "switchyard/kernels/cpu.h"
 #include "switchyard/moe/moe_layer.h"
+#include "switchyard/moe/moe_layer_cuda.h"
 
 namespace sy::cli {
 
 const std::vector<MoeShape>& moe_bench_shapes() {
   static const std::vector<MoeShape> shapes = {
-      {"A", 4096, 512, 1024, 8, 2, false},
-      {"B", 4096, 1024, 512, 64, 8, false},
-      {"C1", 1, 1024, 3584, 8, 2, true},
-      {"C16", 16, 1024, 3584, 8, 2, true},
+      {"A", 4096, 512, 1024, 8, 2, false, false},   {"B", 4096, 1024, 512, 64, 8, false, false},
+      {"C1", 1, 1024, 3584, 8, 2, true, false},     {"C16", 16, 1024, 3584, 8, 2, true, false},
+      {"M", 16384, 4096, 14336, 8, 2, false, true}, {"X", 16384, 2048, 1024, 64, 8, false, true},
   };
   return shapes;
 }
@@ -151,6 +151,38 @@ nlohmann::json bench_shape(const MoeShape& s, const BenchMoeOptions& opt, double
   return r;
 }
 
+// The CUDA layer on device-resident inputs (bf16, f32 accumulation); ceiling: a dense cuBLAS
+// bf16 GEMM [T*k, d] x [d, f] timed in the same run.
+nlohmann::json bench_shape_cuda(const MoeShape& s, const BenchMoeOptions& opt) {
+  MoeConfig cfg{.d_model = s.d_model, .d_ff = s.d_ff, .n_experts = s.n_experts, .top_k = s.top_k};
+  cfg.dropless = opt.capacity_factor <= 0;
+  if (!cfg.dropless) cfg.capacity_factor_train = cfg.capacity_factor_eval = opt.capacity_factor;
+  CudaMoeLayer layer(cfg);
+  layer.set_params(init_moe_params(cfg, DType::kF32, opt.seed));
+  const int iters = opt.iters > 0 ? opt.iters : 20;
+  const CudaMoeLayer::Timing t = layer.time_on_device(s.n_tokens, iters, opt.seed);
+  const double flops_fwd = 6.0 * double(t.rows) * double(s.d_model) * double(s.d_ff) +
+                           2.0 * double(s.n_tokens) * double(s.d_model) * double(s.n_experts);
+  const double dense_rate =
+      2.0 * double(s.n_tokens * s.top_k) * double(s.d_model) * double(s.d_ff) / (t.dense_ms / 1e3);
+  return {{"shape", s.name},
+          {"device", "cuda"},
+          {"T", s.n_tokens},
+          {"d", s.d_model},
+          {"f", s.d_ff},
+          {"E", s.n_experts},
+          {"k", s.top_k},
+          {"rows", t.rows},
+          {"weights", "bf16"},
+          {"dense_gflops", dense_rate / 1e9},
+          {"fwd_ms", t.fwd_ms},
+          {"fwd_gflops", flops_fwd / (t.fwd_ms / 1e3) / 1e9},
+          {"fwd_vs_dense", flops_fwd / (t.fwd_ms / 1e3) / dense_rate},
+          {"fwd_bwd_ms", t.fwd_bwd_ms},
+          {"fwd_bwd_gflops", 3 * flops_fwd / (t.fwd_bwd_ms / 1e3) / 1e9},
+          {"fwd_bwd_vs_dense", 3 * flops_fwd / (t.fwd_bwd_ms / 1e3) / dense_rate}};
+}
+
 void print_row(const nlohmann::json& r) {
   std::string line = fmt::format(
       "{:<4} T={:<5} d={:<5} f={:<5} E={:<3} k={}  fwd {:8.2f} ms {:7.1f} GF/s ({:.2f} of dense "
@@ -162,7 +194,8 @@ void print_row(const nlohmann::json& r) {
   if (r.contains("fwd_bwd_ms"))
     line += fmt::format("  fwd+bwd {:8.2f} ms {:7.1f} GF/s ({:.2f})", r["fwd_bwd_ms"].get<double>(),
                         r["fwd_bwd_gflops"].get<double>(), r["fwd_bwd_vs_dense"].get<double>());
-  line += fmt::format("  non-expert {:.1f}%", 100 * r["fwd_overhead_share"].get<double>());
+  if (r.contains("fwd_overhead_share"))
+    line += fmt::format("  non-expert {:.1f}%", 100 * r["fwd_overhead_share"].get<double>());
   if (r.contains("weight_gbps"))
     line +=
         fmt::format("  weights {:.1f} GB/s ({:.2f} of copy {:.1f})", r["weight_gbps"].get<double>(),
@@ -174,29 +207,45 @@ void print_row(const nlohmann::json& r) {
 }  // namespace
 
 int run_bench_moe(const BenchMoeOptions& opt) {
+  if (opt.device != "cpu" && opt.device != "cuda")
+    throw ConfigError(fmt::format("--device {}: expected cpu or cuda", opt.device));
+  const bool cuda = opt.device == "cuda";
   std::vector<MoeShape> chosen;
   for (const MoeShape& s : moe_bench_shapes())
-    if (opt.shapes.empty() || std::count(opt.shapes.begin(), opt.shapes.end(), s.name))
+    if (opt.shapes.empty() ? (cuda || !s.gpu_only)
+                           : std::count(opt.shapes.begin(), opt.shapes.end(), s.name) > 0)
       chosen.push_back(s);
   for (const std::string& name : opt.shapes)
     if (std::none_of(chosen.begin(), chosen.end(),
                      [&](const MoeShape& s) { return s.name == name; }))
-      throw ConfigError(fmt::format("--shape {}: expected one of A, B, C1, C16", name));
+      throw ConfigError(fmt::format("--shape {}: expected one of A, B, C1, C16, M, X", name));
+  for (const MoeShape& s : chosen)
+    if (s.gpu_only && !cuda)
+      throw ConfigError(fmt::format("--shape {}: a GPU-only shape; add --device cuda", s.name));
+  if (cuda) {
+    if (!cuda_available())
+      throw Error("--device cuda: no usable CUDA device (or a build without -DSY_WITH_CUDA=ON)");
+    fmt::print("switchyard bench moe --device cuda: bf16, f32 accumulation, {}\n",
+               opt.capacity_factor > 0 ? fmt::format("capacity factor {}", opt.capacity_factor)
+                                       : std::string("dropless"));
+  }
   if (opt.weights != "f32" && opt.weights != "bf16")
     throw ConfigError(fmt::format("--weights {}: expected f32 or bf16", opt.weights));
 
   double copy_bw = 0;
-  if (std::any_of(chosen.begin(), chosen.end(), [](const MoeShape& s) { return s.decode; })) {
+  if (!cuda &&
+      std::any_of(chosen.begin(), chosen.end(), [](const MoeShape& s) { return s.decode; })) {
     ThreadScope threads(opt.n_threads);
     copy_bw = copy_bandwidth(10);
   }
-  fmt::print("switchyard bench moe: {} threads, expert weights {}, {}\n",
-             opt.n_threads > 0 ? opt.n_threads : max_threads(), opt.weights,
-             opt.capacity_factor > 0 ? fmt::format("capacity factor {}", opt.capacity_factor)
-                                     : std::string("dropless"));
+  if (!cuda)
+    fmt::print("switchyard bench moe: {} threads, expert weights {}, {}\n",
+               opt.n_threads > 0 ? opt.n_threads : max_threads(), opt.weights,
+               opt.capacity_factor > 0 ? fmt::format("capacity factor {}", opt.capacity_factor)
+                                       : std::string("dropless"));
   nlohmann::json all = nlohmann::json::array();
   for (const MoeShape& s : chosen) {
-    nlohmann::json r = bench_shape(s, opt, copy_bw);
+    nlohmann::json r = cuda ? bench_shape_cuda(s, opt) : bench_shape(s, opt, copy_bw);
     print_row(r);
     all.push_back(r);
   }

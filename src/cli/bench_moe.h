@@ -12,18 +12,21 @@ namespace sy::cli {
 struct MoeShape {
   std::string name;
   int64_t n_tokens, d_model, d_ff, n_experts, top_k;
-  bool decode;  // memory-bound: report weight bytes/s against copy bandwidth
+  bool decode;    // memory-bound: report weight bytes/s against copy bandwidth
+  bool gpu_only;  // too large for a CPU run (Mixtral-like, many experts)
 };
 
 // A: T=4096 d=512 f=1024 E=8 k=2; B: T=4096 d=1024 f=512 E=64 k=8;
-// C1, C16 (decode): T=1 and 16 with d=1024 f=3584 E=8 k=2.
+// C1, C16 (decode): T=1 and 16 with d=1024 f=3584 E=8 k=2; GPU only: M (Mixtral-like)
+// T=16384 d=4096 f=14336 E=8 k=2 and X (many experts) T=16384 d=2048 f=1024 E=64 k=8.
 const std::vector<MoeShape>& moe_bench_shapes();
 
 struct BenchMoeOptions {
   std::vector<std::string> shapes;  // names from moe_bench_shapes(); empty: all
   int n_threads = 0;
   int iters = 0;                // 0: per shape, enough for ~1 s
-  std::string weights = "f32";  // expert weight dtype: f32 or bf16 (forward only)
+  std::string device = "cpu";   // cpu or cuda
+  std::string weights = "f32";  // expert weight dtype on CPU: f32 or bf16 (forward only)
   double capacity_factor = 0;   // 0: dropless, so every shape computes exactly T*k rows
   std::string json_path;        // write results as JSON here ("-": stdout)
   uint64_t seed = 1;

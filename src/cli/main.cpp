@@ -58,7 +58,10 @@ int main(int argc, char** argv) {
   bench->require_subcommand(1);
   sy::cli::BenchMoeOptions moe_opt;
   CLI::App* bench_moe = bench->add_subcommand("moe", "MoE layer forward and backward on CPU");
-  bench_moe->add_option("--shape", moe_opt.shapes, "Shapes to run: A, B, C1, C16 (default: all)");
+  bench_moe->add_option("--shape", moe_opt.shapes,
+                        "Shapes to run: A, B, C1, C16, M, X (default: all that fit the device)");
+  bench_moe->add_option("--device", moe_opt.device, "cpu, or cuda (bf16 on the GPU)")
+      ->capture_default_str();
   bench_moe->add_option("--threads", moe_opt.n_threads, "Threads (0: all cores)")
       ->capture_default_str();
   bench_moe->add_option("--iters", moe_opt.iters, "Timed runs per figure (0: per shape)")

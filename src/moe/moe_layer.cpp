@@ -21,33 +21,22 @@ void timed(bool profile, double* slot, Fn&& fn) {
   *slot += wall_seconds() - t0;
 }
 
-RoutingStats routing_stats(const RouterCache& rc, const DispatchPlan& plan, const Tensor& probs) {
+}  // namespace
+
+RoutingStats routing_stats(const DispatchPlan& plan, double router_entropy) {
   RoutingStats s;
   const int64_t E = plan.n_experts;
-  s.demand.assign(rc.demand.begin(), rc.demand.end());
+  s.demand.assign(plan.demand.begin(), plan.demand.end());
   s.rows.resize(size_t(E));
   for (int64_t e = 0; e < E; ++e) s.rows[e] = plan.rows_of(e);
   s.capacity = plan.capacity;
+  s.router_entropy = router_entropy;
   if (plan.n_slots() == 0) return s;
   s.dropped_fraction = double(plan.n_dropped()) / double(plan.n_slots());
   const double mean = double(plan.n_slots()) / double(E);
   s.load_max_over_mean = double(*std::max_element(s.demand.begin(), s.demand.end())) / mean;
-  double h = 0;
-  auto entropy = [&](auto view) {
-    for (int64_t i = 0; i < view.size(); ++i) {
-      const double p = double(view.data[i]);
-      if (p > 0) h -= p * std::log(p);
-    }
-  };
-  if (probs.dtype() == DType::kF64)
-    entropy(probs.matrix<double>());
-  else
-    entropy(probs.matrix<float>());
-  s.router_entropy = h / double(plan.n_tokens);
   return s;
 }
-
-}  // namespace
 
 MoeParams init_moe_params(const MoeConfig& cfg, DType dtype, uint64_t seed) {
   cfg.validate();
@@ -137,7 +126,12 @@ MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y
   timed(prof, &tm.combine, [&] {
     combine_rows<T>(c.ys.matrix<T>(), c.plan, c.router.weight.matrix<T>(), y.matrix<T>());
   });
-  return {c.router.loss_balance, c.router.loss_z, routing_stats(c.router, c.plan, c.router.probs)};
+  // Mean over tokens of the router's entropy -sum_e p log p, in nats.
+  double h = 0;
+  for (T p : c.router.probs.template span<T>())
+    if (p > 0) h -= double(p) * std::log(double(p));
+  return {c.router.loss_balance, c.router.loss_z,
+          routing_stats(c.plan, n_tok > 0 ? h / double(n_tok) : 0.0)};
 }
 
 void MoeLayer::backward(const MoeParams& p, MoeCache& cache, const Tensor& dy, MoeParams& g,

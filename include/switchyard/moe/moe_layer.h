@@ -48,6 +48,9 @@ struct RoutingStats {
   double load_max_over_mean = 0;  // max_e demand / mean_e demand; 1 is perfect balance
 };
 
+// Statistics of one routing: loads from the plan, the router's mean entropy given.
+RoutingStats routing_stats(const DispatchPlan& plan, double router_entropy);
+
 // Wall seconds of each phase of the last forward/backward, when ExecContext::profile is set.
 struct MoeTimes {
   double router = 0, plan = 0, gather = 0, experts = 0, combine = 0;
