@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (see bench/README.md): the CUDA tests, then the CUDA benchmark
-# and the PyTorch reference side by side. Expects a CUDA build in build-cuda/ (made here with
-# -DSY_WITH_CUDA=ON -DSY_NATIVE=OFF) and the Debian shared libraries it links in .devlibs/.
+# and the PyTorch reference side by side. Expects a CUDA build (made here in build-cuda/ with
+# -DSY_WITH_CUDA=ON -DSY_NATIVE=OFF), its binaries copied to .devbin/, and the Debian shared
+# libraries they link in .devlibs/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export LD_LIBRARY_PATH="$PWD/.devlibs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -10,7 +11,7 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # The test binaries directly: ctest's files hold this machine's absolute paths.
 for t in moe_cuda_test moe_test kernels_test; do
-  ./build-cuda/tests/$t --gtest_brief=1 2>&1 | tail -n 4
+  ./.devbin/$t --gtest_brief=1 2>&1 | tail -n 4
 done
-./build-cuda/switchyard bench moe --device cuda --json "$out/cuda.json" "$@"
+./.devbin/switchyard bench moe --device cuda --json "$out/cuda.json" "$@"
 python3 bench/torch_moe.py --json "$out/torch.json" "$@"
