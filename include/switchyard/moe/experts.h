@@ -22,7 +22,7 @@ void experts_forward(StackedView<const T> w1, StackedView<const T> w3, StackedVi
                      ConstMatrixView<T> xs, std::span<const int32_t> offsets, MatrixView<T> ys,
                      ExpertsCache& cache);
 
-// Inference with bf16 weights, f32 activations (no cache kept for backward beyond h1/h3/act).
+// The same with bf16 weights and f32 activations, for inference (backward needs f32 or f64).
 void experts_forward(StackedView<const bf16> w1, StackedView<const bf16> w3,
                      StackedView<const bf16> w2, ConstMatrixView<float> xs,
                      std::span<const int32_t> offsets, MatrixView<float> ys, ExpertsCache& cache);
