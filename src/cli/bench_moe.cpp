@@ -158,6 +158,7 @@ nlohmann::json bench_shape_cuda(const MoeShape& s, const BenchMoeOptions& opt) {
   cfg.dropless = opt.capacity_factor <= 0;
   if (!cfg.dropless) cfg.capacity_factor_train = cfg.capacity_factor_eval = opt.capacity_factor;
   CudaMoeLayer layer(cfg);
+  layer.set_grouped_gemm(opt.cuda_gemm == "grouped");
   layer.set_params(init_moe_params(cfg, DType::kF32, opt.seed));
   const int iters = opt.iters > 0 ? opt.iters : 20;
   const CudaMoeLayer::Timing t = layer.time_on_device(s.n_tokens, iters, opt.seed);
@@ -165,8 +166,12 @@ nlohmann::json bench_shape_cuda(const MoeShape& s, const BenchMoeOptions& opt) {
                            2.0 * double(s.n_tokens) * double(s.d_model) * double(s.n_experts);
   const double dense_rate =
       2.0 * double(s.n_tokens * s.top_k) * double(s.d_model) * double(s.d_ff) / (t.dense_ms / 1e3);
+  nlohmann::json phases = nlohmann::json::array();  // in order: [name, ms]
+  for (const auto& [name, ms] : t.phases) phases.push_back({name, ms});
   return {{"shape", s.name},
           {"device", "cuda"},
+          {"cuda_gemm", opt.cuda_gemm},
+          {"phase_ms", phases},
           {"T", s.n_tokens},
           {"d", s.d_model},
           {"f", s.d_ff},
@@ -200,6 +205,11 @@ void print_row(const nlohmann::json& r) {
     line +=
         fmt::format("  weights {:.1f} GB/s ({:.2f} of copy {:.1f})", r["weight_gbps"].get<double>(),
                     r["weight_bw_vs_copy"].get<double>(), r["copy_gbps"].get<double>());
+  if (r.contains("phase_ms")) {
+    line += "\n     phases (ms):";
+    for (const auto& phase : r["phase_ms"])
+      line += fmt::format(" {} {:.3f};", phase[0].get<std::string>(), phase[1].get<double>());
+  }
   std::puts(line.c_str());
   std::fflush(stdout);
 }
@@ -222,10 +232,13 @@ int run_bench_moe(const BenchMoeOptions& opt) {
   for (const MoeShape& s : chosen)
     if (s.gpu_only && !cuda)
       throw ConfigError(fmt::format("--shape {}: a GPU-only shape; add --device cuda", s.name));
+  if (opt.cuda_gemm != "per-expert" && opt.cuda_gemm != "grouped")
+    throw ConfigError(fmt::format("--cuda-gemm {}: expected per-expert or grouped", opt.cuda_gemm));
   if (cuda) {
     if (!cuda_available())
       throw Error("--device cuda: no usable CUDA device (or a build without -DSY_WITH_CUDA=ON)");
-    fmt::print("switchyard bench moe --device cuda: bf16, f32 accumulation, {}\n",
+    fmt::print("switchyard bench moe --device cuda: bf16, f32 accumulation, {} GEMMs, {}\n",
+               opt.cuda_gemm,
                opt.capacity_factor > 0 ? fmt::format("capacity factor {}", opt.capacity_factor)
                                        : std::string("dropless"));
   }

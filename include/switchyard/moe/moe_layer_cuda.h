@@ -12,6 +12,9 @@
 #pragma once
 
 #include <memory>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "switchyard/core/tensor.h"
 #include "switchyard/moe/moe_layer.h"
@@ -28,6 +31,10 @@ class CudaMoeLayer {
   CudaMoeLayer(const CudaMoeLayer&) = delete;
   CudaMoeLayer& operator=(const CudaMoeLayer&) = delete;
 
+  // Expert GEMMs as one cublasGemmGroupedBatchedEx per weight (on) or one cublasGemmEx per
+  // expert (off, the default). Same results up to cuBLAS's choice of kernels.
+  void set_grouped_gemm(bool on);
+
   // Uploads f32 (or f64) params, rounding to bf16; zeroes the gradients.
   void set_params(const MoeParams& p);
   // x: [T, d] host -> y: [T, d] host f32. Routing stats and aux losses as MoeLayer's.
@@ -38,9 +45,11 @@ class CudaMoeLayer {
 
   // Benchmarking on device-resident random inputs of T tokens: median milliseconds per call
   // of forward, of forward+backward, and of a dense cuBLAS bf16 GEMM [T*k, d] x [d, f].
+  // phases: milliseconds of each phase of one forward+backward, in order.
   struct Timing {
     double fwd_ms = 0, fwd_bwd_ms = 0, dense_ms = 0;
     int64_t rows = 0;
+    std::vector<std::pair<std::string, double>> phases;
   };
   Timing time_on_device(int64_t n_tokens, int iters, uint64_t seed);
 

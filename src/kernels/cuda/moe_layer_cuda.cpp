@@ -11,6 +11,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "kernels/cuda/moe_kernels.h"
@@ -90,6 +92,80 @@ struct CudaMoeLayer::Impl {
                                  int(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
 
+  // One GEMM of expert e, in the row-major terms of gemm().
+  struct ExpertGemm {
+    bool ta, tb;
+    int64_t M, N, K;
+    const bf* A;
+    int64_t lda;
+    const bf* B;
+    int64_t ldb;
+    void* C;
+    int64_t ldc;
+  };
+  bool grouped = false;  // one cublasGemmGroupedBatchedEx per weight instead of E cublasGemmEx
+  std::vector<cublasOperation_t> g_ta, g_tb;
+  std::vector<int> g_m, g_n, g_k, g_lda, g_ldb, g_ldc, g_size;
+  std::vector<float> g_alpha, g_beta;
+  std::vector<const void*> g_ptrs;
+  DeviceBuffer<const void*> d_ptrs;
+
+  // The GEMMs of all experts (args_of(e) -> ExpertGemm), same beta and output type.
+  template <class Fn>
+  void expert_gemms(int64_t E, float beta, cudaDataType c_type, Fn&& args_of) {
+    if (!grouped) {
+      for (int64_t e = 0; e < E; ++e) {
+        const ExpertGemm g = args_of(e);
+        gemm(g.ta, g.tb, g.M, g.N, g.K, g.A, g.lda, g.B, g.ldb, beta, g.C, c_type, g.ldc);
+      }
+      return;
+    }
+    for (auto* v : {&g_m, &g_n, &g_k, &g_lda, &g_ldb, &g_ldc, &g_size}) v->clear();
+    g_ta.clear(), g_tb.clear(), g_alpha.clear(), g_beta.clear(), g_ptrs.clear();
+    std::vector<const void*> a_ptrs, b_ptrs, c_ptrs;
+    for (int64_t e = 0; e < E; ++e) {
+      const ExpertGemm g = args_of(e);
+      // Empty: no output, or a K = 0 accumulation (beta is 1 wherever K can be 0).
+      if (g.M == 0 || g.N == 0 || g.K == 0) continue;
+      // Column-major view, as in gemm(): C^T = op(B)^T op(A)^T.
+      g_ta.push_back(g.tb ? CUBLAS_OP_T : CUBLAS_OP_N);
+      g_tb.push_back(g.ta ? CUBLAS_OP_T : CUBLAS_OP_N);
+      g_m.push_back(int(g.N)), g_n.push_back(int(g.M)), g_k.push_back(int(g.K));
+      g_lda.push_back(int(g.ldb)), g_ldb.push_back(int(g.lda)), g_ldc.push_back(int(g.ldc));
+      a_ptrs.push_back(g.B), b_ptrs.push_back(g.A), c_ptrs.push_back(g.C);
+      g_alpha.push_back(1.0f), g_beta.push_back(beta), g_size.push_back(1);
+    }
+    const size_t G = g_size.size();
+    if (G == 0) return;
+    g_ptrs.insert(g_ptrs.end(), a_ptrs.begin(), a_ptrs.end());
+    g_ptrs.insert(g_ptrs.end(), b_ptrs.begin(), b_ptrs.end());
+    g_ptrs.insert(g_ptrs.end(), c_ptrs.begin(), c_ptrs.end());
+    // Stream-ordered: the previous grouped call has read its pointers before this copy lands.
+    const void** dp = d_ptrs.need(3 * G);
+    SY_CUDA_CHECK(
+        cudaMemcpyAsync(dp, g_ptrs.data(), 3 * G * sizeof(void*), cudaMemcpyHostToDevice, stream));
+    SY_CUBLAS_CHECK(cublasGemmGroupedBatchedEx(
+        blas, g_ta.data(), g_tb.data(), g_m.data(), g_n.data(), g_k.data(), g_alpha.data(), dp,
+        CUDA_R_16BF, g_lda.data(), dp + G, CUDA_R_16BF, g_ldb.data(), g_beta.data(),
+        const_cast<void* const*>(reinterpret_cast<const void* const*>(dp + 2 * G)), c_type,
+        g_ldc.data(), int(G), g_size.data(), CUBLAS_COMPUTE_32F));
+  }
+
+  // Phase timing with events, when profiling: mark(name) ends the phase called name.
+  bool profile = false;
+  std::vector<std::pair<const char*, cudaEvent_t>> marks;
+  size_t n_marks = 0;
+  void mark(const char* name) {
+    if (!profile) return;
+    if (n_marks == marks.size()) {
+      cudaEvent_t ev;
+      SY_CUDA_CHECK(cudaEventCreate(&ev));
+      marks.push_back({name, ev});
+    }
+    marks[n_marks].first = name;
+    SY_CUDA_CHECK(cudaEventRecord(marks[n_marks++].second, stream));
+  }
+
   void upload_bf16(const Tensor& t, DeviceBuffer<bf>& dst) {
     Tensor b = convert(t, DType::kBF16);
     SY_CUDA_CHECK(cudaMemcpy(dst.need(size_t(b.numel())), b.data<sy::bf16>(), b.nbytes(),
@@ -120,8 +196,11 @@ CudaMoeLayer::CudaMoeLayer(const MoeConfig& cfg) : impl_(std::make_unique<Impl>(
 CudaMoeLayer::~CudaMoeLayer() {
   if (!impl_) return;
   if (impl_->blas) cublasDestroy(impl_->blas);
+  for (auto& [name, ev] : impl_->marks) cudaEventDestroy(ev);
   if (impl_->stream) cudaStreamDestroy(impl_->stream);
 }
+
+void CudaMoeLayer::set_grouped_gemm(bool on) { impl_->grouped = on; }
 
 void CudaMoeLayer::set_params(const MoeParams& p) {
   MoeLayer(impl_->cfg).check_params(p);
@@ -140,6 +219,7 @@ void CudaMoeLayer::set_params(const MoeParams& p) {
 
 MoeForward CudaMoeLayer::Impl::forward_device(bool training) {
   const int64_t T = n_tokens, d = cfg.d_model, f = cfg.d_ff, E = cfg.n_experts, k = cfg.top_k;
+  mark("start");
   gemm(false, false, T, E, d, x.ptr, d, w_gate.ptr, E, 0.0f, logits.need(size_t(T * E)), CUDA_R_32F,
        E);
   probs.need(size_t(T * E));
@@ -151,6 +231,7 @@ MoeForward CudaMoeLayer::Impl::forward_device(bool training) {
   const int64_t chunks = cuda::router_sums_chunks(int(T));
   SY_CUDA_CHECK(cuda::router_sums(probs.ptr, lse.ptr, int(T), int(E),
                                   sums.need(size_t(chunks * (2 * E + 1))), stream));
+  mark("router");
   h_expert.resize(size_t(T * k));
   h_sums.resize(size_t(chunks * (2 * E + 1)));
   SY_CUDA_CHECK(cudaMemcpyAsync(h_expert.data(), expert.ptr, h_expert.size() * 4,
@@ -168,6 +249,7 @@ MoeForward CudaMoeLayer::Impl::forward_device(bool training) {
                                 cudaMemcpyHostToDevice, stream));
   SY_CUDA_CHECK(cudaMemcpyAsync(slot_row.need(size_t(T * k)), plan.slot_row.data(), T * k * 4,
                                 cudaMemcpyHostToDevice, stream));
+  mark("ids to host, plan, plan to device");
 
   xs.need(size_t(n * d));
   h1.need(size_t(n * f));
@@ -176,21 +258,30 @@ MoeForward CudaMoeLayer::Impl::forward_device(bool training) {
   ys.need(size_t(n * d));
   y.need(size_t(T * d));
   SY_CUDA_CHECK(cuda::gather_rows(x.ptr, row_token.ptr, int(n), int(d), xs.ptr, stream));
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = plan.offsets[e], rows = plan.rows_of(e);
-    gemm(false, false, rows, f, d, xs.ptr + r0 * d, d, w1.ptr + e * d * f, f, 0.0f, h1.ptr + r0 * f,
-         CUDA_R_16BF, f);
-    gemm(false, false, rows, f, d, xs.ptr + r0 * d, d, w3.ptr + e * d * f, f, 0.0f, h3.ptr + r0 * f,
-         CUDA_R_16BF, f);
-  }
+  mark("gather");
+  auto rows_of = [&](int64_t e) { return std::pair{int64_t(plan.offsets[e]), plan.rows_of(e)}; };
+  expert_gemms(E, 0.0f, CUDA_R_16BF, [&](int64_t e) {
+    auto [r0, rows] = rows_of(e);
+    return ExpertGemm{false, false,           rows, f, d, xs.ptr + r0 * d, d, w1.ptr + e * d * f,
+                      f,     h1.ptr + r0 * f, f};
+  });
+  expert_gemms(E, 0.0f, CUDA_R_16BF, [&](int64_t e) {
+    auto [r0, rows] = rows_of(e);
+    return ExpertGemm{false, false,           rows, f, d, xs.ptr + r0 * d, d, w3.ptr + e * d * f,
+                      f,     h3.ptr + r0 * f, f};
+  });
+  mark("gemm w1, w3");
   SY_CUDA_CHECK(cuda::swiglu(h1.ptr, h3.ptr, size_t(n * f), act.ptr, stream));
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = plan.offsets[e], rows = plan.rows_of(e);
-    gemm(false, false, rows, d, f, act.ptr + r0 * f, f, w2.ptr + e * f * d, d, 0.0f,
-         ys.ptr + r0 * d, CUDA_R_16BF, d);
-  }
+  mark("swiglu");
+  expert_gemms(E, 0.0f, CUDA_R_16BF, [&](int64_t e) {
+    auto [r0, rows] = rows_of(e);
+    return ExpertGemm{false, false,           rows, d, f, act.ptr + r0 * f, f, w2.ptr + e * f * d,
+                      d,     ys.ptr + r0 * d, d};
+  });
+  mark("gemm w2");
   SY_CUDA_CHECK(
       cuda::combine(ys.ptr, slot_row.ptr, weight.ptr, int(T), int(k), int(d), y.ptr, stream));
+  mark("combine");
 
   // Aux losses and stats from the chunk partials, summed in chunk order in double.
   MoeForward out;
@@ -243,29 +334,37 @@ void CudaMoeLayer::Impl::backward_device() {
   dh1.need(size_t(n * f));
   dh3.need(size_t(n * f));
   dxs.need(size_t(n * d));
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = plan.offsets[e], rows = plan.rows_of(e);
-    if (rows == 0) continue;
-    // ys = act w2: dw2 += act^T dys, dact = dys w2^T.
-    gemm(true, false, f, d, rows, act.ptr + r0 * f, f, dys.ptr + r0 * d, d, 1.0f,
-         g2.ptr + e * f * d, CUDA_R_32F, d);
-    gemm(false, true, rows, f, d, dys.ptr + r0 * d, d, w2.ptr + e * f * d, d, 0.0f,
-         dact.ptr + r0 * f, CUDA_R_16BF, f);
-  }
+  mark("combine backward");
+  auto rows_of = [&](int64_t e) { return std::pair{int64_t(plan.offsets[e]), plan.rows_of(e)}; };
+  // ys = act w2: dw2 += act^T dys, dact = dys w2^T.
+  expert_gemms(E, 1.0f, CUDA_R_32F, [&](int64_t e) {
+    auto [r0, rows] = rows_of(e);
+    return ExpertGemm{
+        true, false, f, d, rows, act.ptr + r0 * f, f, dys.ptr + r0 * d, d, g2.ptr + e * f * d, d};
+  });
+  expert_gemms(E, 0.0f, CUDA_R_16BF, [&](int64_t e) {
+    auto [r0, rows] = rows_of(e);
+    return ExpertGemm{
+        false, true, rows, f, d, dys.ptr + r0 * d, d, w2.ptr + e * f * d, d, dact.ptr + r0 * f, f};
+  });
+  mark("gemm w2 backward");
   SY_CUDA_CHECK(
       cuda::swiglu_backward(h1.ptr, h3.ptr, dact.ptr, size_t(n * f), dh1.ptr, dh3.ptr, stream));
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = plan.offsets[e], rows = plan.rows_of(e);
-    if (rows == 0) continue;
-    gemm(true, false, d, f, rows, xs.ptr + r0 * d, d, dh1.ptr + r0 * f, f, 1.0f, g1.ptr + e * d * f,
-         CUDA_R_32F, f);
-    gemm(true, false, d, f, rows, xs.ptr + r0 * d, d, dh3.ptr + r0 * f, f, 1.0f, g3.ptr + e * d * f,
-         CUDA_R_32F, f);
-    gemm(false, true, rows, d, f, dh1.ptr + r0 * f, f, w1.ptr + e * d * f, f, 0.0f,
-         dxs.ptr + r0 * d, CUDA_R_32F, d);
-    gemm(false, true, rows, d, f, dh3.ptr + r0 * f, f, w3.ptr + e * d * f, f, 1.0f,
-         dxs.ptr + r0 * d, CUDA_R_32F, d);
-  }
+  mark("swiglu backward");
+  // h = xs w: dw += xs^T dh, dxs = dh1 w1^T + dh3 w3^T.
+  for (auto [dh, g] : {std::pair{&dh1, &g1}, {&dh3, &g3}})
+    expert_gemms(E, 1.0f, CUDA_R_32F, [&](int64_t e) {
+      auto [r0, rows] = rows_of(e);
+      return ExpertGemm{
+          true, false, d, f, rows, xs.ptr + r0 * d, d, dh->ptr + r0 * f, f, g->ptr + e * d * f, f};
+    });
+  for (auto [dh, w, beta] : {std::tuple{&dh1, &w1, 0.0f}, {&dh3, &w3, 1.0f}})
+    expert_gemms(E, beta, CUDA_R_32F, [&](int64_t e) {
+      auto [r0, rows] = rows_of(e);
+      return ExpertGemm{
+          false, true, rows, d, f, dh->ptr + r0 * f, f, w->ptr + e * d * f, f, dxs.ptr + r0 * d, d};
+    });
+  mark("gemm w1, w3 backward");
   // Router: the balance loss adds w_b E f_e / T to dprobs[t, e]; the z-loss adds
   // w_z 2 lse_t / T probs[t, e] to dlogits.
   std::vector<float> h_dbal(size_t(E), 0.0f);
@@ -284,8 +383,10 @@ void CudaMoeLayer::Impl::backward_device() {
                                       dprobs.ptr, dlogits.ptr, stream));
   gemm(true, false, d, E, T, x.ptr, d, dlogits.ptr, E, 1.0f, g_gate.ptr, CUDA_R_32F, E);
   gemm(false, true, T, d, E, dlogits.ptr, E, w_gate.ptr, E, 0.0f, dx.ptr, CUDA_R_32F, d);
+  mark("router backward");
   SY_CUDA_CHECK(
       cuda::gather_add_rows(dxs.ptr, slot_row.ptr, int(T), int(k), int(d), dx.ptr, stream));
+  mark("dx gather");
 }
 
 void CudaMoeLayer::backward(const Tensor& dy_host, Tensor& dx_host) {
@@ -361,6 +462,18 @@ CudaMoeLayer::Timing CudaMoeLayer::time_on_device(int64_t n_tokens, int iters, u
   out.dense_ms = median_ms([&] {
     m.gemm(false, false, n_tokens * k, f, d, a.ptr, d, b.ptr, f, 0.0f, c.ptr, CUDA_R_16BF, f);
   });
+  // One profiled forward+backward: time between consecutive marks, per phase.
+  m.profile = true;
+  m.n_marks = 0;
+  m.forward_device(true);
+  m.backward_device();
+  SY_CUDA_CHECK(cudaStreamSynchronize(m.stream));
+  for (size_t i = 1; i < m.n_marks; ++i) {
+    float ms = 0;
+    SY_CUDA_CHECK(cudaEventElapsedTime(&ms, m.marks[i - 1].second, m.marks[i].second));
+    out.phases.emplace_back(m.marks[i].first, double(ms));
+  }
+  m.profile = false;
   SY_CUDA_CHECK(cudaEventDestroy(start));
   SY_CUDA_CHECK(cudaEventDestroy(stop));
   return out;
