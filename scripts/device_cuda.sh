@@ -13,7 +13,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for t in moe_cuda_test moe_test kernels_test; do
   ./.devbin/$t --gtest_brief=1 2>&1 | tail -n 4
 done
-for mode in per-expert grouped; do
-  ./.devbin/switchyard bench moe --device cuda --cuda-gemm $mode --json "$out/cuda-$mode.json" "$@"
-done
+./.devbin/switchyard bench moe --device cuda --json "$out/cuda.json" "$@"
 python3 bench/torch_moe.py --json "$out/torch.json" "$@"

@@ -158,7 +158,6 @@ nlohmann::json bench_shape_cuda(const MoeShape& s, const BenchMoeOptions& opt) {
   cfg.dropless = opt.capacity_factor <= 0;
   if (!cfg.dropless) cfg.capacity_factor_train = cfg.capacity_factor_eval = opt.capacity_factor;
   CudaMoeLayer layer(cfg);
-  layer.set_grouped_gemm(opt.cuda_gemm == "grouped");
   layer.set_params(init_moe_params(cfg, DType::kF32, opt.seed));
   const int iters = opt.iters > 0 ? opt.iters : 20;
   const CudaMoeLayer::Timing t = layer.time_on_device(s.n_tokens, iters, opt.seed);
@@ -170,7 +169,6 @@ nlohmann::json bench_shape_cuda(const MoeShape& s, const BenchMoeOptions& opt) {
   for (const auto& [name, ms] : t.phases) phases.push_back({name, ms});
   return {{"shape", s.name},
           {"device", "cuda"},
-          {"cuda_gemm", opt.cuda_gemm},
           {"phase_ms", phases},
           {"T", s.n_tokens},
           {"d", s.d_model},
@@ -232,13 +230,10 @@ int run_bench_moe(const BenchMoeOptions& opt) {
   for (const MoeShape& s : chosen)
     if (s.gpu_only && !cuda)
       throw ConfigError(fmt::format("--shape {}: a GPU-only shape; add --device cuda", s.name));
-  if (opt.cuda_gemm != "per-expert" && opt.cuda_gemm != "grouped")
-    throw ConfigError(fmt::format("--cuda-gemm {}: expected per-expert or grouped", opt.cuda_gemm));
   if (cuda) {
     if (!cuda_available())
       throw Error("--device cuda: no usable CUDA device (or a build without -DSY_WITH_CUDA=ON)");
-    fmt::print("switchyard bench moe --device cuda: bf16, f32 accumulation, {} GEMMs, {}\n",
-               opt.cuda_gemm,
+    fmt::print("switchyard bench moe --device cuda: bf16, f32 accumulation, {}\n",
                opt.capacity_factor > 0 ? fmt::format("capacity factor {}", opt.capacity_factor)
                                        : std::string("dropless"));
   }

@@ -26,7 +26,6 @@ struct BenchMoeOptions {
   int n_threads = 0;
   int iters = 0;                // 0: per shape, enough for ~1 s
   std::string device = "cpu";   // cpu or cuda
-  std::string cuda_gemm = "per-expert";  // cuda expert GEMMs: per-expert or grouped
   std::string weights = "f32";  // expert weight dtype on CPU: f32 or bf16 (forward only)
   double capacity_factor = 0;   // 0: dropless, so every shape computes exactly T*k rows
   std::string json_path;        // write results as JSON here ("-": stdout)

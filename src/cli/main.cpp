@@ -62,10 +62,6 @@ int main(int argc, char** argv) {
                         "Shapes to run: A, B, C1, C16, M, X (default: all that fit the device)");
   bench_moe->add_option("--device", moe_opt.device, "cpu, or cuda (bf16 on the GPU)")
       ->capture_default_str();
-  bench_moe
-      ->add_option("--cuda-gemm", moe_opt.cuda_gemm,
-                   "CUDA expert GEMMs: per-expert (cublasGemmEx) or grouped")
-      ->capture_default_str();
   bench_moe->add_option("--threads", moe_opt.n_threads, "Threads (0: all cores)")
       ->capture_default_str();
   bench_moe->add_option("--iters", moe_opt.iters, "Timed runs per figure (0: per shape)")

@@ -14,7 +14,6 @@ struct CudaMoeLayer::Impl {};
 bool cuda_available() { return false; }
 CudaMoeLayer::CudaMoeLayer(const MoeConfig&) { no_cuda(); }
 CudaMoeLayer::~CudaMoeLayer() = default;
-void CudaMoeLayer::set_grouped_gemm(bool) { no_cuda(); }
 void CudaMoeLayer::set_params(const MoeParams&) { no_cuda(); }
 MoeForward CudaMoeLayer::forward(const Tensor&, Tensor&, bool) { no_cuda(); }
 void CudaMoeLayer::backward(const Tensor&, Tensor&) { no_cuda(); }

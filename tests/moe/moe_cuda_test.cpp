@@ -54,28 +54,24 @@ TEST_P(CudaLayer, ForwardAndBackwardMatchCpuFloat64) {
   MoeParams g_ref = zeros_like(p);
   cpu.backward(p, cache, dy, g_ref, dx_ref, {});
 
-  for (bool grouped : {false, true}) {
-    SCOPED_TRACE(grouped ? "grouped GEMMs" : "per-expert GEMMs");
-    CudaMoeLayer gpu(cfg);
-    gpu.set_grouped_gemm(grouped);
-    gpu.set_params(p);
-    Tensor y, dx;
-    MoeForward out = gpu.forward(x, y, /*training=*/true);
-    EXPECT_EQ(out.stats.demand, ref.stats.demand);
-    EXPECT_EQ(out.stats.rows, ref.stats.rows) << "dropped slots differ";
-    EXPECT_NEAR(out.loss_balance, ref.loss_balance, 1e-3 * ref.loss_balance + 1e-6);
-    EXPECT_NEAR(out.loss_z, ref.loss_z, 1e-3 * ref.loss_z + 1e-6);
-    EXPECT_NEAR(out.stats.router_entropy, ref.stats.router_entropy, 1e-3);
-    EXPECT_LT(rel_error(y, y_ref), 2e-2);
+  CudaMoeLayer gpu(cfg);
+  gpu.set_params(p);
+  Tensor y, dx;
+  MoeForward out = gpu.forward(x, y, /*training=*/true);
+  EXPECT_EQ(out.stats.demand, ref.stats.demand);
+  EXPECT_EQ(out.stats.rows, ref.stats.rows) << "dropped slots differ";
+  EXPECT_NEAR(out.loss_balance, ref.loss_balance, 1e-3 * ref.loss_balance + 1e-6);
+  EXPECT_NEAR(out.loss_z, ref.loss_z, 1e-3 * ref.loss_z + 1e-6);
+  EXPECT_NEAR(out.stats.router_entropy, ref.stats.router_entropy, 1e-3);
+  EXPECT_LT(rel_error(y, y_ref), 2e-2);
 
-    gpu.backward(dy, dx);
-    MoeParams g = gpu.grads();
-    EXPECT_LT(rel_error(dx, dx_ref), 3e-2);
-    EXPECT_LT(rel_error(g.w_gate, g_ref.w_gate), 3e-2);
-    EXPECT_LT(rel_error(g.w1, g_ref.w1), 3e-2);
-    EXPECT_LT(rel_error(g.w3, g_ref.w3), 3e-2);
-    EXPECT_LT(rel_error(g.w2, g_ref.w2), 3e-2);
-  }
+  gpu.backward(dy, dx);
+  MoeParams g = gpu.grads();
+  EXPECT_LT(rel_error(dx, dx_ref), 3e-2);
+  EXPECT_LT(rel_error(g.w_gate, g_ref.w_gate), 3e-2);
+  EXPECT_LT(rel_error(g.w1, g_ref.w1), 3e-2);
+  EXPECT_LT(rel_error(g.w3, g_ref.w3), 3e-2);
+  EXPECT_LT(rel_error(g.w2, g_ref.w2), 3e-2);
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -31,10 +31,6 @@ class CudaMoeLayer {
   CudaMoeLayer(const CudaMoeLayer&) = delete;
   CudaMoeLayer& operator=(const CudaMoeLayer&) = delete;
 
-  // Expert GEMMs as one cublasGemmGroupedBatchedEx per weight (on) or one cublasGemmEx per
-  // expert (off, the default). Same results up to cuBLAS's choice of kernels.
-  void set_grouped_gemm(bool on);
-
   // Uploads f32 (or f64) params, rounding to bf16; zeroes the gradients.
   void set_params(const MoeParams& p);
   // x: [T, d] host -> y: [T, d] host f32. Routing stats and aux losses as MoeLayer's.

@@ -4,9 +4,9 @@
 // reduction has a fixed order, so results do not depend on scheduling. No project header is
 // included: nvcc compiles only this file. References: the same-named CPU code in moe/ and
 // kernels/ref.
-#include "kernels/cuda/moe_kernels.h"
-
 #include <algorithm>
+
+#include "kernels/cuda/moe_kernels.h"
 
 namespace sy::cuda {
 
@@ -15,6 +15,78 @@ namespace {
 using bf = __nv_bfloat16;
 
 constexpr int kWarp = 32;
+
+// Dispatch plan, the CPU's counting sort (dispatch_plan.cpp) on the device.
+// Demand per expert: integer atomics, so the counts are exact whatever the order.
+__global__ void plan_count_kernel(const int* expert, int n_slots, int* demand) {
+  for (int s = blockIdx.x * blockDim.x + threadIdx.x; s < n_slots; s += gridDim.x * blockDim.x)
+    atomicAdd(&demand[expert[s]], 1);
+}
+
+// offsets = exclusive prefix sum of min(demand, capacity); E is small, one thread.
+__global__ void plan_offsets_kernel(const int* demand, int E, int capacity, int* offsets) {
+  int acc = 0;
+  for (int e = 0; e < E; ++e) {
+    offsets[e] = acc;
+    acc += capacity < 0 ? demand[e] : min(demand[e], capacity);
+  }
+  offsets[E] = acc;
+}
+
+// Exclusive prefix sum of flag over the block (blockDim.x a multiple of 32, at most 1024);
+// *total receives the block's sum.
+__device__ int block_exclusive_scan(int flag, int* total) {
+  __shared__ int warp_sums[32];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  int incl = flag;
+  for (int o = 1; o < kWarp; o *= 2) {
+    const int v = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += v;
+  }
+  if (lane == kWarp - 1) warp_sums[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    const int n_warps = blockDim.x / kWarp;
+    int w = lane < n_warps ? warp_sums[lane] : 0;
+    for (int o = 1; o < kWarp; o *= 2) {
+      const int v = __shfl_up_sync(0xffffffffu, w, o);
+      if (lane >= o) w += v;
+    }
+    if (lane < n_warps) warp_sums[lane] = w;  // inclusive sums of warp totals
+  }
+  __syncthreads();
+  const int before = (warp > 0 ? warp_sums[warp - 1] : 0) + incl - flag;
+  *total = warp_sums[blockDim.x / kWarp - 1];
+  __syncthreads();  // warp_sums is reused by the next call
+  return before;
+}
+
+// One block per expert walks all slots in choice-major rank order (rank r is choice r / T of
+// token r % T) and places its slots in that order: the first `capacity` get rows, the rest are
+// dropped (slot_row -1). Each slot belongs to exactly one expert, so every slot is written once.
+__global__ void plan_fill_kernel(const int* expert, int T, int k, int capacity, const int* offsets,
+                                 int* row_token, int* row_slot, int* slot_row) {
+  const int e = blockIdx.x, n_slots = T * k;
+  int base = 0;
+  for (int r0 = 0; r0 < n_slots; r0 += blockDim.x) {
+    const int r = r0 + threadIdx.x;
+    const int s = r < n_slots ? (r % T) * k + r / T : 0;
+    const int flag = r < n_slots && expert[s] == e;
+    int total;
+    const int pos = base + block_exclusive_scan(flag, &total);
+    if (flag) {
+      if (capacity < 0 || pos < capacity) {
+        const int row = offsets[e] + pos;
+        row_token[row] = s / k;
+        row_slot[row] = s;
+        slot_row[s] = row;
+      } else {
+        slot_row[s] = -1;
+      }
+    }
+    base += total;
+  }
+}
 
 // Router: one warp per token. probs = softmax(logits); top-k by k rounds of warp arg-max
 // (ties to the lower index, as the CPU kernel); weights optionally renormalised.
@@ -104,29 +176,63 @@ __global__ void gather_kernel(const bf* x, const int* row_token, int n, int d, b
 
 __device__ inline float silu_f(float g) { return g / (1.0f + __expf(-g)); }
 
-// act = silu(h1) * h3, elementwise in f32.
+// Eight bf16 in one 16-byte access.
+struct alignas(16) Bf8 {
+  __nv_bfloat162 v[4];
+};
+
+// act = silu(h1) * h3, elementwise in f32; 16-byte accesses, then a scalar tail.
 __global__ void swiglu_kernel(const bf* h1, const bf* h3, size_t n, bf* act) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
-       i += size_t(gridDim.x) * blockDim.x) {
-    const float g = __bfloat162float(h1[i]);
-    act[i] = __float2bfloat16(silu_f(g) * __bfloat162float(h3[i]));
+  const size_t n8 = n / 8, stride = size_t(gridDim.x) * blockDim.x;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n8; i += stride) {
+    const Bf8 g = reinterpret_cast<const Bf8*>(h1)[i], u = reinterpret_cast<const Bf8*>(h3)[i];
+    Bf8 out;
+    for (int j = 0; j < 4; ++j) {
+      const float2 gf = __bfloat1622float2(g.v[j]), uf = __bfloat1622float2(u.v[j]);
+      out.v[j] = __floats2bfloat162_rn(silu_f(gf.x) * uf.x, silu_f(gf.y) * uf.y);
+    }
+    reinterpret_cast<Bf8*>(act)[i] = out;
   }
+  for (size_t i = n8 * 8 + blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += stride)
+    act[i] = __float2bfloat16(silu_f(__bfloat162float(h1[i])) * __bfloat162float(h3[i]));
+}
+
+__device__ inline void swiglu_grad(float g, float u, float d, float& d1, float& d3) {
+  const float s = 1.0f / (1.0f + __expf(-g));
+  d1 = d * u * s * (1.0f + g * (1.0f - s));
+  d3 = d * g * s;
 }
 
 __global__ void swiglu_backward_kernel(const bf* h1, const bf* h3, const bf* da, size_t n, bf* dh1,
                                        bf* dh3) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
-       i += size_t(gridDim.x) * blockDim.x) {
-    const float g = __bfloat162float(h1[i]), u = __bfloat162float(h3[i]);
-    const float d = __bfloat162float(da[i]), s = 1.0f / (1.0f + __expf(-g));
-    dh1[i] = __float2bfloat16(d * u * s * (1.0f + g * (1.0f - s)));
-    dh3[i] = __float2bfloat16(d * g * s);
+  const size_t n8 = n / 8, stride = size_t(gridDim.x) * blockDim.x;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n8; i += stride) {
+    const Bf8 g = reinterpret_cast<const Bf8*>(h1)[i], u = reinterpret_cast<const Bf8*>(h3)[i],
+              d = reinterpret_cast<const Bf8*>(da)[i];
+    Bf8 o1, o3;
+    for (int j = 0; j < 4; ++j) {
+      const float2 gf = __bfloat1622float2(g.v[j]), uf = __bfloat1622float2(u.v[j]),
+                   df = __bfloat1622float2(d.v[j]);
+      float a1, a3, b1, b3;
+      swiglu_grad(gf.x, uf.x, df.x, a1, a3);
+      swiglu_grad(gf.y, uf.y, df.y, b1, b3);
+      o1.v[j] = __floats2bfloat162_rn(a1, b1);
+      o3.v[j] = __floats2bfloat162_rn(a3, b3);
+    }
+    reinterpret_cast<Bf8*>(dh1)[i] = o1;
+    reinterpret_cast<Bf8*>(dh3)[i] = o3;
+  }
+  for (size_t i = n8 * 8 + blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += stride) {
+    float d1, d3;
+    swiglu_grad(__bfloat162float(h1[i]), __bfloat162float(h3[i]), __bfloat162float(da[i]), d1, d3);
+    dh1[i] = __float2bfloat16(d1);
+    dh3[i] = __float2bfloat16(d3);
   }
 }
 
 // y[t] = sum_j weight[t, j] ys[slot_row[t k + j]] in f32; one block per token.
-__global__ void combine_kernel(const bf* ys, const int* slot_row, const float* weight, int k,
-                               int d, bf* y) {
+__global__ void combine_kernel(const bf* ys, const int* slot_row, const float* weight, int k, int d,
+                               bf* y) {
   const int t = blockIdx.x;
   for (int c = threadIdx.x; c < d; c += blockDim.x) {
     float acc = 0;
@@ -162,9 +268,9 @@ __global__ void combine_backward_kernel(const bf* ys, const bf* dy, const int* s
 // Router backward, one warp per token: dprobs from dweight (through the renormalisation) plus
 // the balance loss's constant dbal[e]; softmax backward; plus the z-loss term. -> dlogits bf16
 __global__ void router_backward_kernel(const float* probs, const float* lse, const int* expert,
-                                       const float* weight, const float* dweight,
-                                       const float* dbal, float z_scale, int T, int E, int k,
-                                       bool renorm, float* dprobs, bf* dlogits) {
+                                       const float* weight, const float* dweight, const float* dbal,
+                                       float z_scale, int T, int E, int k, bool renorm,
+                                       float* dprobs, bf* dlogits) {
   const int t = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (t >= T) return;
@@ -232,6 +338,21 @@ cudaError_t router_sums(const float* probs, const float* lse, int T, int E, floa
   return cudaGetLastError();
 }
 
+cudaError_t build_plan(const int* expert, int T, int k, int E, int capacity, int* demand,
+                       int* offsets, int* row_token, int* row_slot, int* slot_row, cudaStream_t s) {
+  cudaError_t err = cudaMemsetAsync(demand, 0, size_t(E) * sizeof(int), s);
+  if (err != cudaSuccess) return err;
+  if (T > 0) {
+    plan_count_kernel<<<grid_for(size_t(T) * k), 256, 0, s>>>(expert, T * k, demand);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  plan_offsets_kernel<<<1, 1, 0, s>>>(demand, E, capacity, offsets);
+  if ((err = cudaGetLastError()) != cudaSuccess || T == 0) return err;
+  plan_fill_kernel<<<E, 1024, 0, s>>>(expert, T, k, capacity, offsets, row_token, row_slot,
+                                      slot_row);
+  return cudaGetLastError();
+}
+
 cudaError_t gather_rows(const bf* x, const int* row_token, int n, int d, bf* xs, cudaStream_t s) {
   if (n == 0) return cudaSuccess;
   gather_kernel<<<grid_for(size_t(n) * d / 8), 256, 0, s>>>(x, row_token, n, d, xs);
@@ -240,14 +361,14 @@ cudaError_t gather_rows(const bf* x, const int* row_token, int n, int d, bf* xs,
 
 cudaError_t swiglu(const bf* h1, const bf* h3, size_t n, bf* act, cudaStream_t s) {
   if (n == 0) return cudaSuccess;
-  swiglu_kernel<<<grid_for(n), 256, 0, s>>>(h1, h3, n, act);
+  swiglu_kernel<<<grid_for((n + 7) / 8), 256, 0, s>>>(h1, h3, n, act);
   return cudaGetLastError();
 }
 
 cudaError_t swiglu_backward(const bf* h1, const bf* h3, const bf* da, size_t n, bf* dh1, bf* dh3,
                             cudaStream_t s) {
   if (n == 0) return cudaSuccess;
-  swiglu_backward_kernel<<<grid_for(n), 256, 0, s>>>(h1, h3, da, n, dh1, dh3);
+  swiglu_backward_kernel<<<grid_for((n + 7) / 8), 256, 0, s>>>(h1, h3, da, n, dh1, dh3);
   return cudaGetLastError();
 }
 

@@ -20,6 +20,11 @@ cudaError_t router(const float* logits, int T, int E, int k, bool renorm, float*
 int router_sums_chunks(int T);
 cudaError_t router_sums(const float* probs, const float* lse, int T, int E, float* part,
                         cudaStream_t s);
+// The dispatch plan of dispatch_plan.h on the device, slot for slot the same: demand [E],
+// offsets [E+1], row_token and row_slot [n] (n = offsets[E] <= T k), slot_row [T k].
+// capacity -1: none.
+cudaError_t build_plan(const int* expert, int T, int k, int E, int capacity, int* demand,
+                       int* offsets, int* row_token, int* row_slot, int* slot_row, cudaStream_t s);
 // xs[r] = x[row_token[r]]. x: [T, d], d % 8 == 0 -> xs: [n, d]
 cudaError_t gather_rows(const bf* x, const int* row_token, int n, int d, bf* xs, cudaStream_t s);
 // act = silu(h1) * h3 over n elements, and its backward (dh1, dh3 overwritten).

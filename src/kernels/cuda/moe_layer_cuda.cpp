@@ -69,12 +69,12 @@ struct CudaMoeLayer::Impl {
   // Forward activations.
   DeviceBuffer<bf> x, xs, h1, h3, act, ys, y;
   DeviceBuffer<float> logits, probs, lse, weight, sums;
-  DeviceBuffer<int> expert, offsets, row_token, slot_row;
+  DeviceBuffer<int> expert, demand, offsets, row_token, row_slot, slot_row;
   // Backward.
   DeviceBuffer<bf> dy, dys, dact, dh1, dh3, dlogits;
   DeviceBuffer<float> dweight, dprobs, dbal, dxs, dx;
-  // Host mirrors.
-  std::vector<int32_t> h_expert;
+  // Host mirrors. plan holds only sizes, offsets and demand: its index arrays live on the
+  // device (row_token, row_slot, slot_row above).
   std::vector<float> h_sums;
   DispatchPlan plan;
   int64_t n_tokens = 0;
@@ -103,52 +103,15 @@ struct CudaMoeLayer::Impl {
     void* C;
     int64_t ldc;
   };
-  bool grouped = false;  // one cublasGemmGroupedBatchedEx per weight instead of E cublasGemmEx
-  std::vector<cublasOperation_t> g_ta, g_tb;
-  std::vector<int> g_m, g_n, g_k, g_lda, g_ldb, g_ldc, g_size;
-  std::vector<float> g_alpha, g_beta;
-  std::vector<const void*> g_ptrs;
-  DeviceBuffer<const void*> d_ptrs;
-
-  // The GEMMs of all experts (args_of(e) -> ExpertGemm), same beta and output type.
+  // The GEMMs of all experts (args_of(e) -> ExpertGemm), one cublasGemmEx each; cuBLAS 13.0's
+  // cublasGemmGroupedBatchedEx rejected these bf16 GEMMs on an H100 ("not supported").
   template <class Fn>
   void expert_gemms(int64_t E, float beta, cudaDataType c_type, Fn&& args_of) {
-    if (!grouped) {
-      for (int64_t e = 0; e < E; ++e) {
-        const ExpertGemm g = args_of(e);
-        gemm(g.ta, g.tb, g.M, g.N, g.K, g.A, g.lda, g.B, g.ldb, beta, g.C, c_type, g.ldc);
-      }
-      return;
-    }
-    for (auto* v : {&g_m, &g_n, &g_k, &g_lda, &g_ldb, &g_ldc, &g_size}) v->clear();
-    g_ta.clear(), g_tb.clear(), g_alpha.clear(), g_beta.clear(), g_ptrs.clear();
-    std::vector<const void*> a_ptrs, b_ptrs, c_ptrs;
     for (int64_t e = 0; e < E; ++e) {
       const ExpertGemm g = args_of(e);
-      // Empty: no output, or a K = 0 accumulation (beta is 1 wherever K can be 0).
-      if (g.M == 0 || g.N == 0 || g.K == 0) continue;
-      // Column-major view, as in gemm(): C^T = op(B)^T op(A)^T.
-      g_ta.push_back(g.tb ? CUBLAS_OP_T : CUBLAS_OP_N);
-      g_tb.push_back(g.ta ? CUBLAS_OP_T : CUBLAS_OP_N);
-      g_m.push_back(int(g.N)), g_n.push_back(int(g.M)), g_k.push_back(int(g.K));
-      g_lda.push_back(int(g.ldb)), g_ldb.push_back(int(g.lda)), g_ldc.push_back(int(g.ldc));
-      a_ptrs.push_back(g.B), b_ptrs.push_back(g.A), c_ptrs.push_back(g.C);
-      g_alpha.push_back(1.0f), g_beta.push_back(beta), g_size.push_back(1);
+      if (g.K == 0 && beta == 1.0f) continue;  // an expert without rows adds nothing
+      gemm(g.ta, g.tb, g.M, g.N, g.K, g.A, g.lda, g.B, g.ldb, beta, g.C, c_type, g.ldc);
     }
-    const size_t G = g_size.size();
-    if (G == 0) return;
-    g_ptrs.insert(g_ptrs.end(), a_ptrs.begin(), a_ptrs.end());
-    g_ptrs.insert(g_ptrs.end(), b_ptrs.begin(), b_ptrs.end());
-    g_ptrs.insert(g_ptrs.end(), c_ptrs.begin(), c_ptrs.end());
-    // Stream-ordered: the previous grouped call has read its pointers before this copy lands.
-    const void** dp = d_ptrs.need(3 * G);
-    SY_CUDA_CHECK(
-        cudaMemcpyAsync(dp, g_ptrs.data(), 3 * G * sizeof(void*), cudaMemcpyHostToDevice, stream));
-    SY_CUBLAS_CHECK(cublasGemmGroupedBatchedEx(
-        blas, g_ta.data(), g_tb.data(), g_m.data(), g_n.data(), g_k.data(), g_alpha.data(), dp,
-        CUDA_R_16BF, g_lda.data(), dp + G, CUDA_R_16BF, g_ldb.data(), g_beta.data(),
-        const_cast<void* const*>(reinterpret_cast<const void* const*>(dp + 2 * G)), c_type,
-        g_ldc.data(), int(G), g_size.data(), CUBLAS_COMPUTE_32F));
   }
 
   // Phase timing with events, when profiling: mark(name) ends the phase called name.
@@ -200,8 +163,6 @@ CudaMoeLayer::~CudaMoeLayer() {
   if (impl_->stream) cudaStreamDestroy(impl_->stream);
 }
 
-void CudaMoeLayer::set_grouped_gemm(bool on) { impl_->grouped = on; }
-
 void CudaMoeLayer::set_params(const MoeParams& p) {
   MoeLayer(impl_->cfg).check_params(p);
   Impl& m = *impl_;
@@ -232,24 +193,26 @@ MoeForward CudaMoeLayer::Impl::forward_device(bool training) {
   SY_CUDA_CHECK(cuda::router_sums(probs.ptr, lse.ptr, int(T), int(E),
                                   sums.need(size_t(chunks * (2 * E + 1))), stream));
   mark("router");
-  h_expert.resize(size_t(T * k));
+  // The plan on the device; the host gets back only what it launches with (offsets) and the
+  // demand for the losses and stats, with one synchronisation.
+  const int64_t capacity = cfg.capacity(T, training);
+  SY_CUDA_CHECK(cuda::build_plan(expert.ptr, int(T), int(k), int(E), int(capacity),
+                                 demand.need(size_t(E)), offsets.need(size_t(E + 1)),
+                                 row_token.need(size_t(T * k)), row_slot.need(size_t(T * k)),
+                                 slot_row.need(size_t(T * k)), stream));
+  plan.n_tokens = T, plan.top_k = k, plan.n_experts = E, plan.capacity = capacity;
+  plan.offsets.resize(size_t(E + 1));
+  plan.demand.resize(size_t(E));
   h_sums.resize(size_t(chunks * (2 * E + 1)));
-  SY_CUDA_CHECK(cudaMemcpyAsync(h_expert.data(), expert.ptr, h_expert.size() * 4,
+  SY_CUDA_CHECK(cudaMemcpyAsync(plan.offsets.data(), offsets.ptr, (E + 1) * 4,
                                 cudaMemcpyDeviceToHost, stream));
+  SY_CUDA_CHECK(
+      cudaMemcpyAsync(plan.demand.data(), demand.ptr, E * 4, cudaMemcpyDeviceToHost, stream));
   SY_CUDA_CHECK(
       cudaMemcpyAsync(h_sums.data(), sums.ptr, h_sums.size() * 4, cudaMemcpyDeviceToHost, stream));
   SY_CUDA_CHECK(cudaStreamSynchronize(stream));
-
-  build_dispatch_plan(std::span<const int32_t>(h_expert.data(), h_expert.size()), T, k, E,
-                      cfg.capacity(T, training), plan);
   const int64_t n = plan.n_rows();
-  SY_CUDA_CHECK(cudaMemcpyAsync(offsets.need(size_t(E + 1)), plan.offsets.data(), (E + 1) * 4,
-                                cudaMemcpyHostToDevice, stream));
-  SY_CUDA_CHECK(cudaMemcpyAsync(row_token.need(size_t(n)), plan.row_token.data(), n * 4,
-                                cudaMemcpyHostToDevice, stream));
-  SY_CUDA_CHECK(cudaMemcpyAsync(slot_row.need(size_t(T * k)), plan.slot_row.data(), T * k * 4,
-                                cudaMemcpyHostToDevice, stream));
-  mark("ids to host, plan, plan to device");
+  mark("plan, offsets to host");
 
   xs.need(size_t(n * d));
   h1.need(size_t(n * f));
