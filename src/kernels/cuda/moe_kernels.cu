@@ -181,20 +181,31 @@ struct alignas(16) Bf8 {
   __nv_bfloat162 v[4];
 };
 
-// act = silu(h1) * h3, elementwise in f32; 16-byte accesses, then a scalar tail.
-__global__ void swiglu_kernel(const bf* h1, const bf* h3, size_t n, bf* act) {
-  const size_t n8 = n / 8, stride = size_t(gridDim.x) * blockDim.x;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n8; i += stride) {
-    const Bf8 g = reinterpret_cast<const Bf8*>(h1)[i], u = reinterpret_cast<const Bf8*>(h3)[i];
-    Bf8 out;
-    for (int j = 0; j < 4; ++j) {
-      const float2 gf = __bfloat1622float2(g.v[j]), uf = __bfloat1622float2(u.v[j]);
-      out.v[j] = __floats2bfloat162_rn(silu_f(gf.x) * uf.x, silu_f(gf.y) * uf.y);
+// act = silu(h1) * h3, elementwise in f32, with h13 = [h1 | h3] per row ([n, 2f]).
+// With f % 8 == 0 every access is 16 bytes (8 bf16); otherwise element by element.
+__global__ void swiglu_kernel(const bf* h13, size_t n, size_t f, bf* act) {
+  const size_t stride = size_t(gridDim.x) * blockDim.x;
+  const size_t i0 = blockIdx.x * size_t(blockDim.x) + threadIdx.x;
+  if (f % 8 == 0) {
+    const size_t f8 = f / 8;
+    for (size_t i = i0; i < n * f8; i += stride) {
+      const size_t r = i / f8, c = i % f8;
+      const Bf8 g = reinterpret_cast<const Bf8*>(h13 + r * 2 * f)[c];
+      const Bf8 u = reinterpret_cast<const Bf8*>(h13 + r * 2 * f + f)[c];
+      Bf8 out;
+      for (int j = 0; j < 4; ++j) {
+        const float2 gf = __bfloat1622float2(g.v[j]), uf = __bfloat1622float2(u.v[j]);
+        out.v[j] = __floats2bfloat162_rn(silu_f(gf.x) * uf.x, silu_f(gf.y) * uf.y);
+      }
+      reinterpret_cast<Bf8*>(act + r * f)[c] = out;
     }
-    reinterpret_cast<Bf8*>(act)[i] = out;
+    return;
   }
-  for (size_t i = n8 * 8 + blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += stride)
-    act[i] = __float2bfloat16(silu_f(__bfloat162float(h1[i])) * __bfloat162float(h3[i]));
+  for (size_t i = i0; i < n * f; i += stride) {
+    const size_t r = i / f, c = i % f;
+    act[i] = __float2bfloat16(silu_f(__bfloat162float(h13[r * 2 * f + c])) *
+                              __bfloat162float(h13[r * 2 * f + f + c]));
+  }
 }
 
 __device__ inline void swiglu_grad(float g, float u, float d, float& d1, float& d3) {
@@ -203,30 +214,39 @@ __device__ inline void swiglu_grad(float g, float u, float d, float& d1, float& 
   d3 = d * g * s;
 }
 
-__global__ void swiglu_backward_kernel(const bf* h1, const bf* h3, const bf* da, size_t n, bf* dh1,
-                                       bf* dh3) {
-  const size_t n8 = n / 8, stride = size_t(gridDim.x) * blockDim.x;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n8; i += stride) {
-    const Bf8 g = reinterpret_cast<const Bf8*>(h1)[i], u = reinterpret_cast<const Bf8*>(h3)[i],
-              d = reinterpret_cast<const Bf8*>(da)[i];
-    Bf8 o1, o3;
-    for (int j = 0; j < 4; ++j) {
-      const float2 gf = __bfloat1622float2(g.v[j]), uf = __bfloat1622float2(u.v[j]),
-                   df = __bfloat1622float2(d.v[j]);
-      float a1, a3, b1, b3;
-      swiglu_grad(gf.x, uf.x, df.x, a1, a3);
-      swiglu_grad(gf.y, uf.y, df.y, b1, b3);
-      o1.v[j] = __floats2bfloat162_rn(a1, b1);
-      o3.v[j] = __floats2bfloat162_rn(a3, b3);
+// da: [n, f] -> dh13 = [dh1 | dh3]: [n, 2f]. Same access scheme as swiglu_kernel.
+__global__ void swiglu_backward_kernel(const bf* h13, const bf* da, size_t n, size_t f, bf* dh13) {
+  const size_t stride = size_t(gridDim.x) * blockDim.x;
+  const size_t i0 = blockIdx.x * size_t(blockDim.x) + threadIdx.x;
+  if (f % 8 == 0) {
+    const size_t f8 = f / 8;
+    for (size_t i = i0; i < n * f8; i += stride) {
+      const size_t r = i / f8, c = i % f8;
+      const Bf8 g = reinterpret_cast<const Bf8*>(h13 + r * 2 * f)[c];
+      const Bf8 u = reinterpret_cast<const Bf8*>(h13 + r * 2 * f + f)[c];
+      const Bf8 d = reinterpret_cast<const Bf8*>(da + r * f)[c];
+      Bf8 o1, o3;
+      for (int j = 0; j < 4; ++j) {
+        const float2 gf = __bfloat1622float2(g.v[j]), uf = __bfloat1622float2(u.v[j]),
+                     df = __bfloat1622float2(d.v[j]);
+        float a1, a3, b1, b3;
+        swiglu_grad(gf.x, uf.x, df.x, a1, a3);
+        swiglu_grad(gf.y, uf.y, df.y, b1, b3);
+        o1.v[j] = __floats2bfloat162_rn(a1, b1);
+        o3.v[j] = __floats2bfloat162_rn(a3, b3);
+      }
+      reinterpret_cast<Bf8*>(dh13 + r * 2 * f)[c] = o1;
+      reinterpret_cast<Bf8*>(dh13 + r * 2 * f + f)[c] = o3;
     }
-    reinterpret_cast<Bf8*>(dh1)[i] = o1;
-    reinterpret_cast<Bf8*>(dh3)[i] = o3;
+    return;
   }
-  for (size_t i = n8 * 8 + blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += stride) {
+  for (size_t i = i0; i < n * f; i += stride) {
+    const size_t r = i / f, c = i % f;
     float d1, d3;
-    swiglu_grad(__bfloat162float(h1[i]), __bfloat162float(h3[i]), __bfloat162float(da[i]), d1, d3);
-    dh1[i] = __float2bfloat16(d1);
-    dh3[i] = __float2bfloat16(d3);
+    swiglu_grad(__bfloat162float(h13[r * 2 * f + c]), __bfloat162float(h13[r * 2 * f + f + c]),
+                __bfloat162float(da[i]), d1, d3);
+    dh13[r * 2 * f + c] = __float2bfloat16(d1);
+    dh13[r * 2 * f + f + c] = __float2bfloat16(d3);
   }
 }
 
@@ -359,16 +379,16 @@ cudaError_t gather_rows(const bf* x, const int* row_token, int n, int d, bf* xs,
   return cudaGetLastError();
 }
 
-cudaError_t swiglu(const bf* h1, const bf* h3, size_t n, bf* act, cudaStream_t s) {
-  if (n == 0) return cudaSuccess;
-  swiglu_kernel<<<grid_for((n + 7) / 8), 256, 0, s>>>(h1, h3, n, act);
+cudaError_t swiglu(const bf* h13, size_t n, size_t f, bf* act, cudaStream_t s) {
+  if (n * f == 0) return cudaSuccess;
+  swiglu_kernel<<<grid_for((n * f + 7) / 8), 256, 0, s>>>(h13, n, f, act);
   return cudaGetLastError();
 }
 
-cudaError_t swiglu_backward(const bf* h1, const bf* h3, const bf* da, size_t n, bf* dh1, bf* dh3,
+cudaError_t swiglu_backward(const bf* h13, const bf* da, size_t n, size_t f, bf* dh13,
                             cudaStream_t s) {
-  if (n == 0) return cudaSuccess;
-  swiglu_backward_kernel<<<grid_for((n + 7) / 8), 256, 0, s>>>(h1, h3, da, n, dh1, dh3);
+  if (n * f == 0) return cudaSuccess;
+  swiglu_backward_kernel<<<grid_for((n * f + 7) / 8), 256, 0, s>>>(h13, da, n, f, dh13);
   return cudaGetLastError();
 }
 

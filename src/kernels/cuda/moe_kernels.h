@@ -27,9 +27,10 @@ cudaError_t build_plan(const int* expert, int T, int k, int E, int capacity, int
                        int* offsets, int* row_token, int* row_slot, int* slot_row, cudaStream_t s);
 // xs[r] = x[row_token[r]]. x: [T, d], d % 8 == 0 -> xs: [n, d]
 cudaError_t gather_rows(const bf* x, const int* row_token, int n, int d, bf* xs, cudaStream_t s);
-// act = silu(h1) * h3 over n elements, and its backward (dh1, dh3 overwritten).
-cudaError_t swiglu(const bf* h1, const bf* h3, size_t n, bf* act, cudaStream_t s);
-cudaError_t swiglu_backward(const bf* h1, const bf* h3, const bf* da, size_t n, bf* dh1, bf* dh3,
+// act = silu(h1) * h3 with h13 = [h1 | h3] row by row. h13: [n, 2f] -> act: [n, f];
+// backward: da: [n, f] -> dh13 = [dh1 | dh3]: [n, 2f] (overwritten).
+cudaError_t swiglu(const bf* h13, size_t n, size_t f, bf* act, cudaStream_t s);
+cudaError_t swiglu_backward(const bf* h13, const bf* da, size_t n, size_t f, bf* dh13,
                             cudaStream_t s);
 // y[t] = sum_j weight[t, j] ys[slot_row[t k + j]] (dropped slots: -1, skipped).
 cudaError_t combine(const bf* ys, const int* slot_row, const float* weight, int T, int k, int d,

@@ -64,14 +64,16 @@ struct CudaMoeLayer::Impl {
   cublasHandle_t blas = nullptr;
   cudaStream_t stream = nullptr;
   // Parameters (bf16) and gradients (f32).
-  DeviceBuffer<bf> w_gate, w1, w3, w2;
-  DeviceBuffer<float> g_gate, g1, g3, g2;
+  // w13 [E, d, 2f]: each row of w1 followed by the same row of w3, so the gate and up
+  // projections are one GEMM per expert, and h13 [n, 2f] holds h1 | h3 side by side.
+  DeviceBuffer<bf> w_gate, w13, w2;
+  DeviceBuffer<float> g_gate, g13, g2;
   // Forward activations.
-  DeviceBuffer<bf> x, xs, h1, h3, act, ys, y;
+  DeviceBuffer<bf> x, xs, h13, act, ys, y;
   DeviceBuffer<float> logits, probs, lse, weight, sums;
   DeviceBuffer<int> expert, demand, offsets, row_token, row_slot, slot_row;
   // Backward.
-  DeviceBuffer<bf> dy, dys, dact, dh1, dh3, dlogits;
+  DeviceBuffer<bf> dy, dys, dact, dh13, dlogits;
   DeviceBuffer<float> dweight, dprobs, dbal, dxs, dx;
   // Host mirrors. plan holds only sizes, offsets and demand: its index arrays live on the
   // device (row_token, row_slot, slot_row above).
@@ -167,13 +169,18 @@ void CudaMoeLayer::set_params(const MoeParams& p) {
   MoeLayer(impl_->cfg).check_params(p);
   Impl& m = *impl_;
   m.upload_bf16(p.w_gate, m.w_gate);
-  m.upload_bf16(p.w1, m.w1);
-  m.upload_bf16(p.w3, m.w3);
+  // Rows of w1 and w3 interleaved into w13 [E, d, 2f].
+  const int64_t f = m.cfg.d_ff, rows = p.w1.numel() / f;
+  Tensor w1 = convert(p.w1, DType::kBF16), w3 = convert(p.w3, DType::kBF16);
+  Tensor w13({rows, 2 * f}, DType::kBF16);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy_n(w1.data<sy::bf16>() + r * f, f, w13.data<sy::bf16>() + r * 2 * f);
+    std::copy_n(w3.data<sy::bf16>() + r * f, f, w13.data<sy::bf16>() + r * 2 * f + f);
+  }
+  m.upload_bf16(w13, m.w13);
   m.upload_bf16(p.w2, m.w2);
-  for (auto [g, n] : {std::pair{&m.g_gate, p.w_gate.numel()},
-                      {&m.g1, p.w1.numel()},
-                      {&m.g3, p.w3.numel()},
-                      {&m.g2, p.w2.numel()}})
+  for (auto [g, n] :
+       {std::pair{&m.g_gate, p.w_gate.numel()}, {&m.g13, 2 * p.w1.numel()}, {&m.g2, p.w2.numel()}})
     SY_CUDA_CHECK(cudaMemset(g->need(size_t(n)), 0, size_t(n) * sizeof(float)));
   m.params_set = true;
 }
@@ -215,8 +222,7 @@ MoeForward CudaMoeLayer::Impl::forward_device(bool training) {
   mark("plan, offsets to host");
 
   xs.need(size_t(n * d));
-  h1.need(size_t(n * f));
-  h3.need(size_t(n * f));
+  h13.need(size_t(n * 2 * f));
   act.need(size_t(n * f));
   ys.need(size_t(n * d));
   y.need(size_t(T * d));
@@ -225,16 +231,15 @@ MoeForward CudaMoeLayer::Impl::forward_device(bool training) {
   auto rows_of = [&](int64_t e) { return std::pair{int64_t(plan.offsets[e]), plan.rows_of(e)}; };
   expert_gemms(E, 0.0f, CUDA_R_16BF, [&](int64_t e) {
     auto [r0, rows] = rows_of(e);
-    return ExpertGemm{false, false,           rows, f, d, xs.ptr + r0 * d, d, w1.ptr + e * d * f,
-                      f,     h1.ptr + r0 * f, f};
+    return ExpertGemm{false, false,
+                      rows,  2 * f,
+                      d,     xs.ptr + r0 * d,
+                      d,     w13.ptr + e * d * 2 * f,
+                      2 * f, h13.ptr + r0 * 2 * f,
+                      2 * f};
   });
-  expert_gemms(E, 0.0f, CUDA_R_16BF, [&](int64_t e) {
-    auto [r0, rows] = rows_of(e);
-    return ExpertGemm{false, false,           rows, f, d, xs.ptr + r0 * d, d, w3.ptr + e * d * f,
-                      f,     h3.ptr + r0 * f, f};
-  });
-  mark("gemm w1, w3");
-  SY_CUDA_CHECK(cuda::swiglu(h1.ptr, h3.ptr, size_t(n * f), act.ptr, stream));
+  mark("gemm w1|w3");
+  SY_CUDA_CHECK(cuda::swiglu(h13.ptr, size_t(n), size_t(f), act.ptr, stream));
   mark("swiglu");
   expert_gemms(E, 0.0f, CUDA_R_16BF, [&](int64_t e) {
     auto [r0, rows] = rows_of(e);
@@ -294,8 +299,7 @@ void CudaMoeLayer::Impl::backward_device() {
   SY_CUDA_CHECK(cuda::combine_backward(ys.ptr, dy.ptr, slot_row.ptr, weight.ptr, int(T), int(k),
                                        int(d), dys.ptr, dweight.ptr, stream));
   dact.need(size_t(n * f));
-  dh1.need(size_t(n * f));
-  dh3.need(size_t(n * f));
+  dh13.need(size_t(n * 2 * f));
   dxs.need(size_t(n * d));
   mark("combine backward");
   auto rows_of = [&](int64_t e) { return std::pair{int64_t(plan.offsets[e]), plan.rows_of(e)}; };
@@ -311,23 +315,28 @@ void CudaMoeLayer::Impl::backward_device() {
         false, true, rows, f, d, dys.ptr + r0 * d, d, w2.ptr + e * f * d, d, dact.ptr + r0 * f, f};
   });
   mark("gemm w2 backward");
-  SY_CUDA_CHECK(
-      cuda::swiglu_backward(h1.ptr, h3.ptr, dact.ptr, size_t(n * f), dh1.ptr, dh3.ptr, stream));
+  SY_CUDA_CHECK(cuda::swiglu_backward(h13.ptr, dact.ptr, size_t(n), size_t(f), dh13.ptr, stream));
   mark("swiglu backward");
-  // h = xs w: dw += xs^T dh, dxs = dh1 w1^T + dh3 w3^T.
-  for (auto [dh, g] : {std::pair{&dh1, &g1}, {&dh3, &g3}})
-    expert_gemms(E, 1.0f, CUDA_R_32F, [&](int64_t e) {
-      auto [r0, rows] = rows_of(e);
-      return ExpertGemm{
-          true, false, d, f, rows, xs.ptr + r0 * d, d, dh->ptr + r0 * f, f, g->ptr + e * d * f, f};
-    });
-  for (auto [dh, w, beta] : {std::tuple{&dh1, &w1, 0.0f}, {&dh3, &w3, 1.0f}})
-    expert_gemms(E, beta, CUDA_R_32F, [&](int64_t e) {
-      auto [r0, rows] = rows_of(e);
-      return ExpertGemm{
-          false, true, rows, d, f, dh->ptr + r0 * f, f, w->ptr + e * d * f, f, dxs.ptr + r0 * d, d};
-    });
-  mark("gemm w1, w3 backward");
+  // h13 = xs w13: dw13 += xs^T dh13, dxs = dh13 w13^T.
+  expert_gemms(E, 1.0f, CUDA_R_32F, [&](int64_t e) {
+    auto [r0, rows] = rows_of(e);
+    return ExpertGemm{true,  false,
+                      d,     2 * f,
+                      rows,  xs.ptr + r0 * d,
+                      d,     dh13.ptr + r0 * 2 * f,
+                      2 * f, g13.ptr + e * d * 2 * f,
+                      2 * f};
+  });
+  expert_gemms(E, 0.0f, CUDA_R_32F, [&](int64_t e) {
+    auto [r0, rows] = rows_of(e);
+    return ExpertGemm{false, true,
+                      rows,  d,
+                      2 * f, dh13.ptr + r0 * 2 * f,
+                      2 * f, w13.ptr + e * d * 2 * f,
+                      2 * f, dxs.ptr + r0 * d,
+                      d};
+  });
+  mark("gemm w1|w3 backward");
   // Router: the balance loss adds w_b E f_e / T to dprobs[t, e]; the z-loss adds
   // w_z 2 lse_t / T probs[t, e] to dlogits.
   std::vector<float> h_dbal(size_t(E), 0.0f);
@@ -370,11 +379,14 @@ MoeParams CudaMoeLayer::grads() const {
   const int64_t d = m.cfg.d_model, f = m.cfg.d_ff, E = m.cfg.n_experts;
   MoeParams g{Tensor({d, E}, DType::kF32), Tensor({E, d, f}, DType::kF32),
               Tensor({E, d, f}, DType::kF32), Tensor({E, f, d}, DType::kF32)};
-  for (auto [dst, src] : {std::pair{&g.w_gate, m.g_gate.ptr},
-                          {&g.w1, m.g1.ptr},
-                          {&g.w3, m.g3.ptr},
-                          {&g.w2, m.g2.ptr}})
+  for (auto [dst, src] : {std::pair{&g.w_gate, m.g_gate.ptr}, {&g.w2, m.g2.ptr}})
     SY_CUDA_CHECK(cudaMemcpy(dst->data<float>(), src, dst->nbytes(), cudaMemcpyDeviceToHost));
+  Tensor g13({E * d, 2 * f}, DType::kF32);  // rows of dw1 | dw3
+  SY_CUDA_CHECK(cudaMemcpy(g13.data<float>(), m.g13.ptr, g13.nbytes(), cudaMemcpyDeviceToHost));
+  for (int64_t r = 0; r < E * d; ++r) {
+    std::copy_n(g13.data<float>() + r * 2 * f, f, g.w1.data<float>() + r * f);
+    std::copy_n(g13.data<float>() + r * 2 * f + f, f, g.w3.data<float>() + r * f);
+  }
   return g;
 }
 
