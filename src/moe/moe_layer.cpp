@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 
 #include "switchyard/core/rng.h"
 #include "switchyard/kernels/cpu.h"
@@ -19,6 +20,21 @@ void timed(bool profile, double* slot, Fn&& fn) {
   const double t0 = wall_seconds();
   fn();
   *slot += wall_seconds() - t0;
+}
+
+// Batch prioritized routing: choice by choice, tokens in order of their top-1 router
+// probability, highest first (ties by token index). rank: [T*k] slot order for the plan.
+template <class T>
+void rank_by_priority(const RouterCache& rc, int64_t n_tok, int64_t k, std::vector<int32_t>& rank) {
+  ConstMatrixView<T> probs = rc.probs.matrix<T>();
+  std::vector<int32_t> order(static_cast<size_t>(n_tok));
+  std::iota(order.begin(), order.end(), 0);
+  auto score = [&](int32_t t) { return probs(t, rc.expert[size_t(t * k)]); };
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t a, int32_t b) { return score(a) > score(b); });
+  rank.resize(size_t(n_tok * k));
+  for (int64_t j = 0; j < k; ++j)
+    for (int64_t i = 0; i < n_tok; ++i) rank[size_t(j * n_tok + i)] = int32_t(order[i] * k + j);
 }
 
 }  // namespace
@@ -111,8 +127,11 @@ MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y
 
   timed(prof, &tm.router, [&] { router_.forward<T>(p.w_gate.matrix<T>(), xv, c.router); });
   timed(prof, &tm.plan, [&] {
-    build_dispatch_plan(c.router.expert, n_tok, cfg_.top_k, cfg_.n_experts,
-                        cfg_.capacity(n_tok, ctx.training), c.plan);
+    if (cfg_.batch_prioritized) rank_by_priority<T>(c.router, n_tok, cfg_.top_k, c.rank);
+    build_dispatch_plan(
+        c.router.expert, n_tok, cfg_.top_k, cfg_.n_experts, cfg_.capacity(n_tok, ctx.training),
+        c.plan,
+        cfg_.batch_prioritized ? std::span<const int32_t>(c.rank) : std::span<const int32_t>());
   });
   const int64_t n = c.plan.n_rows();
   c.xs.resize({n, d}, dt);

@@ -92,6 +92,9 @@ TEST(CudaLayerErrors, NamesWhatIsWrong) {
   }
   EXPECT_THROW(CudaMoeLayer(MoeConfig{.d_model = 12, .d_ff = 8, .n_experts = 2, .top_k = 1}),
                ConfigError);
+  MoeConfig prioritized{.d_model = 8, .d_ff = 8, .n_experts = 2, .top_k = 1};
+  prioritized.batch_prioritized = true;
+  EXPECT_THROW(CudaMoeLayer{prioritized}, ConfigError);
   CudaMoeLayer layer(MoeConfig{.d_model = 8, .d_ff = 8, .n_experts = 2, .top_k = 1});
   MoeParams bad = init_moe_params(MoeConfig{.d_model = 8, .d_ff = 4, .n_experts = 2, .top_k = 1},
                                   DType::kF32, 1);

@@ -143,7 +143,8 @@ INSTANTIATE_TEST_SUITE_P(Cases, LayerGrad,
                          ::testing::Values(testing::LayerCase{9, 6, 7, 4, 2, true, 0},
                                            testing::LayerCase{11, 5, 4, 3, 1, false, 0.7},
                                            testing::LayerCase{8, 7, 5, 5, 3, true, 0.6},
-                                           testing::LayerCase{1, 4, 3, 2, 2, false, 0}));
+                                           testing::LayerCase{1, 4, 3, 2, 2, false, 0},
+                                           testing::LayerCase{10, 5, 4, 3, 2, true, 0.6, true}));
 
 TEST(LayerGrad, ParameterGradientsAccumulate) {
   MoeConfig cfg{.d_model = 4, .d_ff = 3, .n_experts = 2, .top_k = 1, .dropless = true};

@@ -57,7 +57,9 @@ INSTANTIATE_TEST_SUITE_P(
                       LayerCase{20, 12, 10, 6, 6, true, 0},      // k = E
                       LayerCase{40, 9, 5, 3, 2, false, 0.5},     // heavy dropping
                       LayerCase{17, 33, 40, 8, 2, true, 2.0},
-                      LayerCase{0, 8, 16, 4, 2, true, 1.0}));  // T = 0
+                      LayerCase{0, 8, 16, 4, 2, true, 1.0},         // T = 0
+                      LayerCase{40, 9, 5, 3, 2, false, 0.5, true},  // prioritized dropping
+                      LayerCase{33, 16, 24, 8, 1, false, 1.0, true}));
 
 TEST(MoeLayer, DroplessEqualsHugeCapacity) {
   MoeConfig cfg{.d_model = 16, .d_ff = 24, .n_experts = 6, .top_k = 2};

@@ -18,10 +18,12 @@ namespace sy::testing {
 struct LayerCase {
   int64_t T, d, f, E, k;
   bool renorm;
-  double capacity_factor;  // 0: dropless
+  double capacity_factor;    // 0: dropless
+  bool prioritized = false;  // batch prioritized routing
   friend void PrintTo(const LayerCase& c, std::ostream* os) {
     *os << "T" << c.T << "_d" << c.d << "_f" << c.f << "_E" << c.E << "_k" << c.k
-        << (c.renorm ? "_renorm" : "") << "_cf" << c.capacity_factor;
+        << (c.renorm ? "_renorm" : "") << "_cf" << c.capacity_factor
+        << (c.prioritized ? "_bpr" : "");
   }
 };
 
@@ -30,6 +32,7 @@ inline MoeConfig config_of(const LayerCase& c) {
       .d_model = c.d, .d_ff = c.f, .n_experts = c.E, .top_k = c.k, .renormalize = c.renorm};
   cfg.dropless = c.capacity_factor == 0;
   if (!cfg.dropless) cfg.capacity_factor_train = cfg.capacity_factor_eval = c.capacity_factor;
+  cfg.batch_prioritized = c.prioritized;
   return cfg;
 }
 
@@ -49,6 +52,7 @@ inline NaiveMoe naive_moe(const MoeConfig& cfg, const MoeParams& p, const Tensor
   NaiveMoe out{std::vector<double>(size_t(T * d), 0.0), std::vector<bool>(size_t(T * k)),
                std::vector<int32_t>(size_t(T * k))};
   std::vector<std::vector<double>> weight(static_cast<size_t>(T));
+  std::vector<double> top1_prob(static_cast<size_t>(T));
   for (int64_t t = 0; t < T; ++t) {
     std::vector<double> logit(static_cast<size_t>(E), 0.0);
     for (int64_t e = 0; e < E; ++e)
@@ -60,6 +64,7 @@ inline NaiveMoe naive_moe(const MoeConfig& cfg, const MoeParams& p, const Tensor
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(),
                      [&](int32_t a, int32_t b) { return logit[a] > logit[b]; });
+    top1_prob[t] = std::exp(logit[order[0]] - mx) / z;
     double sum = 0;
     for (int64_t j = 0; j < k; ++j) {
       out.expert[t * k + j] = order[j];
@@ -69,10 +74,19 @@ inline NaiveMoe naive_moe(const MoeConfig& cfg, const MoeParams& p, const Tensor
     if (cfg.renormalize)
       for (double& w : weight[t]) w /= sum;
   }
-  // Capacity: first choices of all tokens in order, then second choices, ...
+  // Capacity: first choices of all tokens, then second choices, ...; tokens in index order,
+  // or with batch prioritized routing by their top-1 probability, highest first.
+  std::vector<int64_t> token_order(static_cast<size_t>(T));
+  std::iota(token_order.begin(), token_order.end(), 0);
+  if (cfg.batch_prioritized) {
+    std::vector<double> top1(static_cast<size_t>(T));
+    for (int64_t t = 0; t < T; ++t) top1[t] = top1_prob[t];
+    std::stable_sort(token_order.begin(), token_order.end(),
+                     [&](int64_t a, int64_t b) { return top1[a] > top1[b]; });
+  }
   std::vector<int64_t> used(size_t(E), 0);
   for (int64_t j = 0; j < k; ++j)
-    for (int64_t t = 0; t < T; ++t) {
+    for (int64_t t : token_order) {
       const int32_t e = out.expert[t * k + j];
       out.kept[t * k + j] = capacity < 0 || used[e] < capacity;
       if (out.kept[t * k + j]) ++used[e];

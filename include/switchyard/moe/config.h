@@ -19,6 +19,10 @@ struct MoeConfig {
   double capacity_factor_train = 1.25;
   double capacity_factor_eval = 2.0;
   bool dropless = false;  // no capacity: every chosen slot is computed
+  // Batch prioritized routing (V-MoE, Riquelme et al. 2021): when capacity binds, tokens with
+  // the highest top-1 router probability keep their slots first, still choice by choice.
+  // Off: token order within each choice.
+  bool batch_prioritized = false;
   // Weights of the auxiliary losses added to the training loss (0 turns one off).
   double loss_balance_weight = 0.01;  // Switch load-balancing loss, E * sum_e f_e P_e
   double loss_z_weight = 0.001;       // router z-loss, mean_t logsumexp(logits_t)^2

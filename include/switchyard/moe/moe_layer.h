@@ -61,7 +61,8 @@ struct MoeCache {
   Tensor x;  // [T, d] copy of the input (router backward needs it)
   RouterCache router;
   DispatchPlan plan;
-  Tensor xs, ys;  // [n, d]: dispatched rows and expert outputs
+  std::vector<int32_t> rank;  // [T*k]: slot order for capacity, with batch_prioritized
+  Tensor xs, ys;              // [n, d]: dispatched rows and expert outputs
   ExpertsCache experts;
   Tensor dys, dxs, dweight;  // backward's scratch: [n, d], [n, d], [T, k]
   MoeTimes times;

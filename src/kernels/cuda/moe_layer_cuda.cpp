@@ -151,6 +151,10 @@ CudaMoeLayer::CudaMoeLayer(const MoeConfig& cfg) : impl_(std::make_unique<Impl>(
   if (cfg.d_model % 8 != 0)
     throw ConfigError(
         fmt::format("moe.d_model = {}: the CUDA backend needs a multiple of 8", cfg.d_model));
+  if (cfg.batch_prioritized)
+    throw ConfigError(
+        "moe.batch_prioritized = true: not supported by the CUDA backend yet (its plan is "
+        "built on the device in choice-major token order)");
   if (!cuda_available()) throw Error("CUDA backend: no usable CUDA device");
   impl_->cfg = cfg;
   SY_CUDA_CHECK(cudaStreamCreate(&impl_->stream));
