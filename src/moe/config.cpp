@@ -32,6 +32,7 @@ void MoeConfig::validate() const {
   };
   weight("loss_balance_weight", loss_balance_weight);
   weight("loss_z_weight", loss_z_weight);
+  weight("bias_update_rate", bias_update_rate);
 }
 
 int64_t MoeConfig::capacity(int64_t n_tokens, bool training) const {

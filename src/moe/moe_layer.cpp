@@ -67,12 +67,14 @@ MoeParams init_moe_params(const MoeConfig& cfg, DType dtype, uint64_t seed) {
   p.w1 = init({E, d, f}, d, 1);
   p.w3 = init({E, d, f}, d, 2);
   p.w2 = init({E, f, d}, f, 3);
+  p.expert_bias = Tensor({E}, dtype);
   return p;
 }
 
 MoeParams zeros_like(const MoeParams& p) {
   return {Tensor(p.w_gate.shape(), p.w_gate.dtype()), Tensor(p.w1.shape(), p.w1.dtype()),
-          Tensor(p.w3.shape(), p.w3.dtype()), Tensor(p.w2.shape(), p.w2.dtype())};
+          Tensor(p.w3.shape(), p.w3.dtype()), Tensor(p.w2.shape(), p.w2.dtype()),
+          p.expert_bias.empty() ? Tensor() : Tensor(p.expert_bias.shape(), p.expert_bias.dtype())};
 }
 
 MoeLayer::MoeLayer(const MoeConfig& cfg) : cfg_(cfg), router_((cfg.validate(), cfg)) {}
@@ -83,6 +85,13 @@ void MoeLayer::check_params(const MoeParams& p) const {
   expect_shape(p.w1, {E, d, f}, "moe.w1");
   expect_shape(p.w3, {E, d, f}, "moe.w3");
   expect_shape(p.w2, {E, f, d}, "moe.w2");
+  if (!p.expert_bias.empty()) {
+    expect_shape(p.expert_bias, {E}, "moe.expert_bias");
+    if (p.expert_bias.dtype() != p.w_gate.dtype())
+      throw ShapeError(fmt::format("moe.expert_bias is {}: expected moe.w_gate's dtype {}",
+                                   dtype_name(p.expert_bias.dtype()),
+                                   dtype_name(p.w_gate.dtype())));
+  }
   if (p.w1.dtype() != p.w3.dtype() || p.w1.dtype() != p.w2.dtype())
     throw ShapeError(fmt::format("moe expert weights: dtypes w1 {}, w3 {}, w2 {}: expected one",
                                  dtype_name(p.w1.dtype()), dtype_name(p.w3.dtype()),
@@ -125,7 +134,9 @@ MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y
   y.resize({n_tok, d}, dt);
   ConstMatrixView<T> xv = c.x.matrix<T>();
 
-  timed(prof, &tm.router, [&] { router_.forward<T>(p.w_gate.matrix<T>(), xv, c.router); });
+  std::span<const T> bias;
+  if (!p.expert_bias.empty()) bias = p.expert_bias.span<T>();
+  timed(prof, &tm.router, [&] { router_.forward<T>(p.w_gate.matrix<T>(), xv, c.router, bias); });
   timed(prof, &tm.plan, [&] {
     if (cfg_.batch_prioritized) rank_by_priority<T>(c.router, n_tok, cfg_.top_k, c.rank);
     build_dispatch_plan(
@@ -201,6 +212,28 @@ void MoeLayer::backward_impl(const MoeParams& p, MoeCache& c, const Tensor& dy, 
   });
   timed(prof, &tm.backward_scatter,
         [&] { cpu::scatter_add_rows<T>(c.dxs.matrix<T>(), c.plan.row_token, {}, dx.matrix<T>()); });
+}
+
+void MoeLayer::update_bias(MoeParams& p, const RoutingStats& stats) const {
+  const int64_t E = cfg_.n_experts;
+  SY_CHECK(int64_t(stats.demand.size()) == E, "stats for {} experts, layer has {}",
+           stats.demand.size(), E);
+  if (p.expert_bias.empty()) p.expert_bias = Tensor({E}, p.w_gate.dtype());
+  expect_shape(p.expert_bias, {E}, "moe.expert_bias");
+  double mean = 0;
+  for (int64_t n : stats.demand) mean += double(n);
+  mean /= double(E);
+  auto step = [&](auto* b) {
+    for (int64_t e = 0; e < E; ++e) {
+      const double load = double(stats.demand[e]);
+      const double sign = load < mean ? 1.0 : (load > mean ? -1.0 : 0.0);
+      b[e] += decltype(+b[e])(cfg_.bias_update_rate * sign);
+    }
+  };
+  if (p.expert_bias.dtype() == DType::kF64)
+    step(p.expert_bias.data<double>());
+  else
+    step(p.expert_bias.data<float>());
 }
 
 size_t MoeLayer::dispatch_bytes(const MoeCache& c) {

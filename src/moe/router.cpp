@@ -10,7 +10,8 @@ namespace sy {
 Router::Router(const MoeConfig& cfg) : cfg_(cfg) {}
 
 template <class T>
-void Router::forward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCache& c) const {
+void Router::forward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCache& c,
+                     std::span<const T> bias) const {
   const int64_t n_tok = x.rows, E = cfg_.n_experts, k = cfg_.top_k;
   const DType dt = dtype_of<T>();
   c.logits.resize({n_tok, E}, dt);
@@ -26,8 +27,28 @@ void Router::forward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCach
   cpu::softmax_rows<T>(c.logits.matrix<T>(), c.probs.matrix<T>(), c.lse.span<T>());
   MatrixView<int32_t> expert{c.expert.data(), n_tok, k};
   MatrixView<T> weight = c.weight.matrix<T>();
-  cpu::topk_rows<T>(c.probs.matrix<T>(), expert, weight);
-  if (cfg_.renormalize) {
+  if (cfg_.gating == Gating::kSigmoidBias) {
+    // Choose by s + bias, weigh by s alone, normalised over the chosen experts.
+    c.scores.resize({n_tok, E}, dt);
+    MatrixView<T> s = c.scores.matrix<T>();
+    ConstMatrixView<T> logits = c.logits.matrix<T>();
+    c.choice.resize({n_tok, E}, dt);
+    MatrixView<T> b = c.choice.matrix<T>();
+    for (int64_t t = 0; t < n_tok; ++t)
+      for (int64_t e = 0; e < E; ++e) {
+        s(t, e) = T(1) / (T(1) + std::exp(-logits(t, e)));
+        b(t, e) = s(t, e) + (bias.empty() ? T(0) : bias[e]);
+      }
+    cpu::topk_rows<T>(b, expert, weight);
+    for (int64_t t = 0; t < n_tok; ++t) {
+      T sum = 0;
+      for (int64_t j = 0; j < k; ++j) sum += (weight(t, j) = s(t, expert(t, j)));
+      for (int64_t j = 0; j < k; ++j) weight(t, j) /= sum;
+    }
+  } else {
+    cpu::topk_rows<T>(c.probs.matrix<T>(), expert, weight);
+  }
+  if (cfg_.gating == Gating::kSoftmaxTopK && cfg_.renormalize) {
     for (int64_t t = 0; t < n_tok; ++t) {
       T sum = 0;
       for (int64_t j = 0; j < k; ++j) sum += weight(t, j);
@@ -78,6 +99,7 @@ void Router::backward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCac
     T* dp = dprobs.row(t);
     for (int64_t e = 0; e < E; ++e) dp[e] = dbal[e];
     const int32_t* ex = c.expert.data() + t * k;
+    if (cfg_.gating == Gating::kSigmoidBias) continue;  // its weights come from s, below
     if (cfg_.renormalize) {
       // weight_j = p_j / S with S = sum_i p_i:  dp_i = (dweight_i - <dweight, weight>) / S.
       T sum_p = 0, dot = 0;
@@ -99,12 +121,30 @@ void Router::backward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCac
     for (int64_t t = 0; t < n_tok; ++t)
       for (int64_t e = 0; e < E; ++e) dlogits(t, e) += scale * lse[t] * probs(t, e);
   }
+  if (cfg_.gating == Gating::kSigmoidBias) {
+    // weight_j = s_j / S: ds_i = (dweight_i - <dweight, weight>) / S, and ds/dlogit = s (1 - s).
+    ConstMatrixView<T> s = c.scores.matrix<T>();
+    for (int64_t t = 0; t < n_tok; ++t) {
+      const int32_t* ex = c.expert.data() + t * k;
+      T sum_s = 0, dot = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        sum_s += s(t, ex[j]);
+        dot += dweight(t, j) * weight(t, j);
+      }
+      for (int64_t j = 0; j < k; ++j) {
+        const T sv = s(t, ex[j]);
+        dlogits(t, ex[j]) += (dweight(t, j) - dot) / sum_s * sv * (T(1) - sv);
+      }
+    }
+  }
   cpu::gemm<T>(true, false, T(1), x, dlogits, T(1), dw_gate);
   cpu::gemm<T>(false, true, T(1), dlogits, w_gate, T(0), dx);
 }
 
-template void Router::forward(ConstMatrixView<float>, ConstMatrixView<float>, RouterCache&) const;
-template void Router::forward(ConstMatrixView<double>, ConstMatrixView<double>, RouterCache&) const;
+template void Router::forward(ConstMatrixView<float>, ConstMatrixView<float>, RouterCache&,
+                              std::span<const float>) const;
+template void Router::forward(ConstMatrixView<double>, ConstMatrixView<double>, RouterCache&,
+                              std::span<const double>) const;
 template void Router::backward(ConstMatrixView<float>, ConstMatrixView<float>, RouterCache&,
                                ConstMatrixView<float>, MatrixView<float>, MatrixView<float>) const;
 template void Router::backward(ConstMatrixView<double>, ConstMatrixView<double>, RouterCache&,

@@ -62,6 +62,33 @@ INSTANTIATE_TEST_SUITE_P(Cases, RouterGrad,
                                            RouterCase{2, true, 0.5, 0, false},    // balance only
                                            RouterCase{2, true, 0, 0.5, false}));  // z only
 
+TEST(RouterGrad, SigmoidGatingWithBias) {
+  const int64_t T = 7, d = 5, E = 6, k = 2;
+  MoeConfig cfg{.d_model = d,
+                .d_ff = 3,
+                .n_experts = E,
+                .top_k = k,
+                .gating = Gating::kSigmoidBias,
+                .loss_balance_weight = 0.2,
+                .loss_z_weight = 0.1};
+  cfg.validate();
+  Router router(cfg);
+  Tensor x = random_tensor({T, d}, DType::kF64, 1), w = random_tensor({d, E}, DType::kF64, 2);
+  Tensor bias = random_tensor({E}, DType::kF64, 4, -0.2, 0.2);
+  Tensor r = random_tensor({T, k}, DType::kF64, 3);
+  RouterCache c;
+  auto loss = [&] {
+    router.forward<double>(w.matrix<double>(), x.matrix<double>(), c, bias.span<double>());
+    return dot(c.weight.span<double>(), r.span<double>()) + c.loss_balance + c.loss_z;
+  };
+  loss();
+  Tensor dw({d, E}, DType::kF64), dx({T, d}, DType::kF64);
+  router.backward<double>(w.matrix<double>(), x.matrix<double>(), c, r.matrix<double>(),
+                          dw.matrix<double>(), dx.matrix<double>());
+  expect_grad_close(loss, w.span<double>(), dw.span<double>(), "dw_gate");
+  expect_grad_close(loss, x.span<double>(), dx.span<double>(), "dx");
+}
+
 TEST(ExpertsGrad, MatchesFiniteDifferences) {
   const int64_t d = 5, f = 6, E = 3;
   std::vector<int32_t> offsets = {0, 4, 4, 7};  // an expert with no rows

@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "moe/moe_reference.h"
+#include "switchyard/core/rng.h"
 #include "switchyard/kernels/ref.h"
 #include "testing/testing.h"
 
@@ -60,6 +61,52 @@ INSTANTIATE_TEST_SUITE_P(
                       LayerCase{0, 8, 16, 4, 2, true, 1.0},         // T = 0
                       LayerCase{40, 9, 5, 3, 2, false, 0.5, true},  // prioritized dropping
                       LayerCase{33, 16, 24, 8, 1, false, 1.0, true}));
+
+TEST(MoeLayer, SigmoidGatingWithBiasMatchesNaive) {
+  for (double cf : {0.0, 0.75}) {
+    MoeConfig cfg{
+        .d_model = 12, .d_ff = 10, .n_experts = 6, .top_k = 2, .gating = Gating::kSigmoidBias};
+    cfg.dropless = cf == 0;
+    if (!cfg.dropless) cfg.capacity_factor_train = cf;
+    MoeParams p = init_moe_params(cfg, DType::kF64, 41);
+    fill_uniform(p.expert_bias.span<double>(), Philox(41, 9), -0.3, 0.3);
+    Tensor x = random_tensor({31, 12}, DType::kF64, 42, -2, 2), y;
+    MoeCache cache;
+    MoeLayer(cfg).forward(p, x, y, cache, {});
+    testing::NaiveMoe want = testing::naive_moe(cfg, p, x, cfg.capacity(31, true));
+    EXPECT_EQ(cache.router.expert, want.expert);
+    std::vector<bool> kept;
+    for (int32_t r : cache.plan.slot_row) kept.push_back(r >= 0);
+    EXPECT_EQ(kept, want.kept);
+    EXPECT_LE(testing::max_scaled_error(y.span<double>(), want.y, 1e-12, 1e-10), 1.0);
+  }
+}
+
+TEST(MoeLayer, BiasUpdatesBalanceASkewedRouter) {
+  // A router that sends most tokens to expert 0; repeated bias updates, as after each training
+  // step, must even the load out without touching the router's weights.
+  MoeConfig cfg{.d_model = 16,
+                .d_ff = 8,
+                .n_experts = 8,
+                .top_k = 2,
+                .gating = Gating::kSigmoidBias,
+                .dropless = true,
+                .bias_update_rate = 0.01};
+  MoeParams p = init_moe_params(cfg, DType::kF32, 5);
+  for (int64_t c = 0; c < 16; ++c) p.w_gate.matrix<float>()(c, 0) += 0.5f;
+  Tensor x = random_tensor({512, 16}, DType::kF32, 6, 0.0, 1.0), y;
+  MoeLayer layer(cfg);
+  MoeCache cache;
+  const double before = layer.forward(p, x, y, cache, {}).stats.load_max_over_mean;
+  RoutingStats stats;
+  for (int step = 0; step < 300; ++step) {
+    stats = layer.forward(p, x, y, cache, {}).stats;
+    layer.update_bias(p, stats);
+  }
+  EXPECT_GT(before, 2.0);
+  EXPECT_LT(stats.load_max_over_mean, 1.3);
+  EXPECT_LT(p.expert_bias.data<float>()[0], 0.0f);  // the overloaded expert was pushed down
+}
 
 TEST(MoeLayer, DroplessEqualsHugeCapacity) {
   MoeConfig cfg{.d_model = 16, .d_ff = 24, .n_experts = 6, .top_k = 2};

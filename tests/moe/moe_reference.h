@@ -62,6 +62,23 @@ inline NaiveMoe naive_moe(const MoeConfig& cfg, const MoeParams& p, const Tensor
     for (double l : logit) z += std::exp(l - mx);
     std::vector<int32_t> order(static_cast<size_t>(E));
     std::iota(order.begin(), order.end(), 0);
+    if (cfg.gating == Gating::kSigmoidBias) {
+      // Choose by sigmoid(logit) + bias; weigh by the chosen sigmoids, normalised.
+      auto sig = [&](int32_t e) { return 1.0 / (1.0 + std::exp(-logit[e])); };
+      auto bias = [&](int32_t e) {
+        return p.expert_bias.empty() ? 0.0 : p.expert_bias.data<double>()[e];
+      };
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int32_t a, int32_t b) { return sig(a) + bias(a) > sig(b) + bias(b); });
+      double sum = 0;
+      for (int64_t j = 0; j < k; ++j) sum += sig(order[j]);
+      for (int64_t j = 0; j < k; ++j) {
+        out.expert[t * k + j] = order[j];
+        weight[t].push_back(sig(order[j]) / sum);
+      }
+      top1_prob[t] = std::exp(logit[out.expert[t * k]] - mx) / z;
+      continue;
+    }
     std::stable_sort(order.begin(), order.end(),
                      [&](int32_t a, int32_t b) { return logit[a] > logit[b]; });
     top1_prob[t] = std::exp(logit[order[0]] - mx) / z;

@@ -6,11 +6,20 @@
 
 namespace sy {
 
+// How the router turns logits into a choice of experts and their weights.
+//   kSoftmaxTopK: top-k of softmax(logits); weights the chosen probabilities (see renormalize).
+//   kSigmoidBias: scores s = sigmoid(logits); top-k of s + expert_bias chooses, the weights are
+//     the chosen s normalised to sum to 1; the bias never enters the weights or the gradient,
+//     and MoeLayer::update_bias moves it against the observed load (DeepSeek-V3's
+//     auxiliary-loss-free balancing).
+enum class Gating { kSoftmaxTopK, kSigmoidBias };
+
 struct MoeConfig {
   int64_t d_model = 0;    // token width d
   int64_t d_ff = 0;       // hidden width f of each SwiGLU expert
   int64_t n_experts = 0;  // E
   int64_t top_k = 2;      // experts per token, 1..E
+  Gating gating = Gating::kSoftmaxTopK;
   // Rescale the k chosen probabilities to sum to 1 (Mixtral); off: the raw softmax values
   // (Switch, GShard's first expert).
   bool renormalize = true;
@@ -26,6 +35,8 @@ struct MoeConfig {
   // Weights of the auxiliary losses added to the training loss (0 turns one off).
   double loss_balance_weight = 0.01;  // Switch load-balancing loss, E * sum_e f_e P_e
   double loss_z_weight = 0.001;       // router z-loss, mean_t logsumexp(logits_t)^2
+  // kSigmoidBias: step of each bias update, b_e += rate * sign(mean load - load_e).
+  double bias_update_rate = 0.001;
 
   void validate() const;
   // Rows each expert takes for n_tokens tokens; -1 means unbounded (dropless).

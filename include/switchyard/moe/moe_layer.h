@@ -33,6 +33,9 @@ struct MoeParams {
   Tensor w1;      // [E, d, f]  gate projection
   Tensor w3;      // [E, d, f]  up projection
   Tensor w2;      // [E, f, d]  down projection
+  // [E] or empty (zero): Gating::kSigmoidBias's balancing bias. Not trained by gradients (its
+  // gradient stays zero); MoeLayer::update_bias moves it.
+  Tensor expert_bias;
 };
 
 // Router weights ~ N(0, 1/d); expert weights ~ N(0, 1/fan_in). Deterministic in seed.
@@ -85,6 +88,11 @@ class MoeLayer {
   // dy: [T, d] -> dx: [T, d] (=), g (+=). Needs the cache of the forward call just before.
   void backward(const MoeParams& p, MoeCache& cache, const Tensor& dy, MoeParams& g, Tensor& dx,
                 const ExecContext& ctx) const;
+
+  // Auxiliary-loss-free balancing (Gating::kSigmoidBias): after a step whose routing gave
+  // `stats`, b_e += cfg.bias_update_rate * sign(mean load - load_e), so overloaded experts are
+  // chosen less often. Allocates p.expert_bias (zeros) if it is empty.
+  void update_bias(MoeParams& p, const RoutingStats& stats) const;
 
   // Extra memory for dispatch in a cache after forward: the plan's indices plus the dispatched
   // rows xs and ys, i.e. O(T k d); no [T, E, C] tensor exists.

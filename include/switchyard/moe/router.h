@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "switchyard/core/tensor.h"
@@ -20,6 +21,8 @@ struct RouterCache {
   Tensor probs;                 // [T, E]
   Tensor lse;                   // [T]
   std::vector<int32_t> expert;  // [T*k]: slot t*k+j holds token t's j-th choice, best first
+  Tensor scores;                // [T, E]: sigmoid(logits), with Gating::kSigmoidBias only
+  Tensor choice;                // [T, E]: scores + bias, forward's scratch for the top-k
   Tensor weight;                // [T, k]: combine weights
   std::vector<int32_t> demand;  // [E]: slots that chose each expert
   double loss_balance = 0;      // weighted, as added to the training loss
@@ -31,9 +34,11 @@ class Router {
  public:
   explicit Router(const MoeConfig& cfg);  // cfg must already be validated
 
-  // w_gate: [d, E], x: [T, d] -> cache (expert, weight, losses, ...)
+  // w_gate: [d, E], x: [T, d] -> cache (expert, weight, losses, ...). bias: [E] or empty (zero);
+  // used by Gating::kSigmoidBias for the choice of experts only.
   template <class T>
-  void forward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCache& cache) const;
+  void forward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCache& cache,
+               std::span<const T> bias = {}) const;
 
   // dweight: [T, k] (gradient of the task loss w.r.t. the combine weights). Adds the gradients
   // of the auxiliary losses. dw_gate: [d, E] (+=), dx: [T, d] (=).
