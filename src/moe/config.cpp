@@ -33,6 +33,11 @@ void MoeConfig::validate() const {
   weight("loss_balance_weight", loss_balance_weight);
   weight("loss_z_weight", loss_z_weight);
   weight("bias_update_rate", bias_update_rate);
+  if (n_shared_experts < 0)
+    throw ConfigError(fmt::format("moe.n_shared_experts = {}: expected >= 0", n_shared_experts));
+  if (d_ff_shared < 0)
+    throw ConfigError(
+        fmt::format("moe.d_ff_shared = {}: expected >= 0 (0: moe.d_ff)", d_ff_shared));
 }
 
 int64_t MoeConfig::capacity(int64_t n_tokens, bool training) const {

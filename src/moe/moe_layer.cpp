@@ -3,6 +3,7 @@
 #include "switchyard/moe/moe_layer.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <numeric>
 
@@ -68,13 +69,19 @@ MoeParams init_moe_params(const MoeConfig& cfg, DType dtype, uint64_t seed) {
   p.w3 = init({E, d, f}, d, 2);
   p.w2 = init({E, f, d}, f, 3);
   p.expert_bias = Tensor({E}, dtype);
+  if (const int64_t S = cfg.n_shared_experts; S > 0) {
+    const int64_t g = cfg.shared_width();
+    p.shared_w1 = init({S, d, g}, d, 4);
+    p.shared_w3 = init({S, d, g}, d, 5);
+    p.shared_w2 = init({S, g, d}, g, 6);
+  }
   return p;
 }
 
 MoeParams zeros_like(const MoeParams& p) {
-  return {Tensor(p.w_gate.shape(), p.w_gate.dtype()), Tensor(p.w1.shape(), p.w1.dtype()),
-          Tensor(p.w3.shape(), p.w3.dtype()), Tensor(p.w2.shape(), p.w2.dtype()),
-          p.expert_bias.empty() ? Tensor() : Tensor(p.expert_bias.shape(), p.expert_bias.dtype())};
+  auto zeros = [](const Tensor& t) { return t.empty() ? Tensor() : Tensor(t.shape(), t.dtype()); };
+  return {zeros(p.w_gate),      zeros(p.w1),        zeros(p.w3),        zeros(p.w2),
+          zeros(p.expert_bias), zeros(p.shared_w1), zeros(p.shared_w3), zeros(p.shared_w2)};
 }
 
 MoeLayer::MoeLayer(const MoeConfig& cfg) : cfg_(cfg), router_((cfg.validate(), cfg)) {}
@@ -85,6 +92,18 @@ void MoeLayer::check_params(const MoeParams& p) const {
   expect_shape(p.w1, {E, d, f}, "moe.w1");
   expect_shape(p.w3, {E, d, f}, "moe.w3");
   expect_shape(p.w2, {E, f, d}, "moe.w2");
+  if (const int64_t S = cfg_.n_shared_experts; S > 0) {
+    const int64_t g = cfg_.shared_width();
+    expect_shape(p.shared_w1, {S, d, g}, "moe.shared_w1");
+    expect_shape(p.shared_w3, {S, d, g}, "moe.shared_w3");
+    expect_shape(p.shared_w2, {S, g, d}, "moe.shared_w2");
+    for (const Tensor* t : {&p.shared_w1, &p.shared_w3, &p.shared_w2})
+      if (t->dtype() != p.w_gate.dtype())
+        throw ShapeError(fmt::format("moe shared experts are {}: expected moe.w_gate's dtype {}",
+                                     dtype_name(t->dtype()), dtype_name(p.w_gate.dtype())));
+  } else if (!p.shared_w1.empty() || !p.shared_w3.empty() || !p.shared_w2.empty()) {
+    throw ShapeError("moe.shared_w1/w3/w2 are set but moe.n_shared_experts is 0");
+  }
   if (!p.expert_bias.empty()) {
     expect_shape(p.expert_bias, {E}, "moe.expert_bias");
     if (p.expert_bias.dtype() != p.w_gate.dtype())
@@ -156,6 +175,22 @@ MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y
   timed(prof, &tm.combine, [&] {
     combine_rows<T>(c.ys.matrix<T>(), c.plan, c.router.weight.matrix<T>(), y.matrix<T>());
   });
+  // Shared experts: every token, weight 1, added to y.
+  const int64_t S = cfg_.n_shared_experts;
+  c.shared.resize(size_t(S));
+  timed(prof, &tm.shared, [&] {
+    const std::array<int32_t, 2> all{0, int32_t(n_tok)};
+    c.shared_y.resize({n_tok, d}, dt);
+    for (int64_t s = 0; s < S; ++s) {
+      experts_forward<T>(p.shared_w1.stacked<T>().one(s), p.shared_w3.stacked<T>().one(s),
+                         p.shared_w2.stacked<T>().one(s), xv, all, c.shared_y.matrix<T>(),
+                         c.shared[s]);
+      T* out = y.data<T>();
+      const T* add = c.shared_y.data<T>();
+#pragma omp parallel for schedule(static) if (n_tok * d > (1 << 16))
+      for (int64_t i = 0; i < n_tok * d; ++i) out[i] += add[i];
+    }
+  });
   // Mean over tokens of the router's entropy -sum_e p log p, in nats.
   double h = 0;
   for (T p : c.router.probs.template span<T>())
@@ -212,6 +247,19 @@ void MoeLayer::backward_impl(const MoeParams& p, MoeCache& c, const Tensor& dy, 
   });
   timed(prof, &tm.backward_scatter,
         [&] { cpu::scatter_add_rows<T>(c.dxs.matrix<T>(), c.plan.row_token, {}, dx.matrix<T>()); });
+  // Shared experts: their input is x itself, so their dx adds straight onto dx.
+  const std::array<int32_t, 2> all{0, int32_t(n_tok)};
+  for (int64_t s = 0; s < cfg_.n_shared_experts; ++s) {
+    experts_backward<T>(p.shared_w1.stacked<T>().one(s), p.shared_w3.stacked<T>().one(s),
+                        p.shared_w2.stacked<T>().one(s), c.x.matrix<T>(), all, dy.matrix<T>(),
+                        c.shared[s], g.shared_w1.stacked<T>().one(s),
+                        g.shared_w3.stacked<T>().one(s), g.shared_w2.stacked<T>().one(s),
+                        c.shared_y.matrix<T>());
+    T* out = dx.data<T>();
+    const T* add = c.shared_y.data<T>();
+#pragma omp parallel for schedule(static) if (n_tok * d > (1 << 16))
+    for (int64_t i = 0; i < n_tok * d; ++i) out[i] += add[i];
+  }
 }
 
 void MoeLayer::update_bias(MoeParams& p, const RoutingStats& stats) const {

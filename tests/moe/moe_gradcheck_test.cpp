@@ -143,6 +143,11 @@ TEST_P(LayerGrad, MatchesFiniteDifferences) {
   expect_grad_close(loss, p.w1.span<double>(), g.w1.span<double>(), "dw1");
   expect_grad_close(loss, p.w3.span<double>(), g.w3.span<double>(), "dw3");
   expect_grad_close(loss, p.w2.span<double>(), g.w2.span<double>(), "dw2");
+  if (lc.n_shared > 0) {
+    expect_grad_close(loss, p.shared_w1.span<double>(), g.shared_w1.span<double>(), "dshared_w1");
+    expect_grad_close(loss, p.shared_w3.span<double>(), g.shared_w3.span<double>(), "dshared_w3");
+    expect_grad_close(loss, p.shared_w2.span<double>(), g.shared_w2.span<double>(), "dshared_w2");
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, LayerGrad,
@@ -150,7 +155,8 @@ INSTANTIATE_TEST_SUITE_P(Cases, LayerGrad,
                                            testing::LayerCase{11, 5, 4, 3, 1, false, 0.7},
                                            testing::LayerCase{8, 7, 5, 5, 3, true, 0.6},
                                            testing::LayerCase{1, 4, 3, 2, 2, false, 0},
-                                           testing::LayerCase{10, 5, 4, 3, 2, true, 0.6, true}));
+                                           testing::LayerCase{10, 5, 4, 3, 2, true, 0.6, true},
+                                           testing::LayerCase{9, 6, 7, 4, 2, true, 0.8, false, 2}));
 
 TEST(LayerGrad, ParameterGradientsAccumulate) {
   MoeConfig cfg{.d_model = 4, .d_ff = 3, .n_experts = 2, .top_k = 1, .dropless = true};

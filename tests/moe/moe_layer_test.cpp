@@ -42,8 +42,7 @@ TEST_P(LayerVsNaive, MatchesInF64AndF32) {
   EXPECT_DOUBLE_EQ(out.stats.dropped_fraction, c.T ? double(dropped) / double(c.T * c.k) : 0.0);
 
   // f32 path: same routing on these inputs, values to float rounding.
-  MoeParams pf{convert(p.w_gate, DType::kF32), convert(p.w1, DType::kF32),
-               convert(p.w3, DType::kF32), convert(p.w2, DType::kF32)};
+  MoeParams pf = testing::convert_params(p, DType::kF32);
   Tensor xf = convert(x, DType::kF32), yf;
   layer.forward(pf, xf, yf, cache, {});
   Tensor yf64 = convert(yf, DType::kF64);
@@ -60,7 +59,8 @@ INSTANTIATE_TEST_SUITE_P(
                       LayerCase{17, 33, 40, 8, 2, true, 2.0},
                       LayerCase{0, 8, 16, 4, 2, true, 1.0},         // T = 0
                       LayerCase{40, 9, 5, 3, 2, false, 0.5, true},  // prioritized dropping
-                      LayerCase{33, 16, 24, 8, 1, false, 1.0, true}));
+                      LayerCase{33, 16, 24, 8, 1, false, 1.0, true},
+                      LayerCase{13, 7, 9, 5, 2, true, 1.0, false, 2}));  // shared experts
 
 TEST(MoeLayer, SigmoidGatingWithBiasMatchesNaive) {
   for (double cf : {0.0, 0.75}) {
@@ -276,6 +276,8 @@ TEST(MoeConfig, BadValuesNameTheField) {
   EXPECT_EQ(
       with([](MoeConfig& c) { c.capacity_factor_eval = -1; }),
       "moe.capacity_factor_eval = -1: expected a finite value > 0 (or set moe.dropless = true)");
+  EXPECT_EQ(with([](MoeConfig& c) { c.n_shared_experts = -1; }),
+            "moe.n_shared_experts = -1: expected >= 0");
   EXPECT_EQ(with([](MoeConfig& c) { c.loss_z_weight = -0.1; }),
             "moe.loss_z_weight = -0.1: expected a finite value >= 0");
   EXPECT_EQ(with([](MoeConfig& c) { c.capacity_factor_train = 0, c.dropless = true; }), "no error");

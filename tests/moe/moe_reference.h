@@ -20,10 +20,11 @@ struct LayerCase {
   bool renorm;
   double capacity_factor;    // 0: dropless
   bool prioritized = false;  // batch prioritized routing
+  int64_t n_shared = 0;      // shared experts
   friend void PrintTo(const LayerCase& c, std::ostream* os) {
     *os << "T" << c.T << "_d" << c.d << "_f" << c.f << "_E" << c.E << "_k" << c.k
         << (c.renorm ? "_renorm" : "") << "_cf" << c.capacity_factor
-        << (c.prioritized ? "_bpr" : "");
+        << (c.prioritized ? "_bpr" : "") << (c.n_shared ? "_shared" : "");
   }
 };
 
@@ -33,7 +34,15 @@ inline MoeConfig config_of(const LayerCase& c) {
   cfg.dropless = c.capacity_factor == 0;
   if (!cfg.dropless) cfg.capacity_factor_train = cfg.capacity_factor_eval = c.capacity_factor;
   cfg.batch_prioritized = c.prioritized;
+  cfg.n_shared_experts = c.n_shared;
   return cfg;
+}
+
+// Every non-empty tensor of p converted to dtype.
+inline MoeParams convert_params(const MoeParams& p, DType dtype) {
+  auto cv = [&](const Tensor& t) { return t.empty() ? Tensor() : convert(t, dtype); };
+  return {cv(p.w_gate),      cv(p.w1),        cv(p.w3),        cv(p.w2),
+          cv(p.expert_bias), cv(p.shared_w1), cv(p.shared_w3), cv(p.shared_w2)};
 }
 
 struct NaiveMoe {
@@ -127,6 +136,25 @@ inline NaiveMoe naive_moe(const MoeConfig& cfg, const MoeParams& p, const Tensor
         out.y[t * d + c] += weight[t][j] * s;
       }
     }
+  // Shared experts: every token, weight 1.
+  for (int64_t sh = 0; sh < cfg.n_shared_experts; ++sh) {
+    const int64_t g = cfg.shared_width();
+    auto S1 = p.shared_w1.stacked<double>()[sh], S3 = p.shared_w3.stacked<double>()[sh];
+    auto S2 = p.shared_w2.stacked<double>()[sh];
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<double> act(static_cast<size_t>(g));
+      for (int64_t h = 0; h < g; ++h) {
+        double gate = 0, up = 0;
+        for (int64_t c = 0; c < d; ++c) gate += X(t, c) * S1(c, h), up += X(t, c) * S3(c, h);
+        act[h] = gate / (1 + std::exp(-gate)) * up;
+      }
+      for (int64_t c = 0; c < d; ++c) {
+        double acc = 0;
+        for (int64_t h = 0; h < g; ++h) acc += act[h] * S2(h, c);
+        out.y[t * d + c] += acc;
+      }
+    }
+  }
   return out;
 }
 

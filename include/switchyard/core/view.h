@@ -37,6 +37,8 @@ struct StackedView {
   int64_t cols = 0;
 
   MatrixView<T> operator[](int64_t i) const { return {data + i * rows * cols, rows, cols}; }
+  // Matrix i as a stack of one.
+  StackedView one(int64_t i) const { return {data + i * rows * cols, 1, rows, cols}; }
   operator StackedView<const T>() const requires(!std::is_const_v<T>) {
     return {data, n, rows, cols};
   }

@@ -32,6 +32,10 @@ struct MoeConfig {
   // the highest top-1 router probability keep their slots first, still choice by choice.
   // Off: token order within each choice.
   bool batch_prioritized = false;
+  // Shared experts (DeepSeekMoE): SwiGLU experts of width d_ff_shared (0: d_ff) that every
+  // token passes through with weight 1, beside its routed experts. 0: none.
+  int64_t n_shared_experts = 0;
+  int64_t d_ff_shared = 0;
   // Weights of the auxiliary losses added to the training loss (0 turns one off).
   double loss_balance_weight = 0.01;  // Switch load-balancing loss, E * sum_e f_e P_e
   double loss_z_weight = 0.001;       // router z-loss, mean_t logsumexp(logits_t)^2
@@ -41,6 +45,7 @@ struct MoeConfig {
   void validate() const;
   // Rows each expert takes for n_tokens tokens; -1 means unbounded (dropless).
   int64_t capacity(int64_t n_tokens, bool training) const;
+  int64_t shared_width() const { return d_ff_shared > 0 ? d_ff_shared : d_ff; }
 };
 
 }  // namespace sy

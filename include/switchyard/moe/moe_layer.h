@@ -36,6 +36,10 @@ struct MoeParams {
   // [E] or empty (zero): Gating::kSigmoidBias's balancing bias. Not trained by gradients (its
   // gradient stays zero); MoeLayer::update_bias moves it.
   Tensor expert_bias;
+  // Shared experts, empty when cfg.n_shared_experts is 0. S = n_shared_experts, g = shared width.
+  Tensor shared_w1;  // [S, d, g]
+  Tensor shared_w3;  // [S, d, g]
+  Tensor shared_w2;  // [S, g, d]
 };
 
 // Router weights ~ N(0, 1/d); expert weights ~ N(0, 1/fan_in). Deterministic in seed.
@@ -56,7 +60,7 @@ RoutingStats routing_stats(const DispatchPlan& plan, double router_entropy);
 
 // Wall seconds of each phase of the last forward/backward, when ExecContext::profile is set.
 struct MoeTimes {
-  double router = 0, plan = 0, gather = 0, experts = 0, combine = 0;
+  double router = 0, plan = 0, gather = 0, experts = 0, combine = 0, shared = 0;
   double backward_combine = 0, backward_experts = 0, backward_scatter = 0, backward_router = 0;
 };
 
@@ -67,7 +71,9 @@ struct MoeCache {
   std::vector<int32_t> rank;  // [T*k]: slot order for capacity, with batch_prioritized
   Tensor xs, ys;              // [n, d]: dispatched rows and expert outputs
   ExpertsCache experts;
-  Tensor dys, dxs, dweight;  // backward's scratch: [n, d], [n, d], [T, k]
+  std::vector<ExpertsCache> shared;  // one per shared expert
+  Tensor shared_y;                   // [T, d]: one shared expert's output, or its dx
+  Tensor dys, dxs, dweight;          // backward's scratch: [n, d], [n, d], [T, k]
   MoeTimes times;
 };
 

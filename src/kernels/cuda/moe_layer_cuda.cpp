@@ -153,6 +153,8 @@ CudaMoeLayer::CudaMoeLayer(const MoeConfig& cfg) : impl_(std::make_unique<Impl>(
         fmt::format("moe.d_model = {}: the CUDA backend needs a multiple of 8", cfg.d_model));
   if (cfg.gating != Gating::kSoftmaxTopK)
     throw ConfigError("moe.gating: the CUDA backend has softmax top-k only for now");
+  if (cfg.n_shared_experts > 0)
+    throw ConfigError("moe.n_shared_experts: the CUDA backend has no shared experts yet");
   if (cfg.batch_prioritized)
     throw ConfigError(
         "moe.batch_prioritized = true: not supported by the CUDA backend yet (its plan is "
