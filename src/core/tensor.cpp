@@ -76,6 +76,13 @@ void expect_shape(const Tensor& t, std::span<const int64_t> shape, std::string_v
                                  fmt::join(shape, ", ")));
 }
 
+void expect_dtype(const Tensor& t, DType want, std::string_view what, std::string_view why) {
+  if (t.dtype() != want)
+    throw ShapeError(fmt::format("{} is {}: expected {}{}{}{}", what, dtype_name(t.dtype()),
+                                 dtype_name(want), why.empty() ? "" : " (", why,
+                                 why.empty() ? "" : ")"));
+}
+
 namespace {
 template <class From, class To>
 void convert_elems(const From* src, To* dst, int64_t n) {

@@ -23,6 +23,14 @@ void timed(bool profile, double* slot, Fn&& fn) {
   *slot += wall_seconds() - t0;
 }
 
+// dst += src, elementwise; both [T, d].
+template <class T>
+void add_into(MatrixView<T> dst, ConstMatrixView<T> src) {
+  const int64_t n = dst.size();
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
+  for (int64_t i = 0; i < n; ++i) dst.data[i] += src.data[i];
+}
+
 // Batch prioritized routing: choice by choice, tokens in order of their top-1 router
 // probability, highest first (ties by token index). rank: [T*k] slot order for the plan.
 template <class T>
@@ -97,19 +105,15 @@ void MoeLayer::check_params(const MoeParams& p) const {
     expect_shape(p.shared_w1, {S, d, g}, "moe.shared_w1");
     expect_shape(p.shared_w3, {S, d, g}, "moe.shared_w3");
     expect_shape(p.shared_w2, {S, g, d}, "moe.shared_w2");
-    for (const Tensor* t : {&p.shared_w1, &p.shared_w3, &p.shared_w2})
-      if (t->dtype() != p.w_gate.dtype())
-        throw ShapeError(fmt::format("moe shared experts are {}: expected moe.w_gate's dtype {}",
-                                     dtype_name(t->dtype()), dtype_name(p.w_gate.dtype())));
+    expect_dtype(p.shared_w1, p.w_gate.dtype(), "moe.shared_w1", "moe.w_gate's dtype");
+    expect_dtype(p.shared_w3, p.w_gate.dtype(), "moe.shared_w3", "moe.w_gate's dtype");
+    expect_dtype(p.shared_w2, p.w_gate.dtype(), "moe.shared_w2", "moe.w_gate's dtype");
   } else if (!p.shared_w1.empty() || !p.shared_w3.empty() || !p.shared_w2.empty()) {
     throw ShapeError("moe.shared_w1/w3/w2 are set but moe.n_shared_experts is 0");
   }
   if (!p.expert_bias.empty()) {
     expect_shape(p.expert_bias, {E}, "moe.expert_bias");
-    if (p.expert_bias.dtype() != p.w_gate.dtype())
-      throw ShapeError(fmt::format("moe.expert_bias is {}: expected moe.w_gate's dtype {}",
-                                   dtype_name(p.expert_bias.dtype()),
-                                   dtype_name(p.w_gate.dtype())));
+    expect_dtype(p.expert_bias, p.w_gate.dtype(), "moe.expert_bias", "moe.w_gate's dtype");
   }
   if (p.w1.dtype() != p.w3.dtype() || p.w1.dtype() != p.w2.dtype())
     throw ShapeError(fmt::format("moe expert weights: dtypes w1 {}, w3 {}, w2 {}: expected one",
@@ -185,10 +189,7 @@ MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y
       experts_forward<T>(p.shared_w1.stacked<T>().one(s), p.shared_w3.stacked<T>().one(s),
                          p.shared_w2.stacked<T>().one(s), xv, all, c.shared_y.matrix<T>(),
                          c.shared[s]);
-      T* out = y.data<T>();
-      const T* add = c.shared_y.data<T>();
-#pragma omp parallel for schedule(static) if (n_tok * d > (1 << 16))
-      for (int64_t i = 0; i < n_tok * d; ++i) out[i] += add[i];
+      add_into<T>(y.matrix<T>(), c.shared_y.matrix<T>());
     }
   });
   // Mean over tokens of the router's entropy -sum_e p log p, in nats.
@@ -255,10 +256,7 @@ void MoeLayer::backward_impl(const MoeParams& p, MoeCache& c, const Tensor& dy, 
                         c.shared[s], g.shared_w1.stacked<T>().one(s),
                         g.shared_w3.stacked<T>().one(s), g.shared_w2.stacked<T>().one(s),
                         c.shared_y.matrix<T>());
-    T* out = dx.data<T>();
-    const T* add = c.shared_y.data<T>();
-#pragma omp parallel for schedule(static) if (n_tok * d > (1 << 16))
-    for (int64_t i = 0; i < n_tok * d; ++i) out[i] += add[i];
+    add_into<T>(dx.matrix<T>(), c.shared_y.matrix<T>());
   }
 }
 

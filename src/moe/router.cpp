@@ -2,6 +2,7 @@
 #include "switchyard/moe/router.h"
 
 #include <cmath>
+#include <utility>
 
 #include "switchyard/kernels/cpu.h"
 
@@ -28,7 +29,7 @@ void Router::forward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCach
   MatrixView<int32_t> expert{c.expert.data(), n_tok, k};
   MatrixView<T> weight = c.weight.matrix<T>();
   if (cfg_.gating == Gating::kSigmoidBias) {
-    // Choose by s + bias, weigh by s alone, normalised over the chosen experts.
+    // Choose by s + bias, weigh by s alone (normalised below).
     c.scores.resize({n_tok, E}, dt);
     MatrixView<T> s = c.scores.matrix<T>();
     ConstMatrixView<T> logits = c.logits.matrix<T>();
@@ -40,15 +41,12 @@ void Router::forward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCach
         b(t, e) = s(t, e) + (bias.empty() ? T(0) : bias[e]);
       }
     cpu::topk_rows<T>(b, expert, weight);
-    for (int64_t t = 0; t < n_tok; ++t) {
-      T sum = 0;
-      for (int64_t j = 0; j < k; ++j) sum += (weight(t, j) = s(t, expert(t, j)));
-      for (int64_t j = 0; j < k; ++j) weight(t, j) /= sum;
-    }
+    for (int64_t t = 0; t < n_tok; ++t)
+      for (int64_t j = 0; j < k; ++j) weight(t, j) = s(t, expert(t, j));
   } else {
     cpu::topk_rows<T>(c.probs.matrix<T>(), expert, weight);
   }
-  if (cfg_.gating == Gating::kSoftmaxTopK && cfg_.renormalize) {
+  if (normalises_weights()) {
     for (int64_t t = 0; t < n_tok; ++t) {
       T sum = 0;
       for (int64_t j = 0; j < k; ++j) sum += weight(t, j);
@@ -94,23 +92,29 @@ void Router::backward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCac
       dbal[e] = T(cfg_.loss_balance_weight * double(E) * double(c.demand[e]) / double(n_tok * k) /
                   double(n_tok));
 
+  // The weights are the chosen scores c (softmax probs, or sigmoids), normalised or not. With
+  // weight_j = c_j / S, S = sum of the chosen c: d/dc_j = (dweight_j - <dweight, weight>) / S;
+  // unnormalised, d/dc_j = dweight_j. Returns {<dweight, weight>, S}, or {0, 1}.
+  const bool normalised = normalises_weights();
+  auto chosen_grad_terms = [&](ConstMatrixView<T> scores, int64_t t) -> std::pair<T, T> {
+    if (!normalised) return {T(0), T(1)};
+    const int32_t* ex = c.expert.data() + t * k;
+    T dot = 0, sum = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      sum += scores(t, ex[j]);
+      dot += dweight(t, j) * weight(t, j);
+    }
+    return {dot, sum};
+  };
+
 #pragma omp parallel for schedule(static) if (n_tok * E > (1 << 14))
   for (int64_t t = 0; t < n_tok; ++t) {
     T* dp = dprobs.row(t);
     for (int64_t e = 0; e < E; ++e) dp[e] = dbal[e];
-    const int32_t* ex = c.expert.data() + t * k;
     if (cfg_.gating == Gating::kSigmoidBias) continue;  // its weights come from s, below
-    if (cfg_.renormalize) {
-      // weight_j = p_j / S with S = sum_i p_i:  dp_i = (dweight_i - <dweight, weight>) / S.
-      T sum_p = 0, dot = 0;
-      for (int64_t j = 0; j < k; ++j) {
-        sum_p += probs(t, ex[j]);
-        dot += dweight(t, j) * weight(t, j);
-      }
-      for (int64_t j = 0; j < k; ++j) dp[ex[j]] += (dweight(t, j) - dot) / sum_p;
-    } else {
-      for (int64_t j = 0; j < k; ++j) dp[ex[j]] += dweight(t, j);
-    }
+    const int32_t* ex = c.expert.data() + t * k;
+    const auto [dot, sum] = chosen_grad_terms(probs, t);
+    for (int64_t j = 0; j < k; ++j) dp[ex[j]] += (dweight(t, j) - dot) / sum;
   }
   MatrixView<T> dlogits = c.dlogits.matrix<T>();
   cpu::softmax_rows_backward<T>(probs, dprobs, dlogits);
@@ -122,18 +126,14 @@ void Router::backward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCac
       for (int64_t e = 0; e < E; ++e) dlogits(t, e) += scale * lse[t] * probs(t, e);
   }
   if (cfg_.gating == Gating::kSigmoidBias) {
-    // weight_j = s_j / S: ds_i = (dweight_i - <dweight, weight>) / S, and ds/dlogit = s (1 - s).
+    // Through the chosen sigmoids: ds/dlogit = s (1 - s).
     ConstMatrixView<T> s = c.scores.matrix<T>();
     for (int64_t t = 0; t < n_tok; ++t) {
       const int32_t* ex = c.expert.data() + t * k;
-      T sum_s = 0, dot = 0;
-      for (int64_t j = 0; j < k; ++j) {
-        sum_s += s(t, ex[j]);
-        dot += dweight(t, j) * weight(t, j);
-      }
+      const auto [dot, sum] = chosen_grad_terms(s, t);
       for (int64_t j = 0; j < k; ++j) {
         const T sv = s(t, ex[j]);
-        dlogits(t, ex[j]) += (dweight(t, j) - dot) / sum_s * sv * (T(1) - sv);
+        dlogits(t, ex[j]) += (dweight(t, j) - dot) / sum * sv * (T(1) - sv);
       }
     }
   }

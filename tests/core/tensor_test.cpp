@@ -57,6 +57,18 @@ TEST(Tensor, ExpectShapeNamesTheTensor) {
   }
 }
 
+TEST(Tensor, ExpectDtypeNamesTheTensorAndWhy) {
+  Tensor t({2}, DType::kF64);
+  expect_dtype(t, DType::kF64, "moe.expert_bias");
+  try {
+    expect_dtype(t, DType::kF32, "moe.expert_bias", "moe.w_gate's dtype");
+    FAIL();
+  } catch (const ShapeError& e) {
+    EXPECT_STREQ(e.what(), "moe.expert_bias is f64: expected f32 (moe.w_gate's dtype)");
+  }
+  EXPECT_THROW(expect_dtype(t, DType::kBF16, "x"), ShapeError);
+}
+
 TEST(Tensor, ConvertRoundTrips) {
   Tensor a = testing::random_tensor({13, 7}, DType::kF64, 1);
   Tensor f = convert(a, DType::kF32);

@@ -110,12 +110,16 @@ class Tensor {
   DType dtype_ = DType::kF32;
 };
 
-// Throws ShapeError naming `what` unless t has exactly this shape (and dtype, when given).
+// Throws ShapeError naming `what` unless t has exactly this shape.
 void expect_shape(const Tensor& t, std::span<const int64_t> shape, std::string_view what);
 inline void expect_shape(const Tensor& t, std::initializer_list<int64_t> shape,
                          std::string_view what) {
   expect_shape(t, std::span<const int64_t>(shape.begin(), shape.size()), what);
 }
+
+// Throws ShapeError naming `what` unless t holds `want`; `why` (e.g. "moe.w_gate's dtype") is
+// added to the message when given.
+void expect_dtype(const Tensor& t, DType want, std::string_view what, std::string_view why = {});
 
 // Converts between dtypes (f32 <-> f64 <-> bf16). Same dtype gives a clone.
 Tensor convert(const Tensor& t, DType to);

@@ -47,6 +47,11 @@ class Router {
                 ConstMatrixView<T> dweight, MatrixView<T> dw_gate, MatrixView<T> dx) const;
 
  private:
+  // Sigmoid gating always normalises the chosen scores; softmax top-k when cfg.renormalize.
+  bool normalises_weights() const {
+    return cfg_.gating == Gating::kSigmoidBias || cfg_.renormalize;
+  }
+
   MoeConfig cfg_;
 };
 
