@@ -8,6 +8,7 @@ packages=(
   libopenblas-openmp-dev   # BLAS with OpenMP threads: shares one thread pool with our kernels
   libfmt-dev libcli11-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
+  zlib1g-dev               # reads the gzip'd corpus in data/
 )
 
 missing=()

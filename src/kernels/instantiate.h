@@ -15,6 +15,9 @@
 #define SY_INSTANTIATE_ROW_KERNELS(T)                                                              \
   template void softmax_rows(ConstMatrixView<T>, MatrixView<T>, std::span<T>);                     \
   template void softmax_rows_backward(ConstMatrixView<T>, ConstMatrixView<T>, MatrixView<T>);      \
+  template void softmax_causal_rows(ConstMatrixView<T>, int64_t, MatrixView<T>);                   \
+  template double cross_entropy_rows(ConstMatrixView<T>, std::span<const int32_t>, T,              \
+                                     MatrixView<T>);                                               \
   template void topk_rows(ConstMatrixView<T>, MatrixView<int32_t>, MatrixView<T>);                 \
   template void silu(std::span<const T>, std::span<T>);                                            \
   template void gelu(std::span<const T>, std::span<T>);                                            \

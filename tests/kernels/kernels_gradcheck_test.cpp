@@ -28,6 +28,28 @@ TEST(KernelGradcheck, Softmax) {
   expect_grad_close(loss, logits.span<double>(), dl.span<double>(), "dlogits");
 }
 
+TEST(KernelGradcheck, CausalSoftmaxThroughSoftmaxBackward) {
+  const int64_t n = 4, m = 7, offset = 2;
+  Tensor s = random_tensor({n, m}, DType::kF64, 21, -3, 3), r = random_tensor({n, m}, DType::kF64, 22);
+  Tensor p({n, m}, DType::kF64), ds({n, m}, DType::kF64);
+  auto loss = [&] {
+    cpu::softmax_causal_rows<double>(s.matrix<double>(), offset, p.matrix<double>());
+    return dot(p.span<double>(), r.span<double>());
+  };
+  loss();
+  cpu::softmax_rows_backward<double>(p.matrix<double>(), r.matrix<double>(), ds.matrix<double>());
+  expect_grad_close(loss, s.span<double>(), ds.span<double>(), "dscores");
+}
+
+TEST(KernelGradcheck, CrossEntropy) {
+  const int64_t T = 5, V = 9;
+  Tensor l = random_tensor({T, V}, DType::kF64, 23, -3, 3), dl({T, V}, DType::kF64);
+  const std::vector<int32_t> y = {3, 0, -1, 8, 4};
+  auto loss = [&] { return cpu::cross_entropy_rows<double>(l.matrix<double>(), y, 0.25, {}) * 0.25; };
+  cpu::cross_entropy_rows<double>(l.matrix<double>(), y, 0.25, dl.matrix<double>());
+  expect_grad_close(loss, l.span<double>(), dl.span<double>(), "dlogits");
+}
+
 TEST(KernelGradcheck, Swiglu) {
   const int64_t n = 6, f = 9;
   Tensor h1 = random_tensor({n, f}, DType::kF64, 3, -3, 3),

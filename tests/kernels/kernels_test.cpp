@@ -44,6 +44,40 @@ TEST_P(RowKernels, SoftmaxAndBackward) {
   expect_close(dl, dlr, 1e-6);
 }
 
+TEST_P(RowKernels, CausalSoftmaxAtEveryOffset) {
+  auto [n, m] = GetParam();
+  if (n > m) GTEST_SKIP();
+  Tensor s = random_tensor({n, m}, DType::kF32, 11, -4, 4);
+  for (int64_t offset : {int64_t(0), (m - n) / 2, m - n}) {
+    Tensor p({n, m}, DType::kF32), pr({n, m}, DType::kF32);
+    cpu::softmax_causal_rows<float>(s.matrix<float>(), offset, p.matrix<float>());
+    ref::softmax_causal_rows<float>(s.matrix<float>(), offset, pr.matrix<float>());
+    expect_close(p, pr, 1e-7);
+    // Exactly zero after the query's own position.
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = offset + i + 1; j < m; ++j) ASSERT_EQ(p.matrix<float>()(i, j), 0.0f);
+  }
+}
+
+TEST_P(RowKernels, CrossEntropyLossAndGradient) {
+  auto [T, V] = GetParam();
+  if (V == 0) GTEST_SKIP();
+  Tensor l = random_tensor({T, V}, DType::kF32, 12, -5, 5);
+  std::vector<int32_t> y(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) y[t] = t % 5 == 3 ? -1 : int32_t((t * 7 + 3) % V);  // some padding
+  Tensor dl({T, V}, DType::kF32), dlr({T, V}, DType::kF32);
+  const float scale = 1.0f / float(std::max<int64_t>(T, 1));
+  const double loss = cpu::cross_entropy_rows<float>(l.matrix<float>(), y, scale, dl.matrix<float>());
+  const double want = ref::cross_entropy_rows<float>(l.matrix<float>(), y, scale, dlr.matrix<float>());
+  EXPECT_NEAR(loss, want, 1e-5 * (1 + std::abs(want)));
+  expect_close(dl, dlr, 1e-7);
+  // Loss only (no gradient), and in place over the logits.
+  EXPECT_EQ(cpu::cross_entropy_rows<float>(l.matrix<float>(), y, scale, {}), loss);
+  Tensor inplace = l.clone();
+  cpu::cross_entropy_rows<float>(inplace.matrix<float>(), y, scale, inplace.matrix<float>());
+  expect_close(inplace, dl, 0, 0);
+}
+
 TEST_P(RowKernels, TopKMatchesSortWithTies) {
   auto [T, E] = GetParam();
   if (E == 0) GTEST_SKIP();

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "kernels/cpu/vec_math.h"
 #include "kernels/instantiate.h"
@@ -50,6 +51,61 @@ void softmax_rows_backward(ConstMatrixView<T> probs, ConstMatrixView<T> dprobs,
     T* dl = dlogits.row(t);
     for (int64_t e = 0; e < E; ++e) dl[e] = p[e] * (dp[e] - dot);
   }
+}
+
+template <class T>
+void softmax_causal_rows(ConstMatrixView<T> scores, int64_t offset, MatrixView<T> probs) {
+  const int64_t m = scores.cols;
+  SY_CHECK(offset >= 0 && offset + scores.rows <= m, "causal rows {} at offset {} of {} keys",
+           scores.rows, offset, m);
+#pragma omp parallel for schedule(static) if (scores.size() > kParallelMin)
+  for (int64_t i = 0; i < scores.rows; ++i) {
+    const int64_t seen = offset + i + 1;
+    const T* s = scores.row(i);
+    T* p = probs.row(i);
+    const T mx = *std::max_element(s, s + seen);
+    T sum = 0;
+    for (int64_t j = 0; j < seen; ++j) sum += (p[j] = exp_fast(s[j] - mx));
+    const T inv = T(1) / sum;
+    for (int64_t j = 0; j < seen; ++j) p[j] *= inv;
+    std::fill(p + seen, p + m, T(0));
+  }
+}
+
+template <class T>
+double cross_entropy_rows(ConstMatrixView<T> logits, std::span<const int32_t> target, T scale,
+                          MatrixView<T> dlogits) {
+  const int64_t V = logits.cols;
+  SY_CHECK(int64_t(target.size()) == logits.rows, "{} targets for {} rows", target.size(),
+           logits.rows);
+  const bool grad = dlogits.rows > 0;
+  std::vector<double> row_loss(size_t(logits.rows), 0.0);
+#pragma omp parallel for schedule(static) if (logits.size() > kParallelMin)
+  for (int64_t t = 0; t < logits.rows; ++t) {
+    const T* l = logits.row(t);
+    const int32_t y = target[t];
+    T* dl = grad ? dlogits.row(t) : nullptr;
+    if (y < 0) {
+      if (grad) std::fill(dl, dl + V, T(0));
+      continue;
+    }
+    SY_CHECK(y < V, "target {} of row {} outside [0, {})", y, t, V);
+    const T mx = *std::max_element(l, l + V);
+    const T ly = l[y];
+    T sum = 0;
+    if (grad) {
+      for (int64_t v = 0; v < V; ++v) sum += (dl[v] = exp_fast(l[v] - mx));
+      const T s = scale / sum;
+      for (int64_t v = 0; v < V; ++v) dl[v] *= s;
+      dl[y] -= scale;
+    } else {
+      for (int64_t v = 0; v < V; ++v) sum += exp_fast(l[v] - mx);
+    }
+    row_loss[t] = double(mx) + std::log(double(sum)) - double(ly);
+  }
+  double total = 0;
+  for (double v : row_loss) total += v;
+  return total;
 }
 
 // Insertion into a sorted list of k: O(E k) per row, which beats a heap for the k <= 8 and

@@ -96,6 +96,44 @@ void softmax_rows(ConstMatrixView<T> logits, MatrixView<T> probs, std::span<T> l
   }
 }
 
+// Row i sees columns 0..offset+i: softmax over those, zero after.
+template <class T>
+void softmax_causal_rows(ConstMatrixView<T> scores, int64_t offset, MatrixView<T> probs) {
+  for (int64_t i = 0; i < scores.rows; ++i) {
+    const int64_t seen = offset + i + 1;
+    double mx = -INFINITY;
+    for (int64_t j = 0; j < seen; ++j) mx = std::max(mx, double(scores(i, j)));
+    double s = 0;
+    for (int64_t j = 0; j < seen; ++j) s += std::exp(double(scores(i, j)) - mx);
+    for (int64_t j = 0; j < scores.cols; ++j)
+      probs(i, j) = j < seen ? T(std::exp(double(scores(i, j)) - mx) / s) : T(0);
+  }
+}
+
+// loss_t = logsumexp(l_t) - l_t[y_t]; dl_t = scale * (softmax(l_t) - onehot(y_t)); y_t < 0 skipped.
+template <class T>
+double cross_entropy_rows(ConstMatrixView<T> logits, std::span<const int32_t> target, T scale,
+                          MatrixView<T> dlogits) {
+  double total = 0;
+  for (int64_t t = 0; t < logits.rows; ++t) {
+    const int32_t y = target[t];
+    if (y < 0) {
+      for (int64_t v = 0; v < dlogits.cols && dlogits.rows > 0; ++v) dlogits(t, v) = T(0);
+      continue;
+    }
+    double mx = -INFINITY;
+    for (int64_t v = 0; v < logits.cols; ++v) mx = std::max(mx, double(logits(t, v)));
+    double s = 0;
+    for (int64_t v = 0; v < logits.cols; ++v) s += std::exp(double(logits(t, v)) - mx);
+    const double lse = mx + std::log(s), ly = double(logits(t, y));
+    total += lse - ly;
+    if (dlogits.rows == 0) continue;
+    for (int64_t v = 0; v < logits.cols; ++v)
+      dlogits(t, v) = T(double(scale) * (std::exp(double(logits(t, v)) - lse) - (v == y ? 1 : 0)));
+  }
+  return total;
+}
+
 // dlogits = probs * (dprobs - <dprobs, probs>), the Jacobian of softmax applied to dprobs.
 template <class T>
 void softmax_rows_backward(ConstMatrixView<T> probs, ConstMatrixView<T> dprobs,
