@@ -188,10 +188,26 @@ TEST_P(Gemm, AllTransposesAgainstReference) {
     }
 }
 
+// One output tile or several: the bits never depend on the thread count.
+TEST_P(Gemm, SameResultAtAnyThreadCount) {
+  auto [M, N, K] = GetParam();
+  Tensor a = random_tensor({M, K}, DType::kF32, 23), b = random_tensor({K, N}, DType::kF32, 24);
+  auto run = [&](int threads) {
+    ThreadScope scope(threads);
+    Tensor c({M, N}, DType::kF32);
+    cpu::gemm<float>(false, false, 1.0f, a.matrix<float>(), b.matrix<float>(), 0.0f,
+                     c.matrix<float>());
+    return std::vector<float>(c.span<float>().begin(), c.span<float>().end());
+  };
+  EXPECT_EQ(run(1), run(2));
+  EXPECT_EQ(run(1), run(3));
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, Gemm,
                          ::testing::Values(GemmShape{1, 1, 1}, GemmShape{7, 13, 33},
                                            GemmShape{33, 7, 1}, GemmShape{64, 65, 63},
-                                           GemmShape{0, 5, 3}, GemmShape{4, 3, 0}));
+                                           GemmShape{0, 5, 3}, GemmShape{4, 3, 0},
+                                           GemmShape{160, 96, 512}, GemmShape{500, 400, 300}));
 
 // Group sizes over the rows: empty groups, all rows in one group, skinny (<= 16 rows) and BLAS
 // groups, and widths that are not a multiple of the vector width.

@@ -162,10 +162,13 @@ void add_tiles(bool ta, bool tb, ConstMatrixView<T> a, ConstMatrixView<T> b, Mat
           {ta, tb, a, b, c, i0, std::min(i0 + kTile, c.rows), j0, std::min(j0 + kTile, c.cols)});
 }
 
+// Always inside a parallel region, even for one tile: outside one, OpenBLAS would split that
+// tile over its own threads and the last bits would depend on the thread count.
 template <class T>
 void run_tiles(const std::vector<GemmTile<T>>& tiles, T alpha, T beta) {
   const int64_t n = int64_t(tiles.size());
-#pragma omp parallel for schedule(dynamic, 1) if (n > 1)
+  if (n == 0) return;
+#pragma omp parallel for schedule(dynamic, 1)
   for (int64_t i = 0; i < n; ++i) run_tile(tiles[i], alpha, beta);
 }
 

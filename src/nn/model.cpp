@@ -1,0 +1,431 @@
+// The decoder language model: embedding, pre-norm blocks of attention and MoE (or dense)
+// SwiGLU, final norm, LM head, cross-entropy. Derivation of the backward:
+// docs/transformer_backward.md.
+#include "switchyard/nn/model.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "switchyard/core/rng.h"
+#include "switchyard/kernels/cpu.h"
+
+namespace sy {
+
+namespace {
+
+template <class T>
+void add_into(Tensor& dst, const Tensor& src) {
+  T* d = dst.data<T>();
+  const T* s = src.data<T>();
+  const int64_t n = dst.numel();
+#pragma omp parallel for schedule(static) if (n > (1 << 15))
+  for (int64_t i = 0; i < n; ++i) d[i] += s[i];
+}
+
+template <class T>
+void copy_into(Tensor& dst, const Tensor& src) {
+  dst.resize(src.shape(), src.dtype());
+  std::memcpy(dst.data<T>(), src.data<T>(), src.nbytes());
+}
+
+// A dense SwiGLU is an expert group of one that owns every row.
+template <class T>
+StackedView<const T> one(const Tensor& w) {
+  return {w.data<T>(), 1, w.dim(0), w.dim(1)};
+}
+template <class T>
+StackedView<T> one(Tensor& w) {
+  return {w.data<T>(), 1, w.dim(0), w.dim(1)};
+}
+
+}  // namespace
+
+void LmConfig::validate() const {
+  auto positive = [](const char* name, int64_t v) {
+    if (v < 1) throw ConfigError(fmt::format("model.{} = {}: expected >= 1", name, v));
+  };
+  positive("vocab", vocab);
+  positive("context", context);
+  positive("n_layers", n_layers);
+  if (vocab > (int64_t(1) << 31))
+    throw ConfigError(fmt::format("model.vocab = {}: expected < 2^31", vocab));
+  if (!(norm_eps > 0) || !std::isfinite(norm_eps))
+    throw ConfigError(fmt::format("model.norm_eps = {}: expected a finite value > 0", norm_eps));
+  if (moe_every < 0)
+    throw ConfigError(fmt::format("model.moe_every = {}: expected >= 0 (0: dense)", moe_every));
+  attention().validate();
+  if (n_moe_layers() < n_layers) positive("d_ff", d_ff);
+  if (n_moe_layers() > 0) moe_config().validate();
+}
+
+AttentionConfig LmConfig::attention() const {
+  return {.d_model = d_model, .n_heads = n_heads, .max_context = context, .rope_theta = rope_theta};
+}
+
+MoeConfig LmConfig::moe_config() const {
+  MoeConfig m = moe;
+  m.d_model = d_model;
+  return m;
+}
+
+int64_t LmConfig::n_moe_layers() const {
+  int64_t n = 0;
+  for (int64_t i = 0; i < n_layers; ++i) n += is_moe(i);
+  return n;
+}
+
+int64_t LmConfig::active_params() const {
+  const int64_t d = d_model;
+  const int64_t moe_ffn = d * moe.n_experts + moe.top_k * 3 * d * moe.d_ff +
+                          moe.n_shared_experts * 3 * d * moe.shared_width();
+  int64_t n = d * vocab;  // LM head
+  for (int64_t i = 0; i < n_layers; ++i) n += 4 * d * d + (is_moe(i) ? moe_ffn : 3 * d * d_ff);
+  return n;
+}
+
+int64_t LmConfig::total_params() const {
+  const int64_t d = d_model;
+  const int64_t moe_ffn = d * moe.n_experts + moe.n_experts * 3 * d * moe.d_ff +
+                          moe.n_shared_experts * 3 * d * moe.shared_width();
+  int64_t n = 2 * d * vocab + d;
+  for (int64_t i = 0; i < n_layers; ++i)
+    n += 4 * d * d + 2 * d + (is_moe(i) ? moe_ffn : 3 * d * d_ff);
+  return n;
+}
+
+int64_t LmConfig::attention_macs_per_token() const { return n_layers * 2 * context * d_model; }
+
+std::vector<std::pair<std::string, Tensor*>> LmParams::named() {
+  std::vector<std::pair<std::string, Tensor*>> out;
+  auto add = [&](std::string name, Tensor& t) {
+    if (!t.empty()) out.emplace_back(std::move(name), &t);
+  };
+  add("embed", embed);
+  for (size_t i = 0; i < layers.size(); ++i) {
+    LayerParams& l = layers[i];
+    const std::string at = fmt::format("layers.{}.", i);
+    add(at + "norm_attn", l.norm_attn);
+    add(at + "attn.w_qkv", l.attn.w_qkv);
+    add(at + "attn.w_o", l.attn.w_o);
+    add(at + "norm_ffn", l.norm_ffn);
+    add(at + "moe.w_gate", l.moe.w_gate);
+    add(at + "moe.w1", l.moe.w1);
+    add(at + "moe.w3", l.moe.w3);
+    add(at + "moe.w2", l.moe.w2);
+    add(at + "moe.expert_bias", l.moe.expert_bias);
+    add(at + "moe.shared_w1", l.moe.shared_w1);
+    add(at + "moe.shared_w3", l.moe.shared_w3);
+    add(at + "moe.shared_w2", l.moe.shared_w2);
+    add(at + "ffn.w1", l.w1);
+    add(at + "ffn.w3", l.w3);
+    add(at + "ffn.w2", l.w2);
+  }
+  add("norm_out", norm_out);
+  add("lm_head", lm_head);
+  return out;
+}
+
+std::vector<std::pair<std::string, const Tensor*>> LmParams::named() const {
+  std::vector<std::pair<std::string, const Tensor*>> out;
+  for (auto& [name, t] : const_cast<LmParams*>(this)->named()) out.emplace_back(name, t);
+  return out;
+}
+
+LmParams init_lm_params(const LmConfig& cfg, DType dtype, uint64_t seed) {
+  cfg.validate();
+  const int64_t d = cfg.d_model, V = cfg.vocab;
+  // Residual-branch outputs are scaled down by 1/sqrt(2 n_layers) (GPT-2) so the residual
+  // stream's variance does not grow with depth at initialisation.
+  const double out_scale = 1.0 / std::sqrt(2.0 * double(cfg.n_layers));
+  auto normal = [&](std::initializer_list<int64_t> shape, double stddev, uint64_t stream,
+                    uint64_t from = 0) {
+    Tensor t(shape, DType::kF64);
+    fill_normal(t.span<double>(), Philox(from ? from : seed, stream), stddev);
+    return convert(t, dtype);
+  };
+  auto ones = [&](int64_t n) {
+    Tensor t({n}, DType::kF64);
+    for (double& v : t.span<double>()) v = 1.0;
+    return convert(t, dtype);
+  };
+  auto scaled = [&](Tensor t, double s) {
+    Tensor w = convert(t, DType::kF64);
+    for (double& v : w.span<double>()) v *= s;
+    return convert(w, dtype);
+  };
+  LmParams p;
+  p.embed = normal({V, d}, 1.0, 0);
+  p.norm_out = ones(d);
+  p.lm_head = normal({d, V}, 1.0 / std::sqrt(double(d)), 1);
+  for (int64_t i = 0; i < cfg.n_layers; ++i) {
+    // Each layer draws from its own block of streams, so adding a layer leaves the others alone.
+    const uint64_t layer_seed = seed + 1000003ull * uint64_t(i + 1);
+    LayerParams l;
+    l.norm_attn = ones(d);
+    l.norm_ffn = ones(d);
+    l.attn = init_attention_params(cfg.attention(), dtype, layer_seed, out_scale);
+    if (cfg.is_moe(i)) {
+      l.moe = init_moe_params(cfg.moe_config(), dtype, layer_seed + 17);
+      l.moe.w2 = scaled(std::move(l.moe.w2), out_scale);
+      if (!l.moe.shared_w2.empty()) l.moe.shared_w2 = scaled(std::move(l.moe.shared_w2), out_scale);
+    } else {
+      const int64_t f = cfg.d_ff;
+      l.w1 = normal({d, f}, 1.0 / std::sqrt(double(d)), 2, layer_seed);
+      l.w3 = normal({d, f}, 1.0 / std::sqrt(double(d)), 3, layer_seed);
+      l.w2 = normal({f, d}, out_scale / std::sqrt(double(f)), 4, layer_seed);
+    }
+    p.layers.push_back(std::move(l));
+  }
+  return p;
+}
+
+LmParams zeros_like(const LmParams& p) {
+  LmParams g;
+  auto zeros = [](const Tensor& t) { return t.empty() ? Tensor() : Tensor(t.shape(), t.dtype()); };
+  g.embed = zeros(p.embed);
+  g.norm_out = zeros(p.norm_out);
+  g.lm_head = zeros(p.lm_head);
+  for (const LayerParams& l : p.layers) {
+    LayerParams z;
+    z.norm_attn = zeros(l.norm_attn);
+    z.norm_ffn = zeros(l.norm_ffn);
+    z.attn = {zeros(l.attn.w_qkv), zeros(l.attn.w_o)};
+    z.moe = l.moe.w_gate.empty() ? MoeParams{} : zeros_like(l.moe);
+    z.w1 = zeros(l.w1);
+    z.w3 = zeros(l.w3);
+    z.w2 = zeros(l.w2);
+    g.layers.push_back(std::move(z));
+  }
+  return g;
+}
+
+LanguageModel::LanguageModel(const LmConfig& cfg)
+    : cfg_((cfg.validate(), cfg)), attention_(cfg.attention()) {
+  if (cfg_.n_moe_layers() > 0) moe_.emplace(cfg_.moe_config());
+}
+
+void LanguageModel::check_params(const LmParams& p) const {
+  const int64_t d = cfg_.d_model, V = cfg_.vocab;
+  const DType dt = p.embed.dtype();
+  expect_shape(p.embed, {V, d}, "embed");
+  expect_shape(p.norm_out, {d}, "norm_out");
+  expect_shape(p.lm_head, {d, V}, "lm_head");
+  if (int64_t(p.layers.size()) != cfg_.n_layers)
+    throw ShapeError(fmt::format("parameters hold {} layers: expected {} (model.n_layers)",
+                                 p.layers.size(), cfg_.n_layers));
+  for (int64_t i = 0; i < cfg_.n_layers; ++i) {
+    const LayerParams& l = p.layers[i];
+    const std::string at = fmt::format("layers.{}.", i);
+    expect_shape(l.norm_attn, {d}, at + "norm_attn");
+    expect_shape(l.norm_ffn, {d}, at + "norm_ffn");
+    attention_.check_params(l.attn);
+    if (cfg_.is_moe(i)) {
+      moe_->check_params(l.moe);
+      if (!l.w1.empty()) throw ShapeError(at + "ffn.w1 is set in an MoE layer");
+    } else {
+      const int64_t f = cfg_.d_ff;
+      expect_shape(l.w1, {d, f}, at + "ffn.w1");
+      expect_shape(l.w3, {d, f}, at + "ffn.w3");
+      expect_shape(l.w2, {f, d}, at + "ffn.w2");
+      if (!l.moe.w_gate.empty()) throw ShapeError(at + "moe.w_gate is set in a dense layer");
+    }
+  }
+  for (const auto& [name, t] : p.named()) expect_dtype(*t, dt, name, "embed's dtype");
+}
+
+LmStep LanguageModel::forward(const LmParams& p, std::span<const int32_t> tokens,
+                              std::span<const int32_t> targets, int64_t n_seq, LmCache& cache,
+                              const ExecContext& ctx) const {
+  check_params(p);
+  if (tokens.size() != targets.size())
+    throw ShapeError(fmt::format("{} tokens but {} targets: expected equal counts", tokens.size(),
+                                 targets.size()));
+  const int64_t n = int64_t(tokens.size());
+  if (n_seq < 1 || n % n_seq != 0 || n / n_seq > cfg_.context)
+    throw ShapeError(fmt::format("{} tokens as {} sequences: expected equal sequences of at most "
+                                 "{} tokens (model.context)",
+                                 n, n_seq, cfg_.context));
+  for (int64_t i = 0; i < n; ++i) {
+    if (tokens[i] < 0 || tokens[i] >= cfg_.vocab)
+      throw ShapeError(fmt::format("token {} at position {}: expected 0..{} (model.vocab)",
+                                   tokens[i], i, cfg_.vocab - 1));
+    if (targets[i] >= cfg_.vocab)
+      throw ShapeError(fmt::format("target {} at position {}: expected < {} (model.vocab)",
+                                   targets[i], i, cfg_.vocab));
+  }
+  cache.tokens.assign(tokens.begin(), tokens.end());
+  cache.targets.assign(targets.begin(), targets.end());
+  ThreadScope threads(ctx.n_threads);
+  if (p.embed.dtype() == DType::kF64) return forward_impl<double>(p, n_seq, cache, ctx);
+  return forward_impl<float>(p, n_seq, cache, ctx);
+}
+
+template <class T>
+LmStep LanguageModel::forward_impl(const LmParams& p, int64_t n_seq, LmCache& c,
+                                   const ExecContext& ctx) const {
+  const int64_t n = int64_t(c.tokens.size()), d = cfg_.d_model, V = cfg_.vocab;
+  const DType dt = dtype_of<T>();
+  const T eps = T(cfg_.norm_eps);
+  c.layers.resize(size_t(cfg_.n_layers));
+  Tensor& x = c.x_out;  // the residual stream, updated in place layer by layer
+  x.resize({n, d}, dt);
+  cpu::gather_rows<T>(p.embed.matrix<T>(), c.tokens, x.matrix<T>());
+
+  LmStep step;
+  for (int64_t i = 0; i < cfg_.n_layers; ++i) {
+    const LayerParams& l = p.layers[i];
+    LayerCache& lc = c.layers[i];
+    copy_into<T>(lc.x_attn, x);
+    lc.h_attn.resize({n, d}, dt);
+    lc.rstd_attn.resize({n}, dt);
+    cpu::rmsnorm<T>(x.matrix<T>(), l.norm_attn.span<T>(), eps, lc.h_attn.matrix<T>(),
+                    lc.rstd_attn.span<T>());
+    attention_.forward(l.attn, lc.h_attn, n_seq, lc.out, lc.attn, ctx);
+    add_into<T>(x, lc.out);
+
+    copy_into<T>(lc.x_ffn, x);
+    lc.h_ffn.resize({n, d}, dt);
+    lc.rstd_ffn.resize({n}, dt);
+    cpu::rmsnorm<T>(x.matrix<T>(), l.norm_ffn.span<T>(), eps, lc.h_ffn.matrix<T>(),
+                    lc.rstd_ffn.span<T>());
+    if (cfg_.is_moe(i)) {
+      MoeForward mf = moe_->forward(l.moe, lc.h_ffn, lc.out, lc.moe, ctx);
+      step.aux += mf.loss_balance + mf.loss_z;
+      step.routing.push_back(std::move(mf.stats));
+    } else {
+      lc.out.resize({n, d}, dt);
+      const std::vector<int32_t> all = {0, int32_t(n)};
+      experts_forward<T>(one<T>(l.w1), one<T>(l.w3), one<T>(l.w2), lc.h_ffn.matrix<T>(), all,
+                         lc.out.matrix<T>(), lc.ffn);
+    }
+    add_into<T>(x, lc.out);
+  }
+
+  c.h_out.resize({n, d}, dt);
+  c.rstd_out.resize({n}, dt);
+  cpu::rmsnorm<T>(x.matrix<T>(), p.norm_out.span<T>(), eps, c.h_out.matrix<T>(),
+                  c.rstd_out.span<T>());
+  c.logits.resize({n, V}, dt);
+  cpu::gemm<T>(false, false, T(1), c.h_out.matrix<T>(), p.lm_head.matrix<T>(), T(0),
+               c.logits.matrix<T>());
+  c.n_targets = 0;
+  for (int32_t y : c.targets) c.n_targets += y >= 0;
+  const T scale = c.n_targets > 0 ? T(1) / T(c.n_targets) : T(0);
+  // In place: the logits become d(mean loss)/dlogits, which is all backward needs of them.
+  const double total = cpu::cross_entropy_rows<T>(c.logits.matrix<T>(), c.targets, scale,
+                                                  ctx.training ? c.logits.matrix<T>() : MatrixView<T>{});
+  step.n_targets = c.n_targets;
+  step.loss = c.n_targets > 0 ? total / double(c.n_targets) : 0.0;
+  return step;
+}
+
+void LanguageModel::backward(const LmParams& p, LmCache& cache, LmParams& g,
+                             const ExecContext& ctx) const {
+  SY_CHECK(ctx.training, "backward after a forward with ctx.training = false (no gradient kept)");
+  ThreadScope threads(ctx.n_threads);
+  if (p.embed.dtype() == DType::kF64)
+    backward_impl<double>(p, cache, g, ctx);
+  else
+    backward_impl<float>(p, cache, g, ctx);
+}
+
+template <class T>
+void LanguageModel::backward_impl(const LmParams& p, LmCache& c, LmParams& g,
+                                  const ExecContext& ctx) const {
+  const int64_t n = int64_t(c.tokens.size()), d = cfg_.d_model;
+  const DType dt = dtype_of<T>();
+  Tensor& dx = c.dx;  // d loss / d residual stream, carried down the layers
+  Tensor& dh = c.dh;
+  dx.resize({n, d}, dt);
+  dh.resize({n, d}, dt);
+  // logits = h_out lm_head (c.logits holds dlogits).
+  cpu::gemm<T>(true, false, T(1), c.h_out.matrix<T>(), c.logits.matrix<T>(), T(1),
+               g.lm_head.matrix<T>());
+  cpu::gemm<T>(false, true, T(1), c.logits.matrix<T>(), p.lm_head.matrix<T>(), T(0),
+               dh.matrix<T>());
+  cpu::rmsnorm_backward<T>(c.x_out.matrix<T>(), p.norm_out.span<T>(), c.rstd_out.span<T>(),
+                           dh.matrix<T>(), dx.matrix<T>(), g.norm_out.span<T>());
+
+  Tensor dsub;  // a sublayer's input gradient
+  for (int64_t i = cfg_.n_layers - 1; i >= 0; --i) {
+    const LayerParams& l = p.layers[i];
+    LayerParams& gl = g.layers[i];
+    LayerCache& lc = c.layers[i];
+    // x_out = x_ffn + ffn(rmsnorm(x_ffn)): dx passes through and gains the branch's part.
+    if (cfg_.is_moe(i)) {
+      moe_->backward(l.moe, lc.moe, dx, gl.moe, dh, ctx);
+    } else {
+      dh.resize({n, d}, dt);
+      const std::vector<int32_t> all = {0, int32_t(n)};
+      experts_backward<T>(one<T>(l.w1), one<T>(l.w3), one<T>(l.w2), lc.h_ffn.matrix<T>(), all,
+                          dx.matrix<T>(), lc.ffn, one<T>(gl.w1), one<T>(gl.w3), one<T>(gl.w2),
+                          dh.matrix<T>());
+    }
+    dsub.resize({n, d}, dt);
+    cpu::rmsnorm_backward<T>(lc.x_ffn.matrix<T>(), l.norm_ffn.span<T>(), lc.rstd_ffn.span<T>(),
+                             dh.matrix<T>(), dsub.matrix<T>(), gl.norm_ffn.span<T>());
+    add_into<T>(dx, dsub);
+    // x_ffn = x_attn + attention(rmsnorm(x_attn)).
+    attention_.backward(l.attn, lc.attn, dx, gl.attn, dh, ctx);
+    cpu::rmsnorm_backward<T>(lc.x_attn.matrix<T>(), l.norm_attn.span<T>(),
+                             lc.rstd_attn.span<T>(), dh.matrix<T>(), dsub.matrix<T>(),
+                             gl.norm_attn.span<T>());
+    add_into<T>(dx, dsub);
+  }
+  cpu::scatter_add_rows<T>(dx.matrix<T>(), c.tokens, {}, g.embed.matrix<T>());
+}
+
+DecodeState LanguageModel::start(DType dtype) const {
+  DecodeState s;
+  for (int64_t i = 0; i < cfg_.n_layers; ++i) s.kv.push_back(attention_.start(dtype));
+  return s;
+}
+
+void LanguageModel::decode(const LmParams& p, std::span<const int32_t> tokens, DecodeState& state,
+                           std::vector<float>& logits, const ExecContext& ctx) const {
+  check_params(p);
+  if (p.embed.dtype() != DType::kF32)
+    throw ShapeError(fmt::format("decode: parameters are {}: expected f32",
+                                 dtype_name(p.embed.dtype())));
+  const int64_t n = int64_t(tokens.size()), d = cfg_.d_model, V = cfg_.vocab;
+  if (n == 0) throw ShapeError("decode: no tokens given");
+  for (int32_t t : tokens)
+    if (t < 0 || t >= V)
+      throw ShapeError(fmt::format("token {}: expected 0..{} (model.vocab)", t, V - 1));
+  if (int64_t(state.kv.size()) != cfg_.n_layers) state = start(DType::kF32);
+  ThreadScope threads(ctx.n_threads);
+  ExecContext eval = ctx;
+  eval.training = false;
+  const float eps = float(cfg_.norm_eps);
+  Tensor x({n, d}, DType::kF32), h({n, d}, DType::kF32), out, rstd({n}, DType::kF32);
+  cpu::gather_rows<float>(p.embed.matrix<float>(), tokens, x.matrix<float>());
+  MoeCache moe_cache;
+  ExpertsCache ffn_cache;
+  for (int64_t i = 0; i < cfg_.n_layers; ++i) {
+    const LayerParams& l = p.layers[i];
+    cpu::rmsnorm<float>(x.matrix<float>(), l.norm_attn.span<float>(), eps, h.matrix<float>(),
+                        rstd.span<float>());
+    attention_.decode(l.attn, h, state.kv[i], out);
+    add_into<float>(x, out);
+    cpu::rmsnorm<float>(x.matrix<float>(), l.norm_ffn.span<float>(), eps, h.matrix<float>(),
+                        rstd.span<float>());
+    if (cfg_.is_moe(i)) {
+      moe_->forward(l.moe, h, out, moe_cache, eval);
+    } else {
+      out.resize({n, d}, DType::kF32);
+      const std::vector<int32_t> all = {0, int32_t(n)};
+      experts_forward<float>(one<float>(l.w1), one<float>(l.w3), one<float>(l.w2),
+                             h.matrix<float>(), all, out.matrix<float>(), ffn_cache);
+    }
+    add_into<float>(x, out);
+  }
+  // Only the last position's logits are needed.
+  MatrixView<const float> last{x.data<float>() + (n - 1) * d, 1, d};
+  Tensor hl({1, d}, DType::kF32), rl({1}, DType::kF32), lg({1, V}, DType::kF32);
+  cpu::rmsnorm<float>(last, p.norm_out.span<float>(), eps, hl.matrix<float>(), rl.span<float>());
+  cpu::gemm<float>(false, false, 1.0f, hl.matrix<float>(), p.lm_head.matrix<float>(), 0.0f,
+                   lg.matrix<float>());
+  logits.assign(lg.data<float>(), lg.data<float>() + V);
+}
+
+}  // namespace sy

@@ -1,0 +1,191 @@
+// The transformer layers: float64 finite-difference checks of attention (with RoPE) and of the
+// whole language model (dense and MoE layers, auxiliary losses included); KV-cached decoding
+// against the full forward; the same numbers at any thread count; clear errors for bad input.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "switchyard/nn/attention.h"
+#include "switchyard/nn/model.h"
+#include "testing/testing.h"
+
+namespace sy {
+namespace {
+
+using testing::dot;
+using testing::expect_grad_close;
+using testing::random_tensor;
+
+TEST(AttentionGradcheck, InputAndWeights) {
+  const AttentionConfig cfg{.d_model = 8, .n_heads = 2, .max_context = 7, .rope_theta = 100};
+  Attention attn(cfg);
+  const int64_t n_seq = 2, L = 5, T = n_seq * L;
+  AttentionParams p = init_attention_params(cfg, DType::kF64, 3);
+  AttentionParams g{Tensor(p.w_qkv.shape(), DType::kF64), Tensor(p.w_o.shape(), DType::kF64)};
+  Tensor x = random_tensor({T, 8}, DType::kF64, 4), r = random_tensor({T, 8}, DType::kF64, 5);
+  Tensor y, dx;
+  AttentionCache cache;
+  const ExecContext ctx;
+  auto loss = [&] {
+    attn.forward(p, x, n_seq, y, cache, ctx);
+    return dot(y.span<double>(), r.span<double>());
+  };
+  loss();
+  attn.backward(p, cache, r, g, dx, ctx);
+  expect_grad_close(loss, x.span<double>(), dx.span<double>(), "dx");
+  expect_grad_close(loss, p.w_qkv.span<double>(), g.w_qkv.span<double>(), "dw_qkv");
+  expect_grad_close(loss, p.w_o.span<double>(), g.w_o.span<double>(), "dw_o");
+}
+
+TEST(Attention, IsCausalAndSequencesAreIndependent) {
+  const AttentionConfig cfg{.d_model = 8, .n_heads = 2, .max_context = 6};
+  Attention attn(cfg);
+  AttentionParams p = init_attention_params(cfg, DType::kF64, 6);
+  Tensor x = random_tensor({12, 8}, DType::kF64, 7), y1, y2;
+  AttentionCache cache;
+  attn.forward(p, x, 2, y1, cache, {});
+  // Changing position 4 of sequence 0 changes nothing before it and nothing in sequence 1.
+  for (int64_t j = 0; j < 8; ++j) x.data<double>()[4 * 8 + j] += 0.5;
+  attn.forward(p, x, 2, y2, cache, {});
+  for (int64_t t = 0; t < 12; ++t)
+    for (int64_t j = 0; j < 8; ++j) {
+      const double a = y1.data<double>()[t * 8 + j], b = y2.data<double>()[t * 8 + j];
+      if (t < 4 || t >= 6) {
+        EXPECT_EQ(a, b) << "row " << t;
+      }
+    }
+}
+
+LmConfig tiny_config(int64_t moe_every, bool dropless = false) {
+  LmConfig cfg;
+  cfg.vocab = 11;
+  cfg.context = 6;
+  cfg.d_model = 8;
+  cfg.n_layers = 2;
+  cfg.n_heads = 2;
+  cfg.moe_every = moe_every;
+  cfg.d_ff = 10;
+  cfg.moe.n_experts = 4;
+  cfg.moe.top_k = 2;
+  cfg.moe.d_ff = 6;
+  cfg.moe.capacity_factor_train = 1.0;  // some slots dropped
+  cfg.moe.dropless = dropless;
+  cfg.moe.loss_balance_weight = 0.1;
+  cfg.moe.loss_z_weight = 0.01;
+  return cfg;
+}
+
+void gradcheck_model(const LmConfig& cfg) {
+  LanguageModel model(cfg);
+  LmParams p = init_lm_params(cfg, DType::kF64, 11);
+  LmParams g = zeros_like(p);
+  const std::vector<int32_t> tokens = {1, 5, 7, 2, 9, 10, 0, 3, 3, 8};
+  const std::vector<int32_t> targets = {5, 7, 2, 9, -1, 0, 3, 3, 8, 4};
+  LmCache cache;
+  const ExecContext ctx;
+  auto loss = [&] {
+    LmStep s = model.forward(p, tokens, targets, 2, cache, ctx);
+    return s.loss + s.aux;
+  };
+  loss();
+  model.backward(p, cache, g, ctx);
+  auto grads = g.named();
+  auto params = p.named();
+  ASSERT_EQ(grads.size(), params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    ASSERT_EQ(params[i].first, grads[i].first);
+    expect_grad_close(loss, params[i].second->span<double>(), grads[i].second->span<double>(),
+                      params[i].first, 1e-6, 1e-7, 1e-5, 24);
+  }
+}
+
+TEST(LanguageModelGradcheck, MoeAndDenseLayers) { gradcheck_model(tiny_config(2)); }
+TEST(LanguageModelGradcheck, AllDense) { gradcheck_model(tiny_config(0)); }
+TEST(LanguageModelGradcheck, AllMoeWithSharedExpert) {
+  LmConfig cfg = tiny_config(1);
+  cfg.moe.n_shared_experts = 1;
+  gradcheck_model(cfg);
+}
+
+TEST(LanguageModel, DecodeWithKvCacheMatchesFullForward) {
+  const LmConfig cfg = tiny_config(1, /*dropless=*/true);
+  LanguageModel model(cfg);
+  const LmParams p = init_lm_params(cfg, DType::kF32, 12);
+  const std::vector<int32_t> tokens = {4, 1, 9, 9, 2, 7};
+  LmCache cache;
+  ExecContext eval;
+  eval.training = false;
+  for (int64_t n = 1; n <= 6; ++n) {
+    std::span<const int32_t> prefix(tokens.data(), size_t(n));
+    const std::vector<int32_t> no_targets(size_t(n), -1);
+    model.forward(p, prefix, no_targets, 1, cache, eval);
+    // Prefill all but the last token, then one step.
+    DecodeState state = model.start(DType::kF32);
+    std::vector<float> logits;
+    if (n > 1) model.decode(p, prefix.first(size_t(n - 1)), state, logits, eval);
+    model.decode(p, prefix.last(1), state, logits, eval);
+    ASSERT_EQ(state.n_pos(), n);
+    for (int64_t v = 0; v < cfg.vocab; ++v)
+      EXPECT_NEAR(logits[v], cache.logits.data<float>()[(n - 1) * cfg.vocab + v], 1e-4)
+          << "prefix " << n << " logit " << v;
+  }
+}
+
+TEST(LanguageModel, SameLossAndGradientsAtAnyThreadCount) {
+  LmConfig cfg = tiny_config(1);
+  cfg.context = 40;
+  cfg.d_model = 32;
+  cfg.moe.d_ff = 48;
+  LanguageModel model(cfg);
+  const LmParams p = init_lm_params(cfg, DType::kF32, 13);
+  std::vector<int32_t> tokens(160), targets(160);
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    tokens[i] = int32_t((i * 7 + 3) % 11);
+    targets[i] = int32_t((i * 5 + 1) % 11);
+  }
+  std::vector<double> losses;
+  std::vector<std::vector<float>> grads;
+  for (int threads : {1, 2, 3}) {
+    ExecContext ctx;
+    ctx.n_threads = threads;
+    LmParams g = zeros_like(p);
+    LmCache cache;
+    losses.push_back(model.forward(p, tokens, targets, 4, cache, ctx).loss);
+    model.backward(p, cache, g, ctx);
+    std::vector<float> flat;
+    for (auto& [name, t] : g.named()) flat.insert(flat.end(), t->span<float>().begin(), t->span<float>().end());
+    grads.push_back(std::move(flat));
+  }
+  EXPECT_EQ(losses[0], losses[1]);
+  EXPECT_EQ(losses[0], losses[2]);
+  EXPECT_EQ(grads[0], grads[1]);
+  EXPECT_EQ(grads[0], grads[2]);
+}
+
+TEST(LanguageModel, BadInputNamesWhatWasExpected) {
+  LmConfig cfg = tiny_config(1);
+  LanguageModel model(cfg);
+  LmParams p = init_lm_params(cfg, DType::kF32, 14);
+  LmCache cache;
+  const std::vector<int32_t> bad_token = {1, 11}, ok = {1, 2};
+  EXPECT_THROW(
+      {
+        try {
+          model.forward(p, bad_token, ok, 1, cache, {});
+        } catch (const ShapeError& e) {
+          EXPECT_NE(std::string(e.what()).find("expected 0..10 (model.vocab)"), std::string::npos);
+          throw;
+        }
+      },
+      ShapeError);
+  const std::vector<int32_t> long_seq(7, 1);
+  EXPECT_THROW(model.forward(p, long_seq, long_seq, 1, cache, {}), ShapeError);  // > context
+  p.layers[1].attn.w_o = Tensor({8, 9}, DType::kF32);
+  EXPECT_THROW(model.forward(p, ok, ok, 1, cache, {}), ShapeError);
+  cfg.n_heads = 3;
+  EXPECT_THROW(LanguageModel{cfg}, ConfigError);
+}
+
+}  // namespace
+}  // namespace sy
