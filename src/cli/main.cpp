@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cli/bench_moe.h"
+#include "cli/lm_commands.h"
 #include "switchyard/core/error.h"
 
 namespace {
@@ -76,6 +77,46 @@ int main(int argc, char** argv) {
   bench_moe->add_option("--seed", moe_opt.seed, "Seed of weights and inputs")
       ->capture_default_str();
 
+  sy::cli::TrainCliOptions train_opt;
+  CLI::App* train = app.add_subcommand("train", "Train a language model (default: austen-moe)");
+  train->add_option("--config", train_opt.config,
+                    "Built-in config (austen-moe, austen-dense) or a JSON file")
+      ->capture_default_str();
+  train->add_option("--set", train_opt.overrides,
+                    "Override a config value, e.g. --set train.lr=0.001 (repeatable)");
+  train->add_option("--steps", train_opt.steps, "Training steps (overrides train.steps)");
+  train->add_option("--out", train_opt.out, "Run directory (default: runs/<config>)");
+  train->add_flag("--resume", train_opt.resume, "Continue the checkpoint in the run directory");
+  train->add_option("--threads", train_opt.threads, "Threads (0: all cores)")->capture_default_str();
+
+  sy::cli::EvalCliOptions eval_opt;
+  CLI::App* eval = app.add_subcommand("eval", "Validation loss and bits per byte of a checkpoint");
+  eval->add_option("--checkpoint", eval_opt.checkpoint, "Checkpoint file")->required();
+  eval->add_option("--data", eval_opt.data, "Text file (default: the checkpoint's data.path)");
+  eval->add_option("--max-tokens", eval_opt.max_tokens, "Tokens to score (0: whole split)")
+      ->capture_default_str();
+  eval->add_option("--threads", eval_opt.threads, "Threads (0: all cores)")->capture_default_str();
+
+  sy::cli::GenerateCliOptions gen_opt;
+  CLI::App* generate = app.add_subcommand("generate", "Sample text from a checkpoint");
+  generate->add_option("--checkpoint", gen_opt.checkpoint, "Checkpoint file")->required();
+  generate->add_option("--prompt", gen_opt.prompt, "Text to continue");
+  generate->add_option("--tokens", gen_opt.tokens, "Bytes to generate")->capture_default_str();
+  generate->add_option("--temperature", gen_opt.temperature, "0: greedy")->capture_default_str();
+  generate->add_option("--top-k", gen_opt.top_k, "Keep the k likeliest (0: off)")
+      ->capture_default_str();
+  generate->add_option("--top-p", gen_opt.top_p, "Nucleus mass (1: off)")->capture_default_str();
+  generate->add_option("--seed", gen_opt.seed, "Sampling seed")->capture_default_str();
+  generate->add_option("--threads", gen_opt.threads, "Threads")->capture_default_str();
+
+  sy::cli::CompareCliOptions cmp_opt;
+  CLI::App* compare = app.add_subcommand(
+      "compare", "Train austen-moe and austen-dense for the same steps and compare");
+  compare->add_option("--steps", cmp_opt.steps, "Steps of both runs (default: the configs')");
+  compare->add_option("--out", cmp_opt.out, "Directory of both runs")->capture_default_str();
+  compare->add_option("--threads", cmp_opt.threads, "Threads (0: all cores)")
+      ->capture_default_str();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ExtrasError& e) {
@@ -94,6 +135,10 @@ int main(int argc, char** argv) {
 
   try {
     if (bench_moe->parsed()) return sy::cli::run_bench_moe(moe_opt);
+    if (train->parsed()) return sy::cli::run_train(train_opt);
+    if (eval->parsed()) return sy::cli::run_eval(eval_opt);
+    if (generate->parsed()) return sy::cli::run_generate(gen_opt);
+    if (compare->parsed()) return sy::cli::run_compare(cmp_opt);
   } catch (const sy::ConfigError& e) {
     fmt::print(stderr, "error: {}\n", e.what());
     return 2;

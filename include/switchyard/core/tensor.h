@@ -58,6 +58,9 @@ class Tensor {
   bool empty() const { return numel_ == 0; }
   std::string shape_str() const;  // e.g. "[8, 512, 1024] f32"
 
+  // The raw bytes, whatever the dtype: for file I/O.
+  std::byte* bytes() { return buf_.get(); }
+  const std::byte* bytes() const { return buf_.get(); }
   template <class T>
   T* data() {
     check_dtype(dtype_of<T>());

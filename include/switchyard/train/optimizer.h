@@ -1,0 +1,35 @@
+// AdamW (Loshchilov & Hutter 2019) over the model's parameters, the learning-rate schedule
+// (linear warm-up, then cosine decay to min_lr) and global-norm gradient clipping.
+#pragma once
+
+#include <cstdint>
+
+#include "switchyard/nn/model.h"
+#include "switchyard/train/run_config.h"
+
+namespace sy {
+
+class AdamW {
+ public:
+  AdamW(const TrainConfig& cfg, const LmParams& like);  // moments zero, same shapes
+  // p -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p); decay on matrices only (not
+  // norm gains), and MoE expert_bias (moved by its own balancing rule) is left alone.
+  void step(LmParams& p, const LmParams& g, double lr);
+  int64_t n_steps() const { return t_; }
+  void set_n_steps(int64_t t) { t_ = t; }
+  LmParams& m() { return m_; }
+  LmParams& v() { return v_; }
+
+ private:
+  TrainConfig cfg_;
+  LmParams m_, v_;
+  int64_t t_ = 0;
+};
+
+// Learning rate at step s (0-based) of cfg.steps.
+double learning_rate(const TrainConfig& cfg, int64_t step);
+
+// Scales g so its global L2 norm is at most max_norm (0: no clipping); returns the norm before.
+double clip_grad_norm(LmParams& g, double max_norm);
+
+}  // namespace sy

@@ -1,0 +1,52 @@
+// The training loop: batches from the corpus, forward, backward, clipping, AdamW, MoE bias
+// balancing, periodic validation and checkpoints, a progress line, and at the end an HTML
+// report. A stop request (Ctrl-C in the CLI) ends the run after the current step with a clean
+// checkpoint. --resume continues from a checkpoint to the same losses as an unbroken run.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "switchyard/nn/model.h"
+#include "switchyard/train/checkpoint.h"
+#include "switchyard/train/data.h"
+#include "switchyard/train/run_config.h"
+
+namespace sy {
+
+struct TrainOptions {
+  std::string out_dir;        // checkpoint.safetensors and report.html go here
+  bool resume = false;        // continue out_dir's checkpoint (its model config must match)
+  int n_threads = 0;          // 0: all cores
+  std::FILE* log = stdout;    // progress lines; nullptr: silent
+  const std::atomic<bool>* stop = nullptr;  // set: finish the step, checkpoint, return
+  int64_t stop_after = -1;    // >= 0: stop after this many steps as if asked to (tests)
+};
+
+struct TrainResult {
+  int64_t steps_done = 0;
+  bool interrupted = false;
+  double final_val_loss = 0;
+  double tokens_per_s = 0;    // mean over the run's steps, evaluation excluded
+  double seconds = 0;
+  TrainHistory history;
+  std::string checkpoint, report;
+};
+
+TrainResult train(const RunConfig& cfg, const TrainOptions& opt);
+
+// Mean cross-entropy (nats per token) of the model over the batches.
+double evaluate(const LanguageModel& model, const LmParams& p, const std::vector<Batch>& batches,
+                const ExecContext& ctx);
+
+// The HTML report: loss curves and per-layer expert load over training, as inline SVG.
+std::string render_report(const RunConfig& cfg, const TrainHistory& history);
+// Validation loss of several runs on one plot, with a line of text under it.
+std::string render_comparison(const std::vector<std::string>& names,
+                              const std::vector<const TrainHistory*>& histories,
+                              const std::string& caption);
+
+}  // namespace sy

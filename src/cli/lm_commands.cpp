@@ -1,0 +1,204 @@
+#include "cli/lm_commands.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <csignal>
+#include <filesystem>
+#include <numeric>
+
+#include "switchyard/core/file.h"
+#include "switchyard/core/rng.h"
+#include "switchyard/train/trainer.h"
+
+namespace sy::cli {
+
+namespace {
+
+std::atomic<bool> g_stop{false};
+
+// First Ctrl-C: finish the step, write a clean checkpoint, exit. A second one kills at once
+// (files are still only ever renamed into place whole).
+void on_sigint(int) {
+  g_stop.store(true);
+  std::signal(SIGINT, SIG_DFL);
+}
+
+RunConfig config_for(const std::string& name, std::vector<std::string> overrides, int64_t steps) {
+  if (steps > 0) overrides.push_back(fmt::format("train.steps={}", steps));
+  return load_run_config(name, overrides);
+}
+
+std::string default_out(const std::string& config) {
+  return (std::filesystem::path("runs") / std::filesystem::path(config).stem()).string();
+}
+
+}  // namespace
+
+int run_train(const TrainCliOptions& o) {
+  const RunConfig cfg = config_for(o.config, o.overrides, o.steps);
+  TrainOptions opt;
+  opt.out_dir = o.out.empty() ? default_out(o.config) : o.out;
+  opt.resume = o.resume;
+  opt.n_threads = o.threads;
+  opt.stop = &g_stop;
+  const LmConfig& m = cfg.model;
+  fmt::print("{}: {:.2f} M parameters ({:.2f} M active per token), {} layers ({} MoE), "
+             "{} steps of {} x {} tokens, {} threads -> {}\n",
+             cfg.name, double(m.total_params()) / 1e6, double(m.active_params()) / 1e6, m.n_layers,
+             m.n_moe_layers(), cfg.train.steps, cfg.train.batch, m.context,
+             o.threads > 0 ? o.threads : max_threads(), opt.out_dir);
+  std::signal(SIGINT, on_sigint);
+  const TrainResult r = train(cfg, opt);
+  std::signal(SIGINT, SIG_DFL);
+  if (r.interrupted)
+    fmt::print("interrupted after step {}: checkpoint {} (continue with --resume)\n", r.steps_done,
+               r.checkpoint);
+  fmt::print("done: {} steps, val loss {:.4f} ({:.3f} bits per byte), {:.0f} tokens/s, {:.0f} s\n"
+             "checkpoint {}\nreport {}\n",
+             r.steps_done, r.final_val_loss, r.final_val_loss / std::log(2.0), r.tokens_per_s,
+             r.seconds, r.checkpoint, r.report);
+  return r.interrupted ? 130 : 0;
+}
+
+int run_eval(const EvalCliOptions& o) {
+  const Checkpoint ck = load_checkpoint(o.checkpoint, /*with_optimizer=*/false);
+  const std::string data = resolve_data_path(o.data.empty() ? ck.cfg.data.path : o.data);
+  const Corpus corpus = load_corpus(data, ck.cfg.data.val_fraction, ck.cfg.model.context);
+  const LanguageModel model(ck.cfg.model);
+  const auto batches = val_batches(corpus, ck.cfg.train.batch, ck.cfg.model.context, o.max_tokens);
+  int64_t n = 0;
+  for (const Batch& b : batches) n += int64_t(b.tokens.size());
+  ExecContext ctx;
+  ctx.n_threads = o.threads;
+  const double t0 = wall_seconds();
+  const double loss = evaluate(model, ck.params, batches, ctx);
+  fmt::print("{} (step {}) on {} validation split: {} tokens, loss {:.4f} nats/byte, {:.4f} bits "
+             "per byte ({:.1f} s)\n",
+             o.checkpoint, ck.step, data, n, loss, loss / std::log(2.0), wall_seconds() - t0);
+  return 0;
+}
+
+int run_generate(const GenerateCliOptions& o) {
+  if (!(o.temperature >= 0) || !std::isfinite(o.temperature))
+    throw ConfigError(fmt::format("--temperature {}: expected >= 0", o.temperature));
+  if (!(o.top_p > 0 && o.top_p <= 1))
+    throw ConfigError(fmt::format("--top-p {}: expected in (0, 1]", o.top_p));
+  if (o.top_k < 0) throw ConfigError(fmt::format("--top-k {}: expected >= 0", o.top_k));
+  if (o.prompt.empty()) throw ConfigError("--prompt is empty: expected at least one byte");
+  const Checkpoint ck = load_checkpoint(o.checkpoint, /*with_optimizer=*/false);
+  const LmConfig& m = ck.cfg.model;
+  const LanguageModel model(m);
+  ExecContext ctx;
+  ctx.n_threads = o.threads;
+  std::vector<int32_t> text(o.prompt.begin(), o.prompt.end());
+  for (int32_t& t : text) t &= 0xFF;  // bytes, not chars
+  if (int64_t(text.size()) > m.context) text.erase(text.begin(), text.end() - m.context);
+  DecodeState state = model.start(DType::kF32);
+  std::vector<float> logits;
+  model.decode(ck.params, text, state, logits, ctx);
+  fmt::print("{}", o.prompt);
+  const Philox rng(o.seed, 0x6E4);
+  std::vector<int32_t> order(size_t(m.vocab));
+  std::vector<double> prob(size_t(m.vocab));
+  const double t0 = wall_seconds();
+  for (int64_t i = 0; i < o.tokens; ++i) {
+    int32_t next;
+    if (o.temperature == 0) {
+      next = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    } else {
+      // Softmax at the temperature, then keep the top-k and the smallest set whose mass
+      // reaches top-p, renormalised.
+      const float mx = *std::max_element(logits.begin(), logits.end());
+      for (size_t v = 0; v < logits.size(); ++v)
+        prob[v] = std::exp((double(logits[v]) - mx) / o.temperature);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return prob[a] > prob[b]; });
+      const double total = std::accumulate(prob.begin(), prob.end(), 0.0);
+      size_t keep = o.top_k > 0 ? std::min<size_t>(size_t(o.top_k), order.size()) : order.size();
+      double mass = 0;
+      for (size_t j = 0; j < keep; ++j) {
+        mass += prob[order[j]] / total;
+        if (mass >= o.top_p) {
+          keep = j + 1;
+          break;
+        }
+      }
+      double kept = 0;
+      for (size_t j = 0; j < keep; ++j) kept += prob[order[j]];
+      double u = double(rng.uniform(uint64_t(i))) * kept;
+      next = order[keep - 1];
+      for (size_t j = 0; j < keep; ++j) {
+        u -= prob[order[j]];
+        if (u < 0) {
+          next = order[j];
+          break;
+        }
+      }
+    }
+    std::fputc(next, stdout);
+    std::fflush(stdout);
+    text.push_back(next);
+    if (state.n_pos() >= m.context) {
+      // The window is full: keep the last half and rebuild the cache from it.
+      text.erase(text.begin(), text.end() - m.context / 2);
+      state = model.start(DType::kF32);
+      model.decode(ck.params, text, state, logits, ctx);
+    } else {
+      model.decode(ck.params, std::span<const int32_t>(&text.back(), 1), state, logits, ctx);
+    }
+  }
+  fmt::print(stderr, "\n[{} tokens in {:.2f} s: {:.0f} tokens/s]\n", o.tokens,
+             wall_seconds() - t0, double(o.tokens) / (wall_seconds() - t0));
+  return 0;
+}
+
+int run_compare(const CompareCliOptions& o) {
+  const RunConfig moe = config_for(o.moe, {}, o.steps), dense = config_for(o.dense, {}, o.steps);
+  if (moe.train.steps != dense.train.steps || moe.train.eval_interval != dense.train.eval_interval)
+    throw ConfigError(fmt::format("compare: {} and {} differ in train.steps or "
+                                  "train.eval_interval: expected the same",
+                                  o.moe, o.dense));
+  std::vector<TrainResult> results;
+  for (const RunConfig* cfg : {&dense, &moe}) {
+    const std::string dir = (std::filesystem::path(o.out) / std::filesystem::path(cfg->name).stem()).string();
+    std::filesystem::remove(std::filesystem::path(dir) / "checkpoint.safetensors");
+    TrainOptions opt;
+    opt.out_dir = dir;
+    opt.n_threads = o.threads;
+    fmt::print("== {} ({:.2f} M active parameters per token)\n", cfg->name,
+               double(cfg->model.active_params()) / 1e6);
+    results.push_back(train(*cfg, opt));
+  }
+  const TrainHistory &hd = results[0].history, &hm = results[1].history;
+  const double target = results[0].final_val_loss;
+  int64_t reach = -1;
+  for (const auto& e : hm.evals)
+    if (e.val_loss <= target) {
+      reach = e.step;
+      break;
+    }
+  std::string table = fmt::format("| step | {} val loss | {} val loss |\n|---:|---:|---:|\n",
+                                  dense.name, moe.name);
+  for (size_t i = 0; i < std::min(hd.evals.size(), hm.evals.size()); ++i)
+    table += fmt::format("| {} | {:.4f} | {:.4f} |\n", hd.evals[i].step, hd.evals[i].val_loss,
+                         hm.evals[i].val_loss);
+  std::string verdict =
+      reach > 0 ? fmt::format("{} first reaches {}'s final validation loss {:.4f} at step {} of "
+                              "{} ({:.2f}x fewer steps; evaluated every {} steps)",
+                              moe.name, dense.name, target, reach, dense.train.steps,
+                              double(dense.train.steps) / double(reach), moe.train.eval_interval)
+                : fmt::format("{} does not reach {}'s final validation loss {:.4f} within {} steps",
+                              moe.name, dense.name, target, moe.train.steps);
+  std::string speed = fmt::format("tokens/s: {} {:.0f}, {} {:.0f}", dense.name,
+                                  results[0].tokens_per_s, moe.name, results[1].tokens_per_s);
+  fmt::print("\n{}\n{}\n{}\n", table, verdict, speed);
+  write_file_atomic((std::filesystem::path(o.out) / "compare.md").string(),
+                    table + "\n" + verdict + "\n\n" + speed + "\n");
+  write_file_atomic((std::filesystem::path(o.out) / "compare.html").string(),
+                    render_comparison({dense.name, moe.name}, {&hd, &hm}, verdict));
+  fmt::print("wrote {}/compare.md and {}/compare.html\n", o.out, o.out);
+  return 0;
+}
+
+}  // namespace sy::cli

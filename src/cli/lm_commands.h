@@ -1,0 +1,48 @@
+// `switchyard train`, `eval`, `generate` and `compare`: the language-model subcommands.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace sy::cli {
+
+struct TrainCliOptions {
+  std::string config = "austen-moe";
+  std::vector<std::string> overrides;  // --set key=value
+  int64_t steps = 0;                   // > 0: overrides train.steps
+  std::string out;                     // default runs/<config name>
+  bool resume = false;
+  int threads = 0;
+};
+int run_train(const TrainCliOptions& o);
+
+struct EvalCliOptions {
+  std::string checkpoint;
+  std::string data;        // default: the checkpoint's data.path
+  int64_t max_tokens = 0;  // 0: the whole validation split
+  int threads = 0;
+};
+int run_eval(const EvalCliOptions& o);
+
+struct GenerateCliOptions {
+  std::string checkpoint;
+  std::string prompt = "\n";
+  int64_t tokens = 300;
+  double temperature = 0.8;
+  int64_t top_k = 0;    // 0: off
+  double top_p = 0.95;  // 1: off
+  uint64_t seed = 1;
+  int threads = 1;
+};
+int run_generate(const GenerateCliOptions& o);
+
+struct CompareCliOptions {
+  std::string moe = "austen-moe", dense = "austen-dense";
+  int64_t steps = 0;  // > 0: both configs' train.steps
+  std::string out = "runs/compare";
+  int threads = 0;
+};
+int run_compare(const CompareCliOptions& o);
+
+}  // namespace sy::cli

@@ -1,0 +1,60 @@
+#include "switchyard/train/optimizer.h"
+
+#include <cmath>
+#include <numbers>
+
+namespace sy {
+
+AdamW::AdamW(const TrainConfig& cfg, const LmParams& like)
+    : cfg_(cfg), m_(zeros_like(like)), v_(zeros_like(like)) {}
+
+void AdamW::step(LmParams& p, const LmParams& g, double lr) {
+  ++t_;
+  const double b1 = cfg_.beta1, b2 = cfg_.beta2;
+  const double c1 = 1.0 / (1.0 - std::pow(b1, double(t_))), c2 = 1.0 / (1.0 - std::pow(b2, double(t_)));
+  auto params = p.named();
+  auto grads = g.named();
+  auto ms = m_.named();
+  auto vs = v_.named();
+  SY_CHECK(params.size() == grads.size() && params.size() == ms.size(), "{} params, {} grads",
+           params.size(), grads.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const std::string& name = params[i].first;
+    if (name.ends_with("expert_bias")) continue;
+    Tensor& w = *params[i].second;
+    const float* gr = grads[i].second->data<float>();
+    float *wp = w.data<float>(), *m = ms[i].second->data<float>(), *v = vs[i].second->data<float>();
+    const float decay = w.rank() >= 2 ? float(lr * cfg_.weight_decay) : 0.0f;
+    const float fb1 = float(b1), fb2 = float(b2), fc1 = float(c1), fc2 = float(c2);
+    const float flr = float(lr), eps = float(cfg_.adam_eps);
+    const int64_t n = w.numel();
+#pragma omp parallel for schedule(static) if (n > (1 << 15))
+    for (int64_t j = 0; j < n; ++j) {
+      m[j] = fb1 * m[j] + (1 - fb1) * gr[j];
+      v[j] = fb2 * v[j] + (1 - fb2) * gr[j] * gr[j];
+      wp[j] -= flr * (m[j] * fc1) / (std::sqrt(v[j] * fc2) + eps) + decay * wp[j];
+    }
+  }
+}
+
+double learning_rate(const TrainConfig& cfg, int64_t step) {
+  if (step < cfg.warmup) return cfg.lr * double(step + 1) / double(cfg.warmup);
+  const double span = double(std::max<int64_t>(1, cfg.steps - cfg.warmup));
+  const double progress = std::min(1.0, double(step - cfg.warmup) / span);
+  return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + std::cos(std::numbers::pi * progress));
+}
+
+double clip_grad_norm(LmParams& g, double max_norm) {
+  double sq = 0;
+  for (auto& [name, t] : g.named())
+    for (float v : t->span<float>()) sq += double(v) * double(v);
+  const double norm = std::sqrt(sq);
+  if (max_norm > 0 && norm > max_norm) {
+    const float s = float(max_norm / norm);
+    for (auto& [name, t] : g.named())
+      for (float& v : t->span<float>()) v *= s;
+  }
+  return norm;
+}
+
+}  // namespace sy

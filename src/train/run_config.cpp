@@ -1,0 +1,331 @@
+// Run configs: JSON in, validated structs out; canonical JSON back out for checkpoints.
+#include "switchyard/train/run_config.h"
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+
+namespace sy {
+
+namespace {
+
+using nlohmann::json;
+
+const std::map<std::string, std::string>& builtin_configs() {
+  static const std::map<std::string, std::string> configs = {
+#include "builtin_configs.inc"
+  };
+  return configs;
+}
+
+// One JSON object of the config: reads the keys it knows, then rejects any it did not read.
+class Section {
+ public:
+  Section(const json& j, std::string prefix) : j_(j), prefix_(std::move(prefix)) {
+    if (!j_.is_object())
+      throw ConfigError(fmt::format("{}: expected a JSON object, found {}", where(), j_.dump()));
+  }
+  bool has(const char* key) const { return j_.contains(key); }
+  const json& at(const char* key) {
+    known_.insert(key);
+    return j_.at(key);
+  }
+  void get(const char* key, int64_t& out) {
+    known_.insert(key);
+    if (!j_.contains(key)) return;
+    const json& v = j_[key];
+    if (!v.is_number_integer())
+      throw ConfigError(fmt::format("{}{} = {}: expected an integer", prefix_, key, v.dump()));
+    out = v.get<int64_t>();
+  }
+  void get(const char* key, uint64_t& out) {
+    int64_t v = int64_t(out);
+    get(key, v);
+    if (v < 0) throw ConfigError(fmt::format("{}{} = {}: expected >= 0", prefix_, key, v));
+    out = uint64_t(v);
+  }
+  void get(const char* key, double& out) {
+    known_.insert(key);
+    if (!j_.contains(key)) return;
+    const json& v = j_[key];
+    if (!v.is_number())
+      throw ConfigError(fmt::format("{}{} = {}: expected a number", prefix_, key, v.dump()));
+    out = v.get<double>();
+  }
+  void get(const char* key, bool& out) {
+    known_.insert(key);
+    if (!j_.contains(key)) return;
+    const json& v = j_[key];
+    if (!v.is_boolean())
+      throw ConfigError(fmt::format("{}{} = {}: expected true or false", prefix_, key, v.dump()));
+    out = v.get<bool>();
+  }
+  void get(const char* key, std::string& out) {
+    known_.insert(key);
+    if (!j_.contains(key)) return;
+    const json& v = j_[key];
+    if (!v.is_string())
+      throw ConfigError(fmt::format("{}{} = {}: expected a string", prefix_, key, v.dump()));
+    out = v.get<std::string>();
+  }
+  void finish() const {
+    for (const auto& [key, value] : j_.items())
+      if (!known_.count(key)) {
+        std::string list;
+        for (const std::string& k : known_) list += (list.empty() ? "" : ", ") + k;
+        throw ConfigError(
+            fmt::format("{}{}: unknown key (known keys here: {})", prefix_, key, list));
+      }
+  }
+
+ private:
+  std::string where() const { return prefix_.empty() ? "config" : prefix_.substr(0, prefix_.size() - 1); }
+  const json& j_;
+  std::string prefix_;
+  std::set<std::string> known_;
+};
+
+const char* gating_name(Gating g) {
+  return g == Gating::kSigmoidBias ? "sigmoid_bias" : "softmax_topk";
+}
+
+void read_moe(const json& j, MoeConfig& m) {
+  Section s(j, "model.moe.");
+  s.get("n_experts", m.n_experts);
+  s.get("top_k", m.top_k);
+  s.get("d_ff", m.d_ff);
+  std::string gating = gating_name(m.gating);
+  s.get("gating", gating);
+  if (gating == "softmax_topk")
+    m.gating = Gating::kSoftmaxTopK;
+  else if (gating == "sigmoid_bias")
+    m.gating = Gating::kSigmoidBias;
+  else
+    throw ConfigError(fmt::format(
+        "model.moe.gating = \"{}\": expected \"softmax_topk\" or \"sigmoid_bias\"", gating));
+  s.get("renormalize", m.renormalize);
+  s.get("capacity_factor_train", m.capacity_factor_train);
+  s.get("capacity_factor_eval", m.capacity_factor_eval);
+  s.get("dropless", m.dropless);
+  s.get("batch_prioritized", m.batch_prioritized);
+  s.get("n_shared_experts", m.n_shared_experts);
+  s.get("d_ff_shared", m.d_ff_shared);
+  s.get("loss_balance_weight", m.loss_balance_weight);
+  s.get("loss_z_weight", m.loss_z_weight);
+  s.get("bias_update_rate", m.bias_update_rate);
+  s.finish();
+}
+
+void read_model(const json& j, LmConfig& m) {
+  Section s(j, "model.");
+  s.get("vocab", m.vocab);
+  s.get("context", m.context);
+  s.get("d_model", m.d_model);
+  s.get("n_layers", m.n_layers);
+  s.get("n_heads", m.n_heads);
+  s.get("rope_theta", m.rope_theta);
+  s.get("norm_eps", m.norm_eps);
+  s.get("moe_every", m.moe_every);
+  s.get("d_ff", m.d_ff);
+  if (s.has("moe")) read_moe(s.at("moe"), m.moe);
+  s.finish();
+  if (m.n_moe_layers() > 0 && m.moe.n_experts == 0)
+    throw ConfigError("model.moe: missing, but model.moe_every > 0 asks for MoE layers");
+}
+
+json model_json(const LmConfig& m) {
+  nlohmann::ordered_json j = {{"vocab", m.vocab},         {"context", m.context},
+                              {"d_model", m.d_model},     {"n_layers", m.n_layers},
+                              {"n_heads", m.n_heads},     {"rope_theta", m.rope_theta},
+                              {"norm_eps", m.norm_eps},   {"moe_every", m.moe_every},
+                              {"d_ff", m.d_ff}};
+  if (m.n_moe_layers() > 0) {
+    const MoeConfig& e = m.moe;
+    j["moe"] = nlohmann::ordered_json{{"n_experts", e.n_experts},
+                                      {"top_k", e.top_k},
+                                      {"d_ff", e.d_ff},
+                                      {"gating", gating_name(e.gating)},
+                                      {"renormalize", e.renormalize},
+                                      {"capacity_factor_train", e.capacity_factor_train},
+                                      {"capacity_factor_eval", e.capacity_factor_eval},
+                                      {"dropless", e.dropless},
+                                      {"batch_prioritized", e.batch_prioritized},
+                                      {"n_shared_experts", e.n_shared_experts},
+                                      {"d_ff_shared", e.d_ff_shared},
+                                      {"loss_balance_weight", e.loss_balance_weight},
+                                      {"loss_z_weight", e.loss_z_weight},
+                                      {"bias_update_rate", e.bias_update_rate}};
+  }
+  return j;
+}
+
+void apply_override(json& j, const std::string& kv) {
+  const size_t eq = kv.find('=');
+  if (eq == std::string::npos || eq == 0)
+    throw ConfigError(fmt::format("--set {}: expected key=value, e.g. train.lr=0.001", kv));
+  const std::string key = kv.substr(0, eq), text = kv.substr(eq + 1);
+  json value;
+  try {
+    value = json::parse(text);
+  } catch (const json::exception&) {
+    value = text;  // a bare word is a string
+  }
+  json* node = &j;
+  size_t start = 0;
+  while (true) {
+    const size_t dot = key.find('.', start);
+    const std::string part = key.substr(start, dot == std::string::npos ? dot : dot - start);
+    if (part.empty()) throw ConfigError(fmt::format("--set {}: empty key part", kv));
+    if (!node->is_object()) throw ConfigError(fmt::format("--set {}: {} is not an object", kv, key.substr(0, start - 1)));
+    if (dot == std::string::npos) {
+      (*node)[part] = value;
+      return;
+    }
+    node = &(*node)[part];
+    if (node->is_null()) *node = json::object();
+    start = dot + 1;
+  }
+}
+
+}  // namespace
+
+void TrainConfig::validate() const {
+  auto positive = [](const char* name, int64_t v) {
+    if (v < 1) throw ConfigError(fmt::format("train.{} = {}: expected >= 1", name, v));
+  };
+  positive("steps", steps);
+  positive("batch", batch);
+  positive("eval_interval", eval_interval);
+  positive("eval_tokens", eval_tokens);
+  positive("checkpoint_interval", checkpoint_interval);
+  if (warmup < 0) throw ConfigError(fmt::format("train.warmup = {}: expected >= 0", warmup));
+  auto finite_pos = [](const char* name, double v, bool zero_ok) {
+    if (!std::isfinite(v) || v < 0 || (!zero_ok && v == 0))
+      throw ConfigError(fmt::format("train.{} = {}: expected a finite value {} 0", name, v,
+                                    zero_ok ? ">=" : ">"));
+  };
+  finite_pos("lr", lr, false);
+  finite_pos("min_lr", min_lr, true);
+  if (min_lr > lr)
+    throw ConfigError(fmt::format("train.min_lr = {}: expected <= train.lr = {}", min_lr, lr));
+  finite_pos("weight_decay", weight_decay, true);
+  finite_pos("grad_clip", grad_clip, true);
+  finite_pos("adam_eps", adam_eps, false);
+  for (auto [name, b] : {std::pair{"beta1", beta1}, std::pair{"beta2", beta2}})
+    if (!(b >= 0 && b < 1))
+      throw ConfigError(fmt::format("train.{} = {}: expected in [0, 1)", name, b));
+}
+
+void DataConfig::validate() const {
+  if (path.empty()) throw ConfigError("data.path is empty: expected a text file");
+  if (!(val_fraction > 0 && val_fraction < 1))
+    throw ConfigError(fmt::format("data.val_fraction = {}: expected in (0, 1)", val_fraction));
+}
+
+RunConfig parse_run_config(const std::string& json_text, const std::string& source,
+                           const std::vector<std::string>& overrides) {
+  json j;
+  try {
+    j = json::parse(json_text);
+  } catch (const json::exception& e) {
+    throw ConfigError(fmt::format("{}: not valid JSON: {}", source, e.what()));
+  }
+  for (const std::string& kv : overrides) apply_override(j, kv);
+  RunConfig cfg;
+  cfg.name = source;
+  Section top(j, "");
+  if (top.has("model")) read_model(top.at("model"), cfg.model);
+  if (top.has("train")) {
+    Section s(top.at("train"), "train.");
+    TrainConfig& t = cfg.train;
+    s.get("steps", t.steps);
+    s.get("batch", t.batch);
+    s.get("lr", t.lr);
+    s.get("min_lr", t.min_lr);
+    s.get("warmup", t.warmup);
+    s.get("weight_decay", t.weight_decay);
+    s.get("beta1", t.beta1);
+    s.get("beta2", t.beta2);
+    s.get("adam_eps", t.adam_eps);
+    s.get("grad_clip", t.grad_clip);
+    s.get("eval_interval", t.eval_interval);
+    s.get("eval_tokens", t.eval_tokens);
+    s.get("checkpoint_interval", t.checkpoint_interval);
+    s.get("seed", t.seed);
+    s.finish();
+  }
+  if (top.has("data")) {
+    Section s(top.at("data"), "data.");
+    s.get("path", cfg.data.path);
+    s.get("val_fraction", cfg.data.val_fraction);
+    s.finish();
+  }
+  top.finish();
+  cfg.model.validate();
+  cfg.train.validate();
+  cfg.data.validate();
+  return cfg;
+}
+
+RunConfig load_run_config(const std::string& name_or_path,
+                          const std::vector<std::string>& overrides) {
+  const auto& builtin = builtin_configs();
+  if (auto it = builtin.find(name_or_path); it != builtin.end())
+    return parse_run_config(it->second, name_or_path, overrides);
+  std::ifstream in(name_or_path);
+  if (!in) {
+    std::string names;
+    for (const auto& [n, _] : builtin) names += (names.empty() ? "" : ", ") + n;
+    throw ConfigError(fmt::format("config {}: no such file or built-in config (built in: {})",
+                                  name_or_path, names));
+  }
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return parse_run_config(text, name_or_path, overrides);
+}
+
+std::vector<std::string> builtin_config_names() {
+  std::vector<std::string> names;
+  for (const auto& [n, _] : builtin_configs()) names.push_back(n);
+  return names;
+}
+
+std::string model_config_json(const LmConfig& cfg) { return model_json(cfg).dump(); }
+
+LmConfig parse_model_config(const std::string& json_text, const std::string& source) {
+  LmConfig m;
+  try {
+    read_model(json::parse(json_text), m);
+  } catch (const json::exception& e) {
+    throw ConfigError(fmt::format("{}: model config is not valid JSON: {}", source, e.what()));
+  }
+  m.validate();
+  return m;
+}
+
+std::string run_config_json(const RunConfig& cfg) {
+  const TrainConfig& t = cfg.train;
+  nlohmann::ordered_json j;
+  j["model"] = model_json(cfg.model);
+  j["train"] = nlohmann::ordered_json{
+      {"steps", t.steps},   {"batch", t.batch},         {"lr", t.lr},
+      {"min_lr", t.min_lr}, {"warmup", t.warmup},       {"weight_decay", t.weight_decay},
+      {"beta1", t.beta1},   {"beta2", t.beta2},         {"adam_eps", t.adam_eps},
+      {"grad_clip", t.grad_clip}, {"eval_interval", t.eval_interval},
+      {"eval_tokens", t.eval_tokens}, {"checkpoint_interval", t.checkpoint_interval},
+      {"seed", t.seed}};
+  j["data"] = {{"path", cfg.data.path}, {"val_fraction", cfg.data.val_fraction}};
+  return j.dump(2);
+}
+
+std::string resolve_data_path(const std::string& path) {
+  namespace fs = std::filesystem;
+  if (fs::exists(path) || fs::path(path).is_absolute()) return path;
+  const fs::path in_source = fs::path(SY_SOURCE_DIR) / path;
+  return fs::exists(in_source) ? in_source.string() : path;
+}
+
+}  // namespace sy
