@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cli/bench_moe.h"
+#include "cli/bench_train.h"
 #include "cli/lm_commands.h"
 #include "switchyard/core/error.h"
 
@@ -77,6 +78,17 @@ int main(int argc, char** argv) {
   bench_moe->add_option("--seed", moe_opt.seed, "Seed of weights and inputs")
       ->capture_default_str();
 
+  sy::cli::BenchTrainOptions bt_opt;
+  CLI::App* bench_train =
+      bench->add_subcommand("train", "Training steps/s of a config against the dense sgemm rate");
+  bench_train->add_option("--config", bt_opt.config, "Built-in config or JSON file")
+      ->capture_default_str();
+  bench_train->add_option("--steps", bt_opt.steps, "Timed steps")->capture_default_str();
+  bench_train->add_option("--warmup", bt_opt.warmup, "Untimed steps first")->capture_default_str();
+  bench_train->add_option("--threads", bt_opt.n_threads, "Threads (0: all cores)")
+      ->capture_default_str();
+  bench_train->add_option("--json", bt_opt.json_path, "Also write JSON (- for stdout)");
+
   sy::cli::TrainCliOptions train_opt;
   CLI::App* train = app.add_subcommand("train", "Train a language model (default: austen-moe)");
   train->add_option("--config", train_opt.config,
@@ -135,6 +147,7 @@ int main(int argc, char** argv) {
 
   try {
     if (bench_moe->parsed()) return sy::cli::run_bench_moe(moe_opt);
+    if (bench_train->parsed()) return sy::cli::run_bench_train(bt_opt);
     if (train->parsed()) return sy::cli::run_train(train_opt);
     if (eval->parsed()) return sy::cli::run_eval(eval_opt);
     if (generate->parsed()) return sy::cli::run_generate(gen_opt);

@@ -40,6 +40,7 @@ void Tensor::Free::operator()(std::byte* p) const { std::free(p); }
 Tensor::Tensor(std::span<const int64_t> shape, DType dtype)
     : shape_(shape.begin(), shape.end()), numel_(checked_numel(shape)), dtype_(dtype) {
   buf_.reset(alloc_aligned(nbytes()));
+  capacity_ = nbytes();
 }
 
 Tensor Tensor::clone() const {
@@ -51,6 +52,18 @@ Tensor Tensor::clone() const {
 void Tensor::resize(std::span<const int64_t> shape, DType dtype) {
   if (dtype == dtype_ && std::equal(shape.begin(), shape.end(), shape_.begin(), shape_.end()))
     return;
+  const int64_t numel = checked_numel(shape);
+  const size_t bytes = static_cast<size_t>(numel) * dtype_size(dtype);
+  if (buf_ != nullptr && bytes <= capacity_) {
+    // A buffer that is large enough is reused (zeroed as a new one would be): scratch whose
+    // row count varies from call to call, such as the rows an expert keeps, then costs no
+    // allocation and no page faults.
+    shape_.assign(shape.begin(), shape.end());
+    numel_ = numel;
+    dtype_ = dtype;
+    if (bytes > 0) std::memset(buf_.get(), 0, bytes);
+    return;
+  }
   *this = Tensor(shape, dtype);
 }
 

@@ -346,7 +346,7 @@ void LanguageModel::backward_impl(const LmParams& p, LmCache& c, LmParams& g,
   cpu::rmsnorm_backward<T>(c.x_out.matrix<T>(), p.norm_out.span<T>(), c.rstd_out.span<T>(),
                            dh.matrix<T>(), dx.matrix<T>(), g.norm_out.span<T>());
 
-  Tensor dsub;  // a sublayer's input gradient
+  Tensor& dsub = c.dsub;
   for (int64_t i = cfg_.n_layers - 1; i >= 0; --i) {
     const LayerParams& l = p.layers[i];
     LayerParams& gl = g.layers[i];

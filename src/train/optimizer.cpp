@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <numbers>
+#include <vector>
 
 namespace sy {
 
@@ -45,14 +46,31 @@ double learning_rate(const TrainConfig& cfg, int64_t step) {
 }
 
 double clip_grad_norm(LmParams& g, double max_norm) {
+  // Partial sums over fixed chunks, added in order: the same norm at any thread count.
+  constexpr int64_t kChunk = 1 << 14;
   double sq = 0;
-  for (auto& [name, t] : g.named())
-    for (float v : t->span<float>()) sq += double(v) * double(v);
+  std::vector<double> part;
+  for (auto& [name, t] : g.named()) {
+    const float* v = t->data<float>();
+    const int64_t n = t->numel(), chunks = (n + kChunk - 1) / kChunk;
+    part.assign(size_t(chunks), 0.0);
+#pragma omp parallel for schedule(static) if (chunks > 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+      double s = 0;
+      for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) s += double(v[i]) * double(v[i]);
+      part[c] = s;
+    }
+    for (double s : part) sq += s;
+  }
   const double norm = std::sqrt(sq);
   if (max_norm > 0 && norm > max_norm) {
     const float s = float(max_norm / norm);
-    for (auto& [name, t] : g.named())
-      for (float& v : t->span<float>()) v *= s;
+    for (auto& [name, t] : g.named()) {
+      float* v = t->data<float>();
+      const int64_t n = t->numel();
+#pragma omp parallel for schedule(static) if (n > kChunk)
+      for (int64_t i = 0; i < n; ++i) v[i] *= s;
+    }
   }
   return norm;
 }

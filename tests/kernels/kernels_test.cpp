@@ -45,8 +45,8 @@ TEST_P(RowKernels, SoftmaxAndBackward) {
 }
 
 TEST_P(RowKernels, CausalSoftmaxAtEveryOffset) {
-  auto [n, m] = GetParam();
-  if (n > m) GTEST_SKIP();
+  auto [rows, m] = GetParam();
+  const int64_t n = std::min(rows, m);  // a query row per key at most
   Tensor s = random_tensor({n, m}, DType::kF32, 11, -4, 4);
   for (int64_t offset : {int64_t(0), (m - n) / 2, m - n}) {
     Tensor p({n, m}, DType::kF32), pr({n, m}, DType::kF32);

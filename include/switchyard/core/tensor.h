@@ -38,8 +38,8 @@ class Tensor {
   Tensor& operator=(const Tensor&) = delete;
   Tensor clone() const;
 
-  // Keeps the buffer when shape and dtype already match (no allocation in the steady state);
-  // otherwise reallocates, zero-filled.
+  // Keeps the buffer and its contents when shape and dtype already match (no allocation in the
+  // steady state); otherwise zero-filled, in the same buffer when it is large enough.
   void resize(std::span<const int64_t> shape, DType dtype);
   void resize(std::initializer_list<int64_t> shape, DType dtype) {
     resize(std::span<const int64_t>(shape.begin(), shape.size()), dtype);
@@ -111,6 +111,7 @@ class Tensor {
   std::vector<int64_t> shape_;
   int64_t numel_ = 0;
   DType dtype_ = DType::kF32;
+  size_t capacity_ = 0;  // bytes of buf_
 };
 
 // Throws ShapeError naming `what` unless t has exactly this shape.

@@ -94,7 +94,7 @@ struct LmCache {
   std::vector<LayerCache> layers;
   Tensor x_out, h_out, rstd_out;  // final norm
   Tensor logits;                  // [T, V]; backward turns it into dlogits
-  Tensor dx, dh;                  // [T, d] backward scratch
+  Tensor dx, dh, dsub;            // [T, d] backward scratch
 };
 
 struct LmStep {

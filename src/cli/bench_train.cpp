@@ -1,0 +1,83 @@
+#include "cli/bench_train.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <vector>
+
+#include "switchyard/core/file.h"
+#include "switchyard/core/rng.h"
+#include "switchyard/kernels/cpu.h"
+#include "switchyard/train/optimizer.h"
+#include "switchyard/train/trainer.h"
+
+namespace sy::cli {
+
+int run_bench_train(const BenchTrainOptions& opt) {
+  if (opt.steps < 1 || opt.warmup < 0)
+    throw ConfigError(fmt::format("--steps {} --warmup {}: expected >= 1 and >= 0", opt.steps, opt.warmup));
+  const RunConfig cfg = load_run_config(opt.config);
+  const LmConfig& m = cfg.model;
+  ThreadScope threads(opt.n_threads);
+  ExecContext ctx;
+  ctx.n_threads = opt.n_threads;
+  const Corpus corpus = load_corpus(resolve_data_path(cfg.data.path), cfg.data.val_fraction, m.context);
+  const LanguageModel model(m);
+  LmParams p = init_lm_params(m, DType::kF32, cfg.train.seed), g = zeros_like(p);
+  AdamW adam(cfg.train, p);
+  LmCache cache;
+  std::vector<double> step_s;
+  for (int64_t s = 0; s < opt.warmup + opt.steps; ++s) {
+    const Batch b = train_batch(corpus, cfg.train.batch, m.context, cfg.train.seed, s);
+    const double t0 = wall_seconds();
+    for (auto& [name, t] : g.named()) t->fill_zero();
+    model.forward(p, b.tokens, b.targets, b.n_seq, cache, ctx);
+    model.backward(p, cache, g, ctx);
+    clip_grad_norm(g, cfg.train.grad_clip);
+    adam.step(p, g, learning_rate(cfg.train, s));
+    if (s >= opt.warmup) step_s.push_back(wall_seconds() - t0);
+  }
+  std::sort(step_s.begin(), step_s.end());
+  const double median = step_s[step_s.size() / 2];
+  const double tokens = double(cfg.train.batch * m.context);
+  const double flops_per_token = 6.0 * double(m.active_params() + m.attention_macs_per_token());
+
+  // The ceiling: one large multi-threaded sgemm (the machine's BLAS rate), best of several.
+  const int64_t n = 2048;
+  Tensor a({n, n}, DType::kF32), b({n, n}, DType::kF32), c({n, n}, DType::kF32);
+  fill_uniform(a.span<float>(), Philox(1, 1), -1, 1);
+  fill_uniform(b.span<float>(), Philox(1, 2), -1, 1);
+  double best = 1e30;
+  for (int i = 0; i < 5; ++i) {
+    const double t0 = wall_seconds();
+    cpu::blas_sgemm(a.matrix<float>(), b.matrix<float>(), c.matrix<float>());
+    best = std::min(best, wall_seconds() - t0);
+  }
+  const double sgemm_rate = 2.0 * double(n) * double(n) * double(n) / best;
+  const double tps = tokens / median, rate = tps * flops_per_token;
+  fmt::print("{}: {:.2f} M active params/token, {:.1f} MFLOP/token; {} threads\n", cfg.name,
+             double(m.active_params()) / 1e6, flops_per_token / 1e6, max_threads());
+  fmt::print("step median {:.3f} s (min {:.3f}, max {:.3f}) over {} steps: {:.0f} tokens/s, "
+             "{:.1f} GFLOP/s\n",
+             median, step_s.front(), step_s.back(), step_s.size(), tps, rate / 1e9);
+  fmt::print("dense sgemm {}^3: {:.1f} GFLOP/s -> training runs at {:.2f} of it\n", n,
+             sgemm_rate / 1e9, rate / sgemm_rate);
+  if (!opt.json_path.empty()) {
+    const nlohmann::json j = {{"config", cfg.name},
+                              {"threads", max_threads()},
+                              {"tokens_per_step", tokens},
+                              {"step_median_s", median},
+                              {"tokens_per_s", tps},
+                              {"flops_per_token", flops_per_token},
+                              {"gflops", rate / 1e9},
+                              {"sgemm_gflops", sgemm_rate / 1e9},
+                              {"vs_sgemm", rate / sgemm_rate}};
+    if (opt.json_path == "-")
+      fmt::print("{}\n", j.dump(2));
+    else
+      write_file_atomic(opt.json_path, j.dump(2) + "\n");
+  }
+  return 0;
+}
+
+}  // namespace sy::cli
