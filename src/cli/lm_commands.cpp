@@ -9,6 +9,7 @@
 
 #include "switchyard/core/file.h"
 #include "switchyard/core/rng.h"
+#include "switchyard/train/routes.h"
 #include "switchyard/train/trainer.h"
 
 namespace sy::cli {
@@ -162,7 +163,10 @@ int run_compare(const CompareCliOptions& o) {
   std::vector<TrainResult> results;
   for (const RunConfig* cfg : {&dense, &moe}) {
     const std::string dir = (std::filesystem::path(o.out) / std::filesystem::path(cfg->name).stem()).string();
-    std::filesystem::remove(std::filesystem::path(dir) / "checkpoint.safetensors");
+    if (std::filesystem::exists(std::filesystem::path(dir) / "checkpoint.safetensors"))
+      throw ConfigError(fmt::format("{}/checkpoint.safetensors exists: pass --out to compare into "
+                                    "another directory (nothing was overwritten)",
+                                    dir));
     TrainOptions opt;
     opt.out_dir = dir;
     opt.n_threads = o.threads;
@@ -198,6 +202,124 @@ int run_compare(const CompareCliOptions& o) {
   write_file_atomic((std::filesystem::path(o.out) / "compare.html").string(),
                     render_comparison({dense.name, moe.name}, {&hd, &hm}, verdict));
   fmt::print("wrote {}/compare.md and {}/compare.html\n", o.out, o.out);
+  return 0;
+}
+
+int run_routes(const RoutesCliOptions& o) {
+  const Checkpoint ck = load_checkpoint(o.checkpoint, /*with_optimizer=*/false);
+  if (ck.cfg.model.n_moe_layers() == 0)
+    throw ConfigError(fmt::format("{}: a dense model (model.moe_every = 0) has no routes", o.checkpoint));
+  const std::string data = resolve_data_path(o.data.empty() ? ck.cfg.data.path : o.data);
+  const Corpus corpus = load_corpus(data, ck.cfg.data.val_fraction, ck.cfg.model.context);
+  const LanguageModel model(ck.cfg.model);
+  ExecContext ctx;
+  ctx.n_threads = o.threads;
+  const RouteAnalysis a = analyze_routes(
+      model, ck.params, val_batches(corpus, ck.cfg.train.batch, ck.cfg.model.context, o.max_tokens), ctx);
+  fmt::print("{} (step {}), {} validation split\n{}", o.checkpoint, ck.step, data, render_routes_text(a));
+  const std::string html = o.html.empty()
+      ? (std::filesystem::path(o.checkpoint).parent_path() / "routes.html").string() : o.html;
+  write_file_atomic(html, render_routes_html(a, o.checkpoint));
+  fmt::print("wrote {}\n", html);
+  return 0;
+}
+
+namespace {
+
+struct Policy {
+  std::string name, what;
+  std::vector<std::string> overrides;
+};
+
+// The routing policies compare-routers trains, as overrides of the base config.
+std::vector<Policy> router_policies() {
+  return {
+      {"softmax_topk", "softmax top-2, renormalised, balance loss 0.01", {}},
+      {"softmax_no_balance", "softmax top-2 without the balance loss", {"model.moe.loss_balance_weight=0"}},
+      {"switch_top1", "Switch: top-1, not renormalised, jitter 0.01",
+       {"model.moe.top_k=1", "model.moe.renormalize=false", "model.moe.jitter_eps=0.01"}},
+      {"sigmoid_bias", "sigmoid scores, loss-free bias balancing, no balance loss",
+       {"model.moe.router=sigmoid_bias", "model.moe.loss_balance_weight=0", "model.moe.bias_update_rate=0.001"}},
+      {"sigmoid_groups", "sigmoid_bias limited to the best 2 of 4 expert groups",
+       {"model.moe.router=sigmoid_bias", "model.moe.loss_balance_weight=0", "model.moe.n_groups=4",
+        "model.moe.topk_groups=2"}},
+      {"expert_choice", "each expert takes its top-C tokens (C at capacity factor 1.25)",
+       {"model.moe.router=expert_choice"}},
+      {"shared_expert", "softmax top-2 plus one shared expert of width 512",
+       {"model.moe.n_shared_experts=1"}},
+      {"batch_prioritized", "softmax top-2, drops decided by top-1 probability (V-MoE)",
+       {"model.moe.batch_prioritized=true"}},
+      {"hash", "hash of the byte id, top-2 consecutive experts", {"model.moe.router=hash"}},
+      {"random", "2 random experts per token", {"model.moe.router=random"}},
+  };
+}
+
+// Mean over MoE layers of the coefficient of variation of expert load, over the steps after
+// the first half of training (warm-up excluded).
+double late_load_cv(const TrainHistory& h) {
+  double sum = 0;
+  int64_t n = 0;
+  for (size_t s = h.steps.size() / 2; s < h.steps.size(); ++s)
+    for (const auto& layer : h.steps[s].load) sum += load_cv(layer), ++n;
+  return n > 0 ? sum / double(n) : 0;
+}
+
+double late_dropped(const TrainHistory& h) {
+  double sum = 0;
+  int64_t n = 0;
+  for (size_t s = h.steps.size() / 2; s < h.steps.size(); ++s)
+    for (double d : h.steps[s].dropped) sum += d, ++n;
+  return n > 0 ? sum / double(n) : 0;
+}
+
+}  // namespace
+
+int run_compare_routers(const CompareRoutersCliOptions& o) {
+  std::vector<Policy> chosen;
+  for (const Policy& p : router_policies())
+    if (o.policies.empty() || std::find(o.policies.begin(), o.policies.end(), p.name) != o.policies.end())
+      chosen.push_back(p);
+  for (const std::string& name : o.policies) {
+    bool known = false;
+    std::string all;
+    for (const Policy& p : router_policies()) known |= p.name == name, all += (all.empty() ? "" : ", ") + p.name;
+    if (!known) throw ConfigError(fmt::format("--policies {}: unknown policy (known: {})", name, all));
+  }
+  for (const Policy& p : chosen)
+    if (std::filesystem::exists(std::filesystem::path(o.out) / p.name / "checkpoint.safetensors"))
+      throw ConfigError(fmt::format("{}/{}/checkpoint.safetensors exists: pass --out to compare into "
+                                    "another directory (nothing was overwritten)", o.out, p.name));
+  std::string table =
+      "| policy | what | val loss | load CV (2nd half) | dropped % (2nd half) | tokens/s |\n"
+      "|---|---|---:|---:|---:|---:|\n";
+  std::vector<std::string> names;
+  std::vector<TrainHistory> histories;
+  for (const Policy& p : chosen) {
+    RunConfig cfg = config_for(o.config, p.overrides, o.steps);
+    cfg.name = p.name;
+    TrainOptions opt;
+    opt.out_dir = (std::filesystem::path(o.out) / p.name).string();
+    opt.n_threads = o.threads;
+    opt.stop = &g_stop;
+    fmt::print("== {}: {}\n", p.name, p.what);
+    std::signal(SIGINT, on_sigint);
+    TrainResult r = train(cfg, opt);
+    std::signal(SIGINT, SIG_DFL);
+    table += fmt::format("| {} | {} | {:.4f} | {:.3f} | {:.2f} | {:.0f} |\n", p.name, p.what,
+                         r.final_val_loss, late_load_cv(r.history), 100 * late_dropped(r.history),
+                         r.tokens_per_s);
+    names.push_back(p.name);
+    histories.push_back(std::move(r.history));
+    if (r.interrupted) break;
+  }
+  std::vector<const TrainHistory*> hs;
+  for (const auto& h : histories) hs.push_back(&h);
+  const std::string caption = fmt::format("{} steps of {} per policy.", o.steps, o.config);
+  fmt::print("\n{}\n{}\n", table, caption);
+  write_file_atomic((std::filesystem::path(o.out) / "routers.md").string(), table + "\n" + caption + "\n");
+  write_file_atomic((std::filesystem::path(o.out) / "routers.html").string(),
+                    render_comparison(names, hs, caption));
+  fmt::print("wrote {}/routers.md and {}/routers.html\n", o.out, o.out);
   return 0;
 }
 

@@ -45,4 +45,22 @@ struct CompareCliOptions {
 };
 int run_compare(const CompareCliOptions& o);
 
+struct RoutesCliOptions {
+  std::string checkpoint;
+  std::string data;           // default: the checkpoint's data.path
+  int64_t max_tokens = 65536; // validation tokens to route (0: all)
+  std::string html;           // default: routes.html beside the checkpoint
+  int threads = 0;
+};
+int run_routes(const RoutesCliOptions& o);
+
+struct CompareRoutersCliOptions {
+  std::string config = "austen-moe";
+  std::vector<std::string> policies;  // empty: all
+  int64_t steps = 150;
+  std::string out = "runs/routers";
+  int threads = 0;
+};
+int run_compare_routers(const CompareRoutersCliOptions& o);
+
 }  // namespace sy::cli

@@ -129,6 +129,27 @@ int main(int argc, char** argv) {
   compare->add_option("--threads", cmp_opt.threads, "Threads (0: all cores)")
       ->capture_default_str();
 
+  sy::cli::RoutesCliOptions routes_opt;
+  CLI::App* routes = app.add_subcommand(
+      "routes", "Per layer and expert: load, drops, entropy, co-selection, specialisation");
+  routes->add_option("--checkpoint", routes_opt.checkpoint, "Checkpoint file")->required();
+  routes->add_option("--data", routes_opt.data, "Text file (default: the checkpoint's data.path)");
+  routes->add_option("--max-tokens", routes_opt.max_tokens, "Validation tokens (0: all)")
+      ->capture_default_str();
+  routes->add_option("--html", routes_opt.html, "HTML report (default: routes.html beside it)");
+  routes->add_option("--threads", routes_opt.threads, "Threads (0: all cores)")
+      ->capture_default_str();
+
+  sy::cli::CompareRoutersCliOptions cr_opt;
+  CLI::App* compare_routers = app.add_subcommand(
+      "compare-routers", "Train the default model with each routing policy and tabulate");
+  compare_routers->add_option("--config", cr_opt.config, "Base config")->capture_default_str();
+  compare_routers->add_option("--policies", cr_opt.policies, "Policies to run (default: all)");
+  compare_routers->add_option("--steps", cr_opt.steps, "Steps per policy")->capture_default_str();
+  compare_routers->add_option("--out", cr_opt.out, "Directory of the runs")->capture_default_str();
+  compare_routers->add_option("--threads", cr_opt.threads, "Threads (0: all cores)")
+      ->capture_default_str();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ExtrasError& e) {
@@ -152,6 +173,8 @@ int main(int argc, char** argv) {
     if (eval->parsed()) return sy::cli::run_eval(eval_opt);
     if (generate->parsed()) return sy::cli::run_generate(gen_opt);
     if (compare->parsed()) return sy::cli::run_compare(cmp_opt);
+    if (routes->parsed()) return sy::cli::run_routes(routes_opt);
+    if (compare_routers->parsed()) return sy::cli::run_compare_routers(cr_opt);
   } catch (const sy::ConfigError& e) {
     fmt::print(stderr, "error: {}\n", e.what());
     return 2;

@@ -33,6 +33,26 @@ void MoeConfig::validate() const {
   weight("loss_balance_weight", loss_balance_weight);
   weight("loss_z_weight", loss_z_weight);
   weight("bias_update_rate", bias_update_rate);
+  if (!(jitter_eps >= 0 && jitter_eps < 1))
+    throw ConfigError(fmt::format("moe.jitter_eps = {}: expected in [0, 1)", jitter_eps));
+  if (n_groups != 0) {
+    if (n_groups < 1 || n_experts % n_groups != 0)
+      throw ConfigError(fmt::format("moe.n_groups = {}: expected a divisor of moe.n_experts = {} "
+                                    "(0: no groups)",
+                                    n_groups, n_experts));
+    if (topk_groups < 1 || topk_groups > n_groups)
+      throw ConfigError(
+          fmt::format("moe.topk_groups = {}: expected 1..{} (moe.n_groups)", topk_groups, n_groups));
+    if (top_k > topk_groups * (n_experts / n_groups))
+      throw ConfigError(fmt::format(
+          "moe.top_k = {}: more than the {} experts in moe.topk_groups = {} groups of {}", top_k,
+          topk_groups * (n_experts / n_groups), topk_groups, n_experts / n_groups));
+    if (gating != Gating::kSoftmaxTopK && gating != Gating::kSigmoidBias)
+      throw ConfigError("moe.n_groups: group-limited routing needs softmax_topk or sigmoid_bias");
+  }
+  if (gating == Gating::kExpertChoice && (dropless || batch_prioritized))
+    throw ConfigError("moe.router = expert_choice: its capacity is the choice itself; expected "
+                      "moe.dropless = false and moe.batch_prioritized = false");
   if (n_shared_experts < 0)
     throw ConfigError(fmt::format("moe.n_shared_experts = {}: expected >= 0", n_shared_experts));
   if (d_ff_shared < 0)

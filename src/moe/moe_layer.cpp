@@ -46,6 +46,17 @@ void rank_by_priority(const RouterCache& rc, int64_t n_tok, int64_t k, std::vect
     for (int64_t i = 0; i < n_tok; ++i) rank[size_t(j * n_tok + i)] = int32_t(order[i] * k + j);
 }
 
+// Expert choice: all (token, expert) slots by router probability, highest first (ties by slot
+// index), so each expert's capacity goes to its C most probable tokens.
+template <class T>
+void rank_by_probability(const RouterCache& rc, std::vector<int32_t>& rank) {
+  const T* probs = rc.probs.data<T>();
+  rank.resize(size_t(rc.probs.numel()));
+  std::iota(rank.begin(), rank.end(), 0);
+  std::stable_sort(rank.begin(), rank.end(),
+                   [&](int32_t a, int32_t b) { return probs[a] > probs[b]; });
+}
+
 }  // namespace
 
 RoutingStats routing_stats(const DispatchPlan& plan, double router_entropy) {
@@ -122,8 +133,12 @@ void MoeLayer::check_params(const MoeParams& p) const {
 }
 
 MoeForward MoeLayer::forward(const MoeParams& p, const Tensor& x, Tensor& y, MoeCache& cache,
-                             const ExecContext& ctx) const {
+                             const ExecContext& ctx, std::span<const int32_t> token_ids) const {
   check_params(p);
+  if (cfg_.gating == Gating::kHash && (x.rank() < 1 || int64_t(token_ids.size()) != x.dim(0)))
+    throw ShapeError(fmt::format("moe.router = hash: {} token ids for input {}: expected one per "
+                                 "row",
+                                 token_ids.size(), x.shape_str()));
   if (x.rank() != 2 || x.dim(1) != cfg_.d_model)
     throw ShapeError(fmt::format("moe input x: {}, expected [T, {}] (moe.d_model)", x.shape_str(),
                                  cfg_.d_model));
@@ -133,11 +148,11 @@ MoeForward MoeLayer::forward(const MoeParams& p, const Tensor& x, Tensor& y, Moe
                                  dtype_name(p.w_gate.dtype()), dtype_name(xt)));
   ThreadScope threads(ctx.n_threads);
   if (xt == DType::kF32 && wt == DType::kF32)
-    return forward_impl<float, float>(p, x, y, cache, ctx);
+    return forward_impl<float, float>(p, x, y, cache, ctx, token_ids);
   if (xt == DType::kF64 && wt == DType::kF64)
-    return forward_impl<double, double>(p, x, y, cache, ctx);
+    return forward_impl<double, double>(p, x, y, cache, ctx, token_ids);
   if (xt == DType::kF32 && wt == DType::kBF16)
-    return forward_impl<float, bf16>(p, x, y, cache, ctx);
+    return forward_impl<float, bf16>(p, x, y, cache, ctx, token_ids);
   throw ShapeError(
       fmt::format("moe: x {} with expert weights {}: expected f32/f32, f64/f64 or "
                   "f32 x with bf16 weights",
@@ -146,7 +161,7 @@ MoeForward MoeLayer::forward(const MoeParams& p, const Tensor& x, Tensor& y, Moe
 
 template <class T, class W>
 MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y, MoeCache& c,
-                                  const ExecContext& ctx) const {
+                                  const ExecContext& ctx, std::span<const int32_t> token_ids) const {
   const int64_t n_tok = x.dim(0), d = cfg_.d_model;
   const DType dt = dtype_of<T>();
   const bool prof = ctx.profile;
@@ -159,13 +174,17 @@ MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y
 
   std::span<const T> bias;
   if (!p.expert_bias.empty()) bias = p.expert_bias.span<T>();
-  timed(prof, &tm.router, [&] { router_.forward<T>(p.w_gate.matrix<T>(), xv, c.router, bias); });
+  const RouterInput in{token_ids, ctx.seed, ctx.training};
+  timed(prof, &tm.router,
+        [&] { router_.forward<T>(p.w_gate.matrix<T>(), xv, c.router, bias, in); });
+  const int64_t slots = cfg_.slots_per_token();
+  const bool ranked = cfg_.batch_prioritized || cfg_.gating == Gating::kExpertChoice;
   timed(prof, &tm.plan, [&] {
-    if (cfg_.batch_prioritized) rank_by_priority<T>(c.router, n_tok, cfg_.top_k, c.rank);
-    build_dispatch_plan(
-        c.router.expert, n_tok, cfg_.top_k, cfg_.n_experts, cfg_.capacity(n_tok, ctx.training),
-        c.plan,
-        cfg_.batch_prioritized ? std::span<const int32_t>(c.rank) : std::span<const int32_t>());
+    if (cfg_.batch_prioritized) rank_by_priority<T>(c.router, n_tok, slots, c.rank);
+    if (cfg_.gating == Gating::kExpertChoice) rank_by_probability<T>(c.router, c.rank);
+    build_dispatch_plan(c.router.expert, n_tok, slots, cfg_.n_experts,
+                        cfg_.capacity(n_tok, ctx.training), c.plan,
+                        ranked ? std::span<const int32_t>(c.rank) : std::span<const int32_t>());
   });
   const int64_t n = c.plan.n_rows();
   c.xs.resize({n, d}, dt);
@@ -196,8 +215,23 @@ MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y
   double h = 0;
   for (T p : c.router.probs.template span<T>())
     if (p > 0) h -= double(p) * std::log(double(p));
-  return {c.router.loss_balance, c.router.loss_z,
-          routing_stats(c.plan, n_tok > 0 ? h / double(n_tok) : 0.0)};
+  RoutingStats stats = routing_stats(c.plan, n_tok > 0 ? h / double(n_tok) : 0.0);
+  if (cfg_.gating == Gating::kExpertChoice) {
+    // Every token offers itself to every expert; what an expert takes is its load, and a
+    // token that no expert took is the one that is dropped.
+    stats.demand = stats.rows;
+    int64_t unserved = 0;
+    for (int64_t t = 0; t < n_tok; ++t) {
+      bool any = false;
+      for (int64_t j = 0; j < slots; ++j) any |= c.plan.slot_row[size_t(t * slots + j)] >= 0;
+      unserved += !any;
+    }
+    stats.dropped_fraction = n_tok > 0 ? double(unserved) / double(n_tok) : 0.0;
+    const double mean = double(c.plan.n_rows()) / double(cfg_.n_experts);
+    stats.load_max_over_mean =
+        mean > 0 ? double(*std::max_element(stats.rows.begin(), stats.rows.end())) / mean : 0.0;
+  }
+  return {c.router.loss_balance, c.router.loss_z, std::move(stats)};
 }
 
 void MoeLayer::backward(const MoeParams& p, MoeCache& cache, const Tensor& dy, MoeParams& g,
@@ -229,7 +263,7 @@ void MoeLayer::backward_impl(const MoeParams& p, MoeCache& c, const Tensor& dy, 
   MoeTimes& tm = c.times;
   c.dys.resize({n, d}, dt);
   c.dxs.resize({n, d}, dt);
-  c.dweight.resize({n_tok, cfg_.top_k}, dt);
+  c.dweight.resize({n_tok, cfg_.slots_per_token()}, dt);
   dx.resize({n_tok, d}, dt);
 
   timed(prof, &tm.backward_combine, [&] {

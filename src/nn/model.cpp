@@ -38,6 +38,14 @@ StackedView<T> one(Tensor& w) {
   return {w.data<T>(), 1, w.dim(0), w.dim(1)};
 }
 
+// Each MoE layer draws its own random numbers (jitter, random routing): the caller's seed
+// mixed with the layer index.
+ExecContext layer_context(const ExecContext& ctx, int64_t layer) {
+  ExecContext c = ctx;
+  c.seed = (ctx.seed ^ 0x9E3779B97F4A7C15ull) * 0xBF58476D1CE4E5B9ull + uint64_t(layer);
+  return c;
+}
+
 }  // namespace
 
 void LmConfig::validate() const {
@@ -289,7 +297,7 @@ LmStep LanguageModel::forward_impl(const LmParams& p, int64_t n_seq, LmCache& c,
     cpu::rmsnorm<T>(x.matrix<T>(), l.norm_ffn.span<T>(), eps, lc.h_ffn.matrix<T>(),
                     lc.rstd_ffn.span<T>());
     if (cfg_.is_moe(i)) {
-      MoeForward mf = moe_->forward(l.moe, lc.h_ffn, lc.out, lc.moe, ctx);
+      MoeForward mf = moe_->forward(l.moe, lc.h_ffn, lc.out, lc.moe, layer_context(ctx, i), c.tokens);
       step.aux += mf.loss_balance + mf.loss_z;
       step.routing.push_back(std::move(mf.stats));
     } else {
@@ -353,7 +361,7 @@ void LanguageModel::backward_impl(const LmParams& p, LmCache& c, LmParams& g,
     LayerCache& lc = c.layers[i];
     // x_out = x_ffn + ffn(rmsnorm(x_ffn)): dx passes through and gains the branch's part.
     if (cfg_.is_moe(i)) {
-      moe_->backward(l.moe, lc.moe, dx, gl.moe, dh, ctx);
+      moe_->backward(l.moe, lc.moe, dx, gl.moe, dh, layer_context(ctx, i));
     } else {
       dh.resize({n, d}, dt);
       const std::vector<int32_t> all = {0, int32_t(n)};
@@ -410,7 +418,7 @@ void LanguageModel::decode(const LmParams& p, std::span<const int32_t> tokens, D
     cpu::rmsnorm<float>(x.matrix<float>(), l.norm_ffn.span<float>(), eps, h.matrix<float>(),
                         rstd.span<float>());
     if (cfg_.is_moe(i)) {
-      moe_->forward(l.moe, h, out, moe_cache, eval);
+      moe_->forward(l.moe, h, out, moe_cache, layer_context(eval, i), tokens);
     } else {
       out.resize({n, d}, DType::kF32);
       const std::vector<int32_t> all = {0, int32_t(n)};

@@ -89,8 +89,14 @@ class Section {
   std::set<std::string> known_;
 };
 
+constexpr std::pair<Gating, const char*> kRouters[] = {
+    {Gating::kSoftmaxTopK, "softmax_topk"}, {Gating::kSigmoidBias, "sigmoid_bias"},
+    {Gating::kExpertChoice, "expert_choice"}, {Gating::kHash, "hash"}, {Gating::kRandom, "random"}};
+
 const char* gating_name(Gating g) {
-  return g == Gating::kSigmoidBias ? "sigmoid_bias" : "softmax_topk";
+  for (auto [v, name] : kRouters)
+    if (v == g) return name;
+  return "?";
 }
 
 void read_moe(const json& j, MoeConfig& m) {
@@ -98,20 +104,24 @@ void read_moe(const json& j, MoeConfig& m) {
   s.get("n_experts", m.n_experts);
   s.get("top_k", m.top_k);
   s.get("d_ff", m.d_ff);
-  std::string gating = gating_name(m.gating);
-  s.get("gating", gating);
-  if (gating == "softmax_topk")
-    m.gating = Gating::kSoftmaxTopK;
-  else if (gating == "sigmoid_bias")
-    m.gating = Gating::kSigmoidBias;
-  else
-    throw ConfigError(fmt::format(
-        "model.moe.gating = \"{}\": expected \"softmax_topk\" or \"sigmoid_bias\"", gating));
+  std::string router = gating_name(m.gating);
+  s.get("router", router);
+  bool known = false;
+  std::string names;
+  for (auto [v, name] : kRouters) {
+    names += fmt::format("{}\"{}\"", names.empty() ? "" : ", ", name);
+    if (router == name) m.gating = v, known = true;
+  }
+  if (!known)
+    throw ConfigError(fmt::format("model.moe.router = \"{}\": expected one of {}", router, names));
   s.get("renormalize", m.renormalize);
   s.get("capacity_factor_train", m.capacity_factor_train);
   s.get("capacity_factor_eval", m.capacity_factor_eval);
   s.get("dropless", m.dropless);
   s.get("batch_prioritized", m.batch_prioritized);
+  s.get("jitter_eps", m.jitter_eps);
+  s.get("n_groups", m.n_groups);
+  s.get("topk_groups", m.topk_groups);
   s.get("n_shared_experts", m.n_shared_experts);
   s.get("d_ff_shared", m.d_ff_shared);
   s.get("loss_balance_weight", m.loss_balance_weight);
@@ -148,12 +158,15 @@ json model_json(const LmConfig& m) {
     j["moe"] = nlohmann::ordered_json{{"n_experts", e.n_experts},
                                       {"top_k", e.top_k},
                                       {"d_ff", e.d_ff},
-                                      {"gating", gating_name(e.gating)},
+                                      {"router", gating_name(e.gating)},
                                       {"renormalize", e.renormalize},
                                       {"capacity_factor_train", e.capacity_factor_train},
                                       {"capacity_factor_eval", e.capacity_factor_eval},
                                       {"dropless", e.dropless},
                                       {"batch_prioritized", e.batch_prioritized},
+                                      {"jitter_eps", e.jitter_eps},
+                                      {"n_groups", e.n_groups},
+                                      {"topk_groups", e.topk_groups},
                                       {"n_shared_experts", e.n_shared_experts},
                                       {"d_ff_shared", e.d_ff_shared},
                                       {"loss_balance_weight", e.loss_balance_weight},

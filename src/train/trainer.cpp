@@ -102,6 +102,7 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opt) {
     const double t0 = wall_seconds();
     const Batch b = train_batch(corpus, tc.batch, mc.context, tc.seed, step);
     zero(grads);
+    ctx.seed = tc.seed * 0x100000001B3ull + uint64_t(step);  // fresh jitter / random routes per step
     const LmStep s = model.forward(params, b.tokens, b.targets, b.n_seq, cache, ctx);
     model.backward(params, cache, grads, ctx);
     const double gnorm = clip_grad_norm(grads, tc.grad_clip);

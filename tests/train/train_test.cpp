@@ -47,7 +47,7 @@ std::string tiny_config_json(const fs::path& data, const std::string& gating = "
   return R"({
     "model": {"vocab": 256, "context": 16, "d_model": 16, "n_layers": 2, "n_heads": 2,
               "moe_every": 1, "d_ff": 24,
-              "moe": {"n_experts": 4, "top_k": 2, "d_ff": 12, "gating": ")" + gating + R"("}},
+              "moe": {"n_experts": 4, "top_k": 2, "d_ff": 12, "router": ")" + gating + R"("}},
     "train": {"steps": 6, "batch": 3, "lr": 0.01, "min_lr": 0.001, "warmup": 2,
               "eval_interval": 3, "eval_tokens": 64, "checkpoint_interval": 2, "seed": 5},
     "data": {"path": ")" + data.string() + R"(", "val_fraction": 0.1}

@@ -8,11 +8,19 @@ namespace sy {
 
 // How the router turns logits into a choice of experts and their weights.
 //   kSoftmaxTopK: top-k of softmax(logits); weights the chosen probabilities (see renormalize).
+//     With top_k = 1, renormalize = false and jitter_eps > 0 it is the Switch Transformer router.
 //   kSigmoidBias: scores s = sigmoid(logits); top-k of s + expert_bias chooses, the weights are
 //     the chosen s normalised to sum to 1; the bias never enters the weights or the gradient,
 //     and MoeLayer::update_bias moves it against the observed load (DeepSeek-V3's
 //     auxiliary-loss-free balancing).
-enum class Gating { kSoftmaxTopK, kSigmoidBias };
+//   kExpertChoice: each expert takes the C tokens with the highest softmax probability for it
+//     (Zhou et al. 2022), C = capacity(T); a token may get several experts or none; weights are
+//     the probabilities. Balanced by construction, but a token's routing depends on the other
+//     tokens of the batch (in a causal LM, on later ones too).
+//   kHash: token id t goes to experts h(t), h(t)+1, ... (mod E), weight 1/k (Roller et al.
+//     2021); needs token ids, not trained.
+//   kRandom: k distinct experts drawn at random per token and call, weight 1/k; a baseline.
+enum class Gating { kSoftmaxTopK, kSigmoidBias, kExpertChoice, kHash, kRandom };
 
 struct MoeConfig {
   int64_t d_model = 0;    // token width d
@@ -32,6 +40,14 @@ struct MoeConfig {
   // the highest top-1 router probability keep their slots first, still choice by choice.
   // Off: token order within each choice.
   bool batch_prioritized = false;
+  // Multiplicative jitter on the router input in training, x * U(1 - eps, 1 + eps) (Switch
+  // Transformer); 0: off.
+  double jitter_eps = 0.0;
+  // Group-limited routing (DeepSeek-V3): the experts form n_groups equal groups; each token
+  // keeps the topk_groups groups with the highest group score (the sum of the group's two
+  // highest scores) and picks its top-k experts inside them. 0: off.
+  int64_t n_groups = 0;
+  int64_t topk_groups = 0;
   // Shared experts (DeepSeekMoE): SwiGLU experts of width d_ff_shared (0: d_ff) that every
   // token passes through with weight 1, beside its routed experts. 0: none.
   int64_t n_shared_experts = 0;
@@ -46,6 +62,10 @@ struct MoeConfig {
   // Rows each expert takes for n_tokens tokens; -1 means unbounded (dropless).
   int64_t capacity(int64_t n_tokens, bool training) const;
   int64_t shared_width() const { return d_ff_shared > 0 ? d_ff_shared : d_ff; }
+  // Routing slots per token: top_k, or every expert under expert choice (most stay empty).
+  int64_t slots_per_token() const { return gating == Gating::kExpertChoice ? n_experts : top_k; }
+  // Whether the router's weights get gradients (hash and random routing never use them).
+  bool router_trained() const { return gating != Gating::kHash && gating != Gating::kRandom; }
 };
 
 }  // namespace sy

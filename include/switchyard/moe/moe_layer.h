@@ -68,7 +68,7 @@ struct MoeCache {
   Tensor x;  // [T, d] copy of the input (router backward needs it)
   RouterCache router;
   DispatchPlan plan;
-  std::vector<int32_t> rank;  // [T*k]: slot order for capacity, with batch_prioritized
+  std::vector<int32_t> rank;  // [T*k]: slot order for capacity (batch prioritized, expert choice)
   Tensor xs, ys;              // [n, d]: dispatched rows and expert outputs
   ExpertsCache experts;
   std::vector<ExpertsCache> shared;  // one per shared expert
@@ -89,8 +89,10 @@ class MoeLayer {
   const MoeConfig& config() const { return cfg_; }
 
   // x: [T, d] -> y: [T, d] (=). Throws ShapeError for a shape or dtype that does not fit.
+  // token_ids: [T], needed by hash routing only. ctx.seed drives random routing and jitter
+  // (callers vary it per step); ctx.training selects the capacity factor and the jitter.
   MoeForward forward(const MoeParams& p, const Tensor& x, Tensor& y, MoeCache& cache,
-                     const ExecContext& ctx) const;
+                     const ExecContext& ctx, std::span<const int32_t> token_ids = {}) const;
   // dy: [T, d] -> dx: [T, d] (=), g (+=). Needs the cache of the forward call just before.
   void backward(const MoeParams& p, MoeCache& cache, const Tensor& dy, MoeParams& g, Tensor& dx,
                 const ExecContext& ctx) const;
@@ -109,7 +111,7 @@ class MoeLayer {
  private:
   template <class T, class W>
   MoeForward forward_impl(const MoeParams& p, const Tensor& x, Tensor& y, MoeCache& c,
-                          const ExecContext& ctx) const;
+                          const ExecContext& ctx, std::span<const int32_t> token_ids) const;
   template <class T>
   void backward_impl(const MoeParams& p, MoeCache& c, const Tensor& dy, MoeParams& g, Tensor& dx,
                      const ExecContext& ctx) const;

@@ -16,6 +16,14 @@
 
 namespace sy {
 
+// What some policies need beyond x: token ids (hash routing), a seed (random routing and
+// jitter; vary it per step), and whether this is training (jitter is off in evaluation).
+struct RouterInput {
+  std::span<const int32_t> token_ids;  // [T], for Gating::kHash
+  uint64_t seed = 0;
+  bool training = true;
+};
+
 struct RouterCache {
   Tensor logits;                // [T, E]
   Tensor probs;                 // [T, E]
@@ -23,7 +31,9 @@ struct RouterCache {
   std::vector<int32_t> expert;  // [T*k]: slot t*k+j holds token t's j-th choice, best first
   Tensor scores;                // [T, E]: sigmoid(logits), with Gating::kSigmoidBias only
   Tensor choice;                // [T, E]: scores + bias, forward's scratch for the top-k
-  Tensor weight;                // [T, k]: combine weights
+  Tensor weight;                // [T, k]: combine weights (k = slots per token)
+  Tensor jitter, x_jit;         // [T, d]: jitter factors and the jittered input, with jitter
+  bool jittered = false;        // whether forward applied the jitter
   std::vector<int32_t> demand;  // [E]: slots that chose each expert
   double loss_balance = 0;      // weighted, as added to the training loss
   double loss_z = 0;            // weighted
@@ -38,7 +48,7 @@ class Router {
   // used by Gating::kSigmoidBias for the choice of experts only.
   template <class T>
   void forward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCache& cache,
-               std::span<const T> bias = {}) const;
+               std::span<const T> bias = {}, const RouterInput& in = {}) const;
 
   // dweight: [T, k] (gradient of the task loss w.r.t. the combine weights). Adds the gradients
   // of the auxiliary losses. dw_gate: [d, E] (+=), dx: [T, d] (=).
@@ -49,8 +59,15 @@ class Router {
  private:
   // Sigmoid gating always normalises the chosen scores; softmax top-k when cfg.renormalize.
   bool normalises_weights() const {
-    return cfg_.gating == Gating::kSigmoidBias || cfg_.renormalize;
+    return cfg_.gating == Gating::kSigmoidBias ||
+           (cfg_.gating == Gating::kSoftmaxTopK && cfg_.renormalize);
   }
+  bool uses_balance_loss() const {
+    return cfg_.gating == Gating::kSoftmaxTopK || cfg_.gating == Gating::kSigmoidBias;
+  }
+  // Scores outside the token's topk_groups best groups set to -inf (group-limited routing).
+  template <class T>
+  void limit_groups(MatrixView<T> scores) const;
 
   MoeConfig cfg_;
 };

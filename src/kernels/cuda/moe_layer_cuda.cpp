@@ -152,7 +152,9 @@ CudaMoeLayer::CudaMoeLayer(const MoeConfig& cfg) : impl_(std::make_unique<Impl>(
     throw ConfigError(
         fmt::format("moe.d_model = {}: the CUDA backend needs a multiple of 8", cfg.d_model));
   if (cfg.gating != Gating::kSoftmaxTopK)
-    throw ConfigError("moe.gating: the CUDA backend has softmax top-k only for now");
+    throw ConfigError("moe.router: the CUDA backend has softmax top-k only for now");
+  if (cfg.jitter_eps > 0 || cfg.n_groups > 0)
+    throw ConfigError("moe.jitter_eps / moe.n_groups: not supported by the CUDA backend yet");
   if (cfg.n_shared_experts > 0)
     throw ConfigError("moe.n_shared_experts: the CUDA backend has no shared experts yet");
   if (cfg.batch_prioritized)
