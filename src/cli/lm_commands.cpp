@@ -251,6 +251,9 @@ std::vector<Policy> router_policies() {
        {"model.moe.batch_prioritized=true"}},
       {"hash", "hash of the byte id, top-2 consecutive experts", {"model.moe.router=hash"}},
       {"random", "2 random experts per token", {"model.moe.router=random"}},
+      {"noisy_topk", "noisy top-2 with the importance and load losses, 0.1 each (Shazeer 2017)",
+       {"model.moe.router=noisy_topk", "model.moe.loss_importance_weight=0.1",
+        "model.moe.loss_load_weight=0.1"}},
   };
 }
 

@@ -94,13 +94,15 @@ MoeParams init_moe_params(const MoeConfig& cfg, DType dtype, uint64_t seed) {
     p.shared_w3 = init({S, d, g}, d, 5);
     p.shared_w2 = init({S, g, d}, g, 6);
   }
+  if (cfg.gating == Gating::kNoisyTopK) p.w_noise = Tensor({d, E}, dtype);
   return p;
 }
 
 MoeParams zeros_like(const MoeParams& p) {
   auto zeros = [](const Tensor& t) { return t.empty() ? Tensor() : Tensor(t.shape(), t.dtype()); };
   return {zeros(p.w_gate),      zeros(p.w1),        zeros(p.w3),        zeros(p.w2),
-          zeros(p.expert_bias), zeros(p.shared_w1), zeros(p.shared_w3), zeros(p.shared_w2)};
+          zeros(p.expert_bias), zeros(p.shared_w1), zeros(p.shared_w3), zeros(p.shared_w2),
+          zeros(p.w_noise)};
 }
 
 MoeLayer::MoeLayer(const MoeConfig& cfg) : cfg_(cfg), router_((cfg.validate(), cfg)) {}
@@ -125,6 +127,12 @@ void MoeLayer::check_params(const MoeParams& p) const {
   if (!p.expert_bias.empty()) {
     expect_shape(p.expert_bias, {E}, "moe.expert_bias");
     expect_dtype(p.expert_bias, p.w_gate.dtype(), "moe.expert_bias", "moe.w_gate's dtype");
+  }
+  if (cfg_.gating == Gating::kNoisyTopK) {
+    expect_shape(p.w_noise, {d, E}, "moe.w_noise");
+    expect_dtype(p.w_noise, p.w_gate.dtype(), "moe.w_noise", "moe.w_gate's dtype");
+  } else if (!p.w_noise.empty()) {
+    throw ShapeError("moe.w_noise is set but moe.router is not noisy_topk");
   }
   if (p.w1.dtype() != p.w3.dtype() || p.w1.dtype() != p.w2.dtype())
     throw ShapeError(fmt::format("moe expert weights: dtypes w1 {}, w3 {}, w2 {}: expected one",
@@ -175,8 +183,10 @@ MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y
   std::span<const T> bias;
   if (!p.expert_bias.empty()) bias = p.expert_bias.span<T>();
   const RouterInput in{token_ids, ctx.seed, ctx.training};
+  ConstMatrixView<T> w_noise;
+  if (!p.w_noise.empty()) w_noise = p.w_noise.matrix<T>();
   timed(prof, &tm.router,
-        [&] { router_.forward<T>(p.w_gate.matrix<T>(), xv, c.router, bias, in); });
+        [&] { router_.forward<T>(p.w_gate.matrix<T>(), xv, c.router, bias, in, w_noise); });
   const int64_t slots = cfg_.slots_per_token();
   const bool ranked = cfg_.batch_prioritized || cfg_.gating == Gating::kExpertChoice;
   timed(prof, &tm.plan, [&] {
@@ -277,8 +287,11 @@ void MoeLayer::backward_impl(const MoeParams& p, MoeCache& c, const Tensor& dy, 
   });
   // The router writes dx (=); the dispatched rows' gradients are then added onto it.
   timed(prof, &tm.backward_router, [&] {
+    ConstMatrixView<T> w_noise;
+    MatrixView<T> dw_noise;
+    if (!p.w_noise.empty()) w_noise = p.w_noise.matrix<T>(), dw_noise = g.w_noise.matrix<T>();
     router_.backward<T>(p.w_gate.matrix<T>(), c.x.matrix<T>(), c.router, c.dweight.matrix<T>(),
-                        g.w_gate.matrix<T>(), dx.matrix<T>());
+                        g.w_gate.matrix<T>(), dx.matrix<T>(), w_noise, dw_noise);
   });
   timed(prof, &tm.backward_scatter,
         [&] { cpu::scatter_add_rows<T>(c.dxs.matrix<T>(), c.plan.row_token, {}, dx.matrix<T>()); });

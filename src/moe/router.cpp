@@ -36,9 +36,148 @@ void Router::limit_groups(MatrixView<T> scores) const {
   }
 }
 
+namespace {
+
+double softplus(double v) { return std::max(v, 0.0) + std::log1p(std::exp(-std::abs(v))); }
+double sigmoid(double v) { return 1.0 / (1.0 + std::exp(-v)); }
+double normal_cdf(double z) { return 0.5 * std::erfc(-z * M_SQRT1_2); }
+double normal_pdf(double z) { return std::exp(-0.5 * z * z) * (0.5 * M_2_SQRTPI * M_SQRT1_2); }
+
+// CV(v)^2 = var / (mean^2 + eps) over experts, population variance, and its gradient.
+constexpr double kCvEps = 1e-10;
+double cv_squared(const std::vector<double>& v) {
+  const double n = double(v.size());
+  double mean = 0, var = 0;
+  for (double x : v) mean += x;
+  mean /= n;
+  for (double x : v) var += (x - mean) * (x - mean);
+  return var / n / (mean * mean + kCvEps);
+}
+std::vector<double> cv_squared_grad(const std::vector<double>& v, double scale) {
+  const double n = double(v.size());
+  double mean = 0, var = 0;
+  for (double x : v) mean += x;
+  mean /= n;
+  for (double x : v) var += (x - mean) * (x - mean);
+  var /= n;
+  const double den = mean * mean + kCvEps;
+  std::vector<double> g(v.size());
+  for (size_t e = 0; e < v.size(); ++e)
+    g[e] = scale * (2 * (v[e] - mean) / (n * den) - var * 2 * mean / (n * den * den));
+  return g;
+}
+
+// The expert whose H is e's threshold for token t: the k-th best other than e. That is the
+// runner-up when e is among the chosen, else the k-th chosen; -1 when every expert is chosen.
+int32_t threshold_expert(std::span<const int32_t> chosen, int32_t runner_up, int32_t e) {
+  for (int32_t c : chosen)
+    if (c == e) return runner_up;
+  return chosen.back();
+}
+
+}  // namespace
+
+template <class T>
+void Router::noisy_topk_forward(ConstMatrixView<T> xr, ConstMatrixView<T> w_noise,
+                                RouterCache& c, const RouterInput& in) const {
+  const int64_t n_tok = xr.rows, E = cfg_.n_experts, k = cfg_.top_k;
+  SY_CHECK(w_noise.data != nullptr && w_noise.rows == xr.cols && w_noise.cols == E,
+           "noisy top-k needs w_noise [{}, {}], got [{}, {}]", xr.cols, E, w_noise.rows,
+           w_noise.cols);
+  const DType dt = dtype_of<T>();
+  c.noise_logits.resize({n_tok, E}, dt);
+  c.noise.resize({n_tok, E}, dt);
+  c.choice.resize({n_tok, E}, dt);
+  cpu::gemm<T>(false, false, T(1), xr, w_noise, T(0), c.noise_logits.matrix<T>());
+  if (in.training)
+    fill_normal(c.noise.span<T>(), Philox(in.seed, /*stream=*/0x9015E), T(1));
+  else
+    c.noise.fill_zero();
+  ConstMatrixView<T> logits = c.logits.matrix<T>(), nl = c.noise_logits.matrix<T>(),
+                     noise = c.noise.matrix<T>();
+  MatrixView<T> h = c.choice.matrix<T>();
+  for (int64_t t = 0; t < n_tok; ++t)
+    for (int64_t e = 0; e < E; ++e)
+      h(t, e) = logits(t, e) + noise(t, e) * T(softplus(double(nl(t, e))));
+  MatrixView<int32_t> expert{c.expert.data(), n_tok, k};
+  MatrixView<T> weight = c.weight.matrix<T>();
+  cpu::topk_rows<T>(ConstMatrixView<T>(h), expert, weight);
+  c.runner_up.assign(size_t(n_tok), -1);
+  for (int64_t t = 0; t < n_tok; ++t) {
+    // Softmax over the k chosen H (the first is the largest).
+    T sum = 0;
+    for (int64_t j = 0; j < k; ++j) sum += (weight(t, j) = std::exp(weight(t, j) - h(t, expert(t, 0))));
+    for (int64_t j = 0; j < k; ++j) weight(t, j) /= sum;
+    const std::span<const int32_t> chosen(expert.row(t), size_t(k));
+    for (int32_t e = 0; e < E; ++e) {
+      if (std::find(chosen.begin(), chosen.end(), e) != chosen.end()) continue;
+      if (c.runner_up[t] < 0 || h(t, e) > h(t, c.runner_up[t])) c.runner_up[t] = e;
+    }
+  }
+  c.importance.assign(size_t(E), 0.0);
+  c.load.assign(size_t(E), 0.0);
+  for (int64_t t = 0; t < n_tok; ++t) {
+    const std::span<const int32_t> chosen(expert.row(t), size_t(k));
+    for (int64_t j = 0; j < k; ++j) c.importance[chosen[j]] += double(weight(t, j));
+    for (int32_t e = 0; e < E; ++e) {
+      const int32_t m = threshold_expert(chosen, c.runner_up[t], e);
+      if (m < 0) {
+        c.load[e] += 1;
+        continue;
+      }
+      const double sp = softplus(double(nl(t, e)));
+      c.load[e] += normal_cdf((double(logits(t, e)) - double(h(t, m))) / sp);
+    }
+  }
+  c.loss_balance = cfg_.loss_importance_weight * cv_squared(c.importance) +
+                   cfg_.loss_load_weight * cv_squared(c.load);
+}
+
+template <class T>
+void Router::noisy_topk_backward(RouterCache& c, ConstMatrixView<T> dweight,
+                                 MatrixView<T> dlogits) const {
+  const int64_t n_tok = dlogits.rows, E = cfg_.n_experts, k = cfg_.top_k;
+  const std::vector<double> gi = cv_squared_grad(c.importance, cfg_.loss_importance_weight);
+  const std::vector<double> gl = cv_squared_grad(c.load, cfg_.loss_load_weight);
+  c.dnoise_logits.resize({n_tok, E}, dtype_of<T>());
+  MatrixView<T> dh = c.dprobs.matrix<T>(), dnl = c.dnoise_logits.matrix<T>();
+  ConstMatrixView<T> logits = c.logits.matrix<T>(), nl = c.noise_logits.matrix<T>(),
+                     noise = c.noise.matrix<T>(), h = c.choice.matrix<T>(),
+                     weight = c.weight.matrix<T>();
+  std::fill_n(dh.data, dh.size(), T(0));
+  std::fill_n(dnl.data, dnl.size(), T(0));
+  std::fill_n(dlogits.data, dlogits.size(), T(0));
+  for (int64_t t = 0; t < n_tok; ++t) {
+    const std::span<const int32_t> chosen(c.expert.data() + t * k, size_t(k));
+    // Weights: softmax of the chosen H, with the importance loss's gradient on each weight.
+    double dot = 0;
+    for (int64_t j = 0; j < k; ++j) dot += double(weight(t, j)) * (double(dweight(t, j)) + gi[chosen[j]]);
+    for (int64_t j = 0; j < k; ++j)
+      dh(t, chosen[j]) += T(double(weight(t, j)) * (double(dweight(t, j)) + gi[chosen[j]] - dot));
+    // Load: P_te = Phi(z), z = (logits_te - H_tm) / softplus(nl_te).
+    for (int32_t e = 0; e < E; ++e) {
+      const int32_t m = threshold_expert(chosen, c.runner_up[t], e);
+      if (m < 0 || gl[e] == 0) continue;
+      const double sp = softplus(double(nl(t, e)));
+      const double z = (double(logits(t, e)) - double(h(t, m))) / sp;
+      const double g = gl[e] * normal_pdf(z) / sp;
+      dlogits(t, e) += T(g);
+      dh(t, m) -= T(g);
+      dnl(t, e) += T(-g * z * sigmoid(double(nl(t, e))));
+    }
+  }
+  // H = logits + noise * softplus(nl).
+  for (int64_t t = 0; t < n_tok; ++t)
+    for (int64_t e = 0; e < E; ++e) {
+      dlogits(t, e) += dh(t, e);
+      dnl(t, e) += dh(t, e) * noise(t, e) * T(sigmoid(double(nl(t, e))));
+    }
+}
+
 template <class T>
 void Router::forward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCache& c,
-                     std::span<const T> bias, const RouterInput& in) const {
+                     std::span<const T> bias, const RouterInput& in,
+                     ConstMatrixView<T> w_noise) const {
   const int64_t n_tok = x.rows, d = x.cols, E = cfg_.n_experts, k = cfg_.slots_per_token();
   const DType dt = dtype_of<T>();
   c.logits.resize({n_tok, E}, dt);
@@ -96,6 +235,9 @@ void Router::forward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCach
       } else {
         cpu::topk_rows<T>(probs, expert, weight);
       }
+      break;
+    case Gating::kNoisyTopK:
+      noisy_topk_forward<T>(xr, w_noise, c, in);
       break;
     case Gating::kExpertChoice:
       // Every (token, expert) pair is a slot; the plan's capacity, granted in order of
@@ -162,7 +304,8 @@ void Router::forward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCach
 
 template <class T>
 void Router::backward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCache& c,
-                      ConstMatrixView<T> dweight, MatrixView<T> dw_gate, MatrixView<T> dx) const {
+                      ConstMatrixView<T> dweight, MatrixView<T> dw_gate, MatrixView<T> dx,
+                      ConstMatrixView<T> w_noise, MatrixView<T> dw_noise) const {
   const int64_t n_tok = x.rows, E = cfg_.n_experts, k = cfg_.slots_per_token();
   if (n_tok == 0) return;
   if (!cfg_.router_trained()) {  // the routing used no router weights: no gradient to them
@@ -198,17 +341,22 @@ void Router::backward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCac
     return {dot, sum};
   };
 
-#pragma omp parallel for schedule(static) if (n_tok * E > (1 << 14))
-  for (int64_t t = 0; t < n_tok; ++t) {
-    T* dp = dprobs.row(t);
-    for (int64_t e = 0; e < E; ++e) dp[e] = dbal[e];
-    if (cfg_.gating == Gating::kSigmoidBias) continue;  // its weights come from s, below
-    const int32_t* ex = c.expert.data() + t * k;
-    const auto [dot, sum] = chosen_grad_terms(probs, t);
-    for (int64_t j = 0; j < k; ++j) dp[ex[j]] += (dweight(t, j) - dot) / sum;
-  }
   MatrixView<T> dlogits = c.dlogits.matrix<T>();
-  cpu::softmax_rows_backward<T>(probs, dprobs, dlogits);
+  const bool noisy = cfg_.gating == Gating::kNoisyTopK;
+  if (noisy) {
+    noisy_topk_backward<T>(c, dweight, dlogits);
+  } else {
+  #pragma omp parallel for schedule(static) if (n_tok * E > (1 << 14))
+    for (int64_t t = 0; t < n_tok; ++t) {
+      T* dp = dprobs.row(t);
+      for (int64_t e = 0; e < E; ++e) dp[e] = dbal[e];
+      if (cfg_.gating == Gating::kSigmoidBias) continue;  // its weights come from s, below
+      const int32_t* ex = c.expert.data() + t * k;
+      const auto [dot, sum] = chosen_grad_terms(probs, t);
+      for (int64_t j = 0; j < k; ++j) dp[ex[j]] += (dweight(t, j) - dot) / sum;
+    }
+    cpu::softmax_rows_backward<T>(probs, dprobs, dlogits);
+  }
   if (cfg_.loss_z_weight > 0) {
     // d/dlogits[t] of w_z * mean_t lse_t^2 = w_z * 2 lse_t / T * probs[t].
     const T* lse = c.lse.data<T>();
@@ -228,26 +376,31 @@ void Router::backward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCac
       }
     }
   }
+  // logits = xr w_gate (and noise logits = xr w_noise), xr = x * u with jitter, else x.
+  ConstMatrixView<T> xr = c.jittered ? ConstMatrixView<T>(c.x_jit.matrix<T>()) : x;
+  cpu::gemm<T>(true, false, T(1), xr, dlogits, T(1), dw_gate);
+  cpu::gemm<T>(false, true, T(1), dlogits, w_gate, T(0), dx);
+  if (noisy) {
+    cpu::gemm<T>(true, false, T(1), xr, c.dnoise_logits.matrix<T>(), T(1), dw_noise);
+    cpu::gemm<T>(false, true, T(1), c.dnoise_logits.matrix<T>(), w_noise, T(1), dx);
+  }
   if (c.jittered) {
-    // logits = (x * u) w_gate: the weight sees the jittered input, x the factor u.
-    cpu::gemm<T>(true, false, T(1), c.x_jit.matrix<T>(), dlogits, T(1), dw_gate);
-    cpu::gemm<T>(false, true, T(1), dlogits, w_gate, T(0), dx);
     const T* u = c.jitter.data<T>();
     for (int64_t i = 0; i < n_tok * x.cols; ++i) dx.data[i] *= u[i];
-    return;
   }
-  cpu::gemm<T>(true, false, T(1), x, dlogits, T(1), dw_gate);
-  cpu::gemm<T>(false, true, T(1), dlogits, w_gate, T(0), dx);
 }
 
 template void Router::forward(ConstMatrixView<float>, ConstMatrixView<float>, RouterCache&,
-                              std::span<const float>, const RouterInput&) const;
+                              std::span<const float>, const RouterInput&,
+                              ConstMatrixView<float>) const;
 template void Router::forward(ConstMatrixView<double>, ConstMatrixView<double>, RouterCache&,
-                              std::span<const double>, const RouterInput&) const;
+                              std::span<const double>, const RouterInput&,
+                              ConstMatrixView<double>) const;
 template void Router::backward(ConstMatrixView<float>, ConstMatrixView<float>, RouterCache&,
-                               ConstMatrixView<float>, MatrixView<float>, MatrixView<float>) const;
+                               ConstMatrixView<float>, MatrixView<float>, MatrixView<float>,
+                               ConstMatrixView<float>, MatrixView<float>) const;
 template void Router::backward(ConstMatrixView<double>, ConstMatrixView<double>, RouterCache&,
-                               ConstMatrixView<double>, MatrixView<double>,
-                               MatrixView<double>) const;
+                               ConstMatrixView<double>, MatrixView<double>, MatrixView<double>,
+                               ConstMatrixView<double>, MatrixView<double>) const;
 
 }  // namespace sy

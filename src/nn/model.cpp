@@ -82,9 +82,13 @@ int64_t LmConfig::n_moe_layers() const {
   return n;
 }
 
+int64_t LmConfig::router_params() const {
+  return d_model * moe.n_experts * (moe.gating == Gating::kNoisyTopK ? 2 : 1);
+}
+
 int64_t LmConfig::active_params() const {
   const int64_t d = d_model;
-  const int64_t moe_ffn = d * moe.n_experts + moe.top_k * 3 * d * moe.d_ff +
+  const int64_t moe_ffn = router_params() + moe.top_k * 3 * d * moe.d_ff +
                           moe.n_shared_experts * 3 * d * moe.shared_width();
   int64_t n = d * vocab;  // LM head
   for (int64_t i = 0; i < n_layers; ++i) n += 4 * d * d + (is_moe(i) ? moe_ffn : 3 * d * d_ff);
@@ -93,7 +97,7 @@ int64_t LmConfig::active_params() const {
 
 int64_t LmConfig::total_params() const {
   const int64_t d = d_model;
-  const int64_t moe_ffn = d * moe.n_experts + moe.n_experts * 3 * d * moe.d_ff +
+  const int64_t moe_ffn = router_params() + moe.n_experts * 3 * d * moe.d_ff +
                           moe.n_shared_experts * 3 * d * moe.shared_width();
   int64_t n = 2 * d * vocab + d;
   for (int64_t i = 0; i < n_layers; ++i)
@@ -121,6 +125,7 @@ std::vector<std::pair<std::string, Tensor*>> LmParams::named() {
     add(at + "moe.w3", l.moe.w3);
     add(at + "moe.w2", l.moe.w2);
     add(at + "moe.expert_bias", l.moe.expert_bias);
+    add(at + "moe.w_noise", l.moe.w_noise);
     add(at + "moe.shared_w1", l.moe.shared_w1);
     add(at + "moe.shared_w3", l.moe.shared_w3);
     add(at + "moe.shared_w2", l.moe.shared_w2);

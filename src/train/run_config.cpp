@@ -91,7 +91,8 @@ class Section {
 
 constexpr std::pair<Gating, const char*> kRouters[] = {
     {Gating::kSoftmaxTopK, "softmax_topk"}, {Gating::kSigmoidBias, "sigmoid_bias"},
-    {Gating::kExpertChoice, "expert_choice"}, {Gating::kHash, "hash"}, {Gating::kRandom, "random"}};
+    {Gating::kExpertChoice, "expert_choice"}, {Gating::kHash, "hash"}, {Gating::kRandom, "random"},
+    {Gating::kNoisyTopK, "noisy_topk"}};
 
 const char* gating_name(Gating g) {
   for (auto [v, name] : kRouters)
@@ -126,6 +127,8 @@ void read_moe(const json& j, MoeConfig& m) {
   s.get("d_ff_shared", m.d_ff_shared);
   s.get("loss_balance_weight", m.loss_balance_weight);
   s.get("loss_z_weight", m.loss_z_weight);
+  s.get("loss_importance_weight", m.loss_importance_weight);
+  s.get("loss_load_weight", m.loss_load_weight);
   s.get("bias_update_rate", m.bias_update_rate);
   s.finish();
 }
@@ -171,6 +174,8 @@ json model_json(const LmConfig& m) {
                                       {"d_ff_shared", e.d_ff_shared},
                                       {"loss_balance_weight", e.loss_balance_weight},
                                       {"loss_z_weight", e.loss_z_weight},
+                                      {"loss_importance_weight", e.loss_importance_weight},
+                                      {"loss_load_weight", e.loss_load_weight},
                                       {"bias_update_rate", e.bias_update_rate}};
   }
   return j;

@@ -218,7 +218,7 @@ TEST(MoeLayer, Bf16ExpertWeightsMatchF32WithinBf16Rounding) {
   // Round the f32 weights to bf16 values first: both paths then compute the same function.
   for (Tensor* w : {&p.w1, &p.w3, &p.w2}) *w = convert(convert(*w, DType::kBF16), DType::kF32);
   MoeParams pb{p.w_gate.clone(), convert(p.w1, DType::kBF16), convert(p.w3, DType::kBF16),
-               convert(p.w2, DType::kBF16), {}, {}, {}, {}};
+               convert(p.w2, DType::kBF16), {}, {}, {}, {}, {}};
   for (int64_t T : {3, 100}) {  // skinny and BLAS groups
     Tensor x = random_tensor({T, 32}, DType::kF32, 2), y, yb;
     MoeCache c;
@@ -307,7 +307,7 @@ TEST(MoeLayer, MismatchedShapesAndDtypesNameTheTensor) {
             "moe.w2: shape [4, 8, 12], expected [4, 12, 8]");
   // Backward needs f32 weights: bf16 experts are for inference.
   MoeParams pb{p.w_gate.clone(), convert(p.w1, DType::kBF16), convert(p.w3, DType::kBF16),
-               convert(p.w2, DType::kBF16), {}, {}, {}, {}};
+               convert(p.w2, DType::kBF16), {}, {}, {}, {}, {}};
   Tensor x = random_tensor({5, 8}, DType::kF32, 1), dx;
   layer.forward(pb, x, y, cache, {});
   MoeParams g = zeros_like(pb);

@@ -42,7 +42,8 @@ inline MoeConfig config_of(const LayerCase& c) {
 inline MoeParams convert_params(const MoeParams& p, DType dtype) {
   auto cv = [&](const Tensor& t) { return t.empty() ? Tensor() : convert(t, dtype); };
   return {cv(p.w_gate),      cv(p.w1),        cv(p.w3),        cv(p.w2),
-          cv(p.expert_bias), cv(p.shared_w1), cv(p.shared_w3), cv(p.shared_w2)};
+          cv(p.expert_bias), cv(p.shared_w1), cv(p.shared_w3), cv(p.shared_w2),
+          cv(p.w_noise)};
 }
 
 struct NaiveMoe {

@@ -1,13 +1,15 @@
 // The routing policies beyond plain softmax top-k: Switch jitter, group-limited top-k (softmax
-// and sigmoid), expert choice, hash and random routing. Each one: the whole layer's float64
+// and sigmoid), expert choice, hash and random routing, noisy top-k. Each one: the whole layer's float64
 // finite-difference check, and the exact semantics of its choice.
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <set>
 
 #include "switchyard/moe/moe_layer.h"
+#include "switchyard/moe/router.h"
 #include "testing/testing.h"
 
 namespace sy {
@@ -48,6 +50,11 @@ std::vector<PolicyCase> policy_cases() {
   c = base(5, 2);
   c.gating = Gating::kRandom;
   out.push_back({"random", c});
+  c = base(5, 2);
+  c.gating = Gating::kNoisyTopK, c.loss_importance_weight = 0.3, c.loss_load_weight = 0.4;
+  out.push_back({"noisy_topk", c});
+  c.top_k = 1, c.capacity_factor_train = 0.8;  // with dropping
+  out.push_back({"noisy_top1_dropping", c});
   return out;
 }
 
@@ -60,6 +67,7 @@ TEST_P(PolicyGrad, LayerMatchesFiniteDifferences) {
   MoeLayer layer(cfg);
   const int64_t T = int64_t(kTokenIds.size());
   MoeParams p = init_moe_params(cfg, DType::kF64, 3), g = zeros_like(p);
+  if (!p.w_noise.empty()) p.w_noise = random_tensor({cfg.d_model, cfg.n_experts}, DType::kF64, 6);
   Tensor x = random_tensor({T, cfg.d_model}, DType::kF64, 4),
          r = random_tensor({T, cfg.d_model}, DType::kF64, 5);
   Tensor y, dx;
@@ -76,6 +84,8 @@ TEST_P(PolicyGrad, LayerMatchesFiniteDifferences) {
   expect_grad_close(loss, p.w_gate.span<double>(), g.w_gate.span<double>(), "dw_gate");
   expect_grad_close(loss, p.w1.span<double>(), g.w1.span<double>(), "dw1");
   expect_grad_close(loss, p.w2.span<double>(), g.w2.span<double>(), "dw2");
+  if (!p.w_noise.empty())
+    expect_grad_close(loss, p.w_noise.span<double>(), g.w_noise.span<double>(), "dw_noise");
   if (!cfg.router_trained()) {
     for (double v : g.w_gate.span<double>()) EXPECT_EQ(v, 0.0);
   }
@@ -216,6 +226,127 @@ TEST(RoutingPolicies, RandomIsSeededDistinctAndUniform) {
   ctx.seed = 2;
   layer.forward(p, x, y, c, ctx);
   EXPECT_NE(c.router.expert, first);
+}
+
+// Noisy top-k's balancing losses alone (no task loss), at k = 1, 2 and E (where every expert is
+// chosen and the load is constant).
+TEST(RoutingPolicies, NoisyTopKLossesMatchFiniteDifferences) {
+  for (int64_t k : {1, 2, 4}) {
+    MoeConfig cfg = base(4, k);
+    cfg.gating = Gating::kNoisyTopK, cfg.loss_importance_weight = 0.5, cfg.loss_load_weight = 0.7;
+    cfg.loss_z_weight = 0;
+    Router router(cfg);
+    const int64_t T = 13, d = 6, E = 4;
+    Tensor x = random_tensor({T, d}, DType::kF64, 21), w = random_tensor({d, E}, DType::kF64, 22);
+    Tensor wn = random_tensor({d, E}, DType::kF64, 23, -0.5, 0.5), zero({T, k}, DType::kF64);
+    RouterCache c;
+    const RouterInput in{{}, /*seed=*/5, /*training=*/true};
+    auto loss = [&] {
+      router.forward<double>(w.matrix<double>(), x.matrix<double>(), c, {}, in, wn.matrix<double>());
+      return c.loss_balance;
+    };
+    if (k < E) {
+      EXPECT_GT(loss(), 0) << k;
+    }
+    loss();
+    Tensor dw({d, E}, DType::kF64), dwn({d, E}, DType::kF64), dx({T, d}, DType::kF64);
+    router.backward<double>(w.matrix<double>(), x.matrix<double>(), c, zero.matrix<double>(),
+                            dw.matrix<double>(), dx.matrix<double>(), wn.matrix<double>(),
+                            dwn.matrix<double>());
+    SCOPED_TRACE(::testing::Message() << "k = " << k);
+    expect_grad_close(loss, w.span<double>(), dw.span<double>(), "dw_gate");
+    expect_grad_close(loss, wn.span<double>(), dwn.span<double>(), "dw_noise");
+    expect_grad_close(loss, x.span<double>(), dx.span<double>(), "dx");
+  }
+}
+
+// Choice, weights and both losses against the definitions, from the noise the router drew;
+// no noise in evaluation, fresh noise per seed in training.
+TEST(RoutingPolicies, NoisyTopKMatchesItsDefinition) {
+  MoeConfig cfg = base(6, 2);
+  cfg.gating = Gating::kNoisyTopK, cfg.loss_importance_weight = 0.2, cfg.loss_load_weight = 0.3;
+  cfg.dropless = true;
+  MoeLayer layer(cfg);
+  MoeParams p = init_moe_params(cfg, DType::kF64, 31);
+  for (double v : p.w_noise.span<double>()) EXPECT_EQ(v, 0.0);  // starts at zero
+  p.w_noise = random_tensor({6, 6}, DType::kF64, 32);
+  const int64_t T = 37, E = 6, k = 2;
+  Tensor x = random_tensor({T, 6}, DType::kF64, 33), y;
+  MoeCache c;
+  ExecContext ctx;
+  ctx.seed = 3;
+  for (bool training : {true, false}) {
+    ctx.training = training;
+    const MoeForward f = layer.forward(p, x, y, c, ctx);
+    const auto logits = c.router.logits.matrix<double>(), noise = c.router.noise.matrix<double>();
+    std::vector<double> importance(size_t(E), 0.0), load(size_t(E), 0.0);
+    double noise_sq = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<double> h(static_cast<size_t>(E)), sp(static_cast<size_t>(E));
+      for (int64_t e = 0; e < E; ++e) {
+        double nl = 0;
+        for (int64_t i = 0; i < 6; ++i) nl += x.matrix<double>()(t, i) * p.w_noise.matrix<double>()(i, e);
+        sp[e] = std::log(1 + std::exp(nl));
+        h[e] = logits(t, e) + noise(t, e) * sp[e];
+        noise_sq += noise(t, e) * noise(t, e);
+      }
+      std::vector<int32_t> order(static_cast<size_t>(E));
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return h[a] > h[b]; });
+      const double z = std::exp(h[order[0]]) + std::exp(h[order[1]]);
+      for (int64_t j = 0; j < k; ++j) {
+        ASSERT_EQ(c.router.expert[size_t(t * k + j)], order[j]) << t;
+        const double w = std::exp(h[order[j]]) / z;
+        EXPECT_NEAR(c.router.weight.matrix<double>()(t, j), w, 1e-14);
+        importance[order[j]] += w;
+      }
+      for (int64_t e = 0; e < E; ++e) {
+        std::vector<double> others;
+        for (int64_t o = 0; o < E; ++o)
+          if (o != e) others.push_back(h[o]);
+        std::sort(others.rbegin(), others.rend());
+        load[e] += 0.5 * std::erfc(-(logits(t, e) - others[k - 1]) / sp[e] / std::sqrt(2.0));
+      }
+    }
+    if (training)
+      EXPECT_NEAR(noise_sq / double(T * E), 1.0, 0.3);  // N(0, 1) draws
+    else
+      EXPECT_EQ(noise_sq, 0.0);
+    auto cv2 = [](const std::vector<double>& v) {
+      double m = 0, var = 0;
+      for (double a : v) m += a / double(v.size());
+      for (double a : v) var += (a - m) * (a - m) / double(v.size());
+      return var / (m * m + 1e-10);
+    };
+    EXPECT_NEAR(f.loss_balance, 0.2 * cv2(importance) + 0.3 * cv2(load), 1e-12);
+  }
+  ctx.training = true;
+  layer.forward(p, x, y, c, ctx);
+  const std::vector<double> first(c.router.noise.span<double>().begin(), c.router.noise.span<double>().end());
+  ctx.seed = 4;
+  layer.forward(p, x, y, c, ctx);
+  EXPECT_NE(std::vector<double>(c.router.noise.span<double>().begin(), c.router.noise.span<double>().end()),
+            first);
+}
+
+TEST(RoutingPolicies, NoisyTopKNeedsItsNoiseWeights) {
+  MoeConfig cfg = base(4, 2);
+  cfg.gating = Gating::kNoisyTopK;
+  MoeLayer layer(cfg);
+  MoeParams p = init_moe_params(cfg, DType::kF64, 1);
+  p.w_noise = Tensor();
+  Tensor x = random_tensor({3, 6}, DType::kF64, 2), y;
+  MoeCache c;
+  try {
+    layer.forward(p, x, y, c, {});
+    FAIL() << "expected ShapeError";
+  } catch (const ShapeError& e) {
+    EXPECT_NE(std::string(e.what()).find("moe.w_noise"), std::string::npos) << e.what();
+  }
+  MoeConfig plain = base(4, 2);
+  MoeParams q = init_moe_params(plain, DType::kF64, 1);
+  q.w_noise = Tensor({6, 4}, DType::kF64);
+  EXPECT_THROW(MoeLayer(plain).forward(q, x, y, c, {}), ShapeError);
 }
 
 TEST(RoutingPolicies, BadGroupConfigsNameTheField) {

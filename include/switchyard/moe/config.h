@@ -20,7 +20,11 @@ namespace sy {
 //   kHash: token id t goes to experts h(t), h(t)+1, ... (mod E), weight 1/k (Roller et al.
 //     2021); needs token ids, not trained.
 //   kRandom: k distinct experts drawn at random per token and call, weight 1/k; a baseline.
-enum class Gating { kSoftmaxTopK, kSigmoidBias, kExpertChoice, kHash, kRandom };
+//   kNoisyTopK: Shazeer et al. 2017. H = x w_gate + n * softplus(x w_noise), n ~ N(0, 1) in
+//     training (no noise in evaluation); top-k of H chooses, the weights are the softmax of the
+//     k chosen H. Balanced by its own two losses (loss_importance_weight, loss_load_weight)
+//     instead of the Switch loss.
+enum class Gating { kSoftmaxTopK, kSigmoidBias, kExpertChoice, kHash, kRandom, kNoisyTopK };
 
 struct MoeConfig {
   int64_t d_model = 0;    // token width d
@@ -55,6 +59,10 @@ struct MoeConfig {
   // Weights of the auxiliary losses added to the training loss (0 turns one off).
   double loss_balance_weight = 0.01;  // Switch load-balancing loss, E * sum_e f_e P_e
   double loss_z_weight = 0.001;       // router z-loss, mean_t logsumexp(logits_t)^2
+  // kNoisyTopK's losses: CV(v)^2 (variance / mean^2 over experts) of the importance
+  // v_e = sum_t weight_te, and of the smooth load v_e = sum_t P(token t picks e); see router.h.
+  double loss_importance_weight = 0.01;
+  double loss_load_weight = 0.01;
   // kSigmoidBias: step of each bias update, b_e += rate * sign(mean load - load_e).
   double bias_update_rate = 0.001;
 

@@ -40,9 +40,12 @@ struct MoeParams {
   Tensor shared_w1;  // [S, d, g]
   Tensor shared_w3;  // [S, d, g]
   Tensor shared_w2;  // [S, g, d]
+  // [d, E] with Gating::kNoisyTopK (the noise scale's projection), empty otherwise.
+  Tensor w_noise;
 };
 
-// Router weights ~ N(0, 1/d); expert weights ~ N(0, 1/fan_in). Deterministic in seed.
+// Router weights ~ N(0, 1/d); expert weights ~ N(0, 1/fan_in); w_noise zero, as Shazeer et al.
+// start it (noise of scale softplus(0) = 0.69). Deterministic in seed.
 MoeParams init_moe_params(const MoeConfig& cfg, DType dtype, uint64_t seed);
 MoeParams zeros_like(const MoeParams& p);
 

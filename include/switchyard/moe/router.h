@@ -4,6 +4,12 @@
 //   loss_balance = w_b * E * sum_e f_e P_e   (Switch Transformer; f_e: share of the T*k slots
 //                  that chose e, not differentiable; P_e: mean router probability of e)
 //   loss_z       = w_z * mean_t logsumexp(logits_t)^2   (ST-MoE)
+// Noisy top-k (Shazeer et al. 2017) chooses by H = logits + n * softplus(x w_noise) and, in
+// place of loss_balance, adds
+//   w_imp * CV(importance)^2 + w_load * CV(load)^2,  CV(v)^2 = var_e(v) / (mean_e(v)^2 + 1e-10)
+//   importance_e = sum_t weight_te;  load_e = sum_t Phi((logits_te - thr_te) / softplus_te),
+//   thr_te = the k-th largest H_t among the experts other than e: the probability, over fresh
+//   noise on e alone, that e is in t's top k (differentiable, unlike the count of choices).
 // Derivations: docs/moe_backward.md.
 #pragma once
 
@@ -32,12 +38,16 @@ struct RouterCache {
   Tensor scores;                // [T, E]: sigmoid(logits), with Gating::kSigmoidBias only
   Tensor choice;                // [T, E]: scores + bias, forward's scratch for the top-k
   Tensor weight;                // [T, k]: combine weights (k = slots per token)
+  Tensor noise_logits, noise;   // [T, E]: x w_noise and n ~ N(0, 1), with Gating::kNoisyTopK
+  std::vector<int32_t> runner_up;  // [T]: noisy top-k's (k+1)-th expert by H; -1 when k = E
+  std::vector<double> importance, load;  // [E]: noisy top-k's balancing statistics
   Tensor jitter, x_jit;         // [T, d]: jitter factors and the jittered input, with jitter
   bool jittered = false;        // whether forward applied the jitter
   std::vector<int32_t> demand;  // [E]: slots that chose each expert
   double loss_balance = 0;      // weighted, as added to the training loss
   double loss_z = 0;            // weighted
   Tensor dprobs, dlogits;       // [T, E]: backward's scratch, kept to avoid reallocation
+  Tensor dnoise_logits;         // [T, E]: backward's scratch (noisy top-k)
 };
 
 class Router {
@@ -45,16 +55,20 @@ class Router {
   explicit Router(const MoeConfig& cfg);  // cfg must already be validated
 
   // w_gate: [d, E], x: [T, d] -> cache (expert, weight, losses, ...). bias: [E] or empty (zero);
-  // used by Gating::kSigmoidBias for the choice of experts only.
+  // used by Gating::kSigmoidBias for the choice of experts only. w_noise: [d, E], needed by
+  // Gating::kNoisyTopK only.
   template <class T>
   void forward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCache& cache,
-               std::span<const T> bias = {}, const RouterInput& in = {}) const;
+               std::span<const T> bias = {}, const RouterInput& in = {},
+               ConstMatrixView<T> w_noise = {}) const;
 
   // dweight: [T, k] (gradient of the task loss w.r.t. the combine weights). Adds the gradients
-  // of the auxiliary losses. dw_gate: [d, E] (+=), dx: [T, d] (=).
+  // of the auxiliary losses. dw_gate: [d, E] (+=), dx: [T, d] (=), dw_noise: [d, E] (+=, noisy
+  // top-k only).
   template <class T>
   void backward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCache& cache,
-                ConstMatrixView<T> dweight, MatrixView<T> dw_gate, MatrixView<T> dx) const;
+                ConstMatrixView<T> dweight, MatrixView<T> dw_gate, MatrixView<T> dx,
+                ConstMatrixView<T> w_noise = {}, MatrixView<T> dw_noise = {}) const;
 
  private:
   // Sigmoid gating always normalises the chosen scores; softmax top-k when cfg.renormalize.
@@ -68,6 +82,14 @@ class Router {
   // Scores outside the token's topk_groups best groups set to -inf (group-limited routing).
   template <class T>
   void limit_groups(MatrixView<T> scores) const;
+  // Noisy top-k's choice, weights and losses (forward), and its gradient to the clean logits
+  // (dlogits, =) and the noise logits (c.dnoise_logits, =).
+  template <class T>
+  void noisy_topk_forward(ConstMatrixView<T> xr, ConstMatrixView<T> w_noise, RouterCache& c,
+                          const RouterInput& in) const;
+  template <class T>
+  void noisy_topk_backward(RouterCache& c, ConstMatrixView<T> dweight,
+                           MatrixView<T> dlogits) const;
 
   MoeConfig cfg_;
 };

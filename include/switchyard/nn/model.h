@@ -51,6 +51,7 @@ struct LmConfig {
   // of training is about 6 of these per token, plus attention.
   int64_t active_params() const;
   int64_t total_params() const;
+  int64_t router_params() const;  // per MoE layer: w_gate, and w_noise with noisy top-k
   // Multiply-adds of attention scores and values per token at full context, summed over layers
   // (the causal half is not subtracted: the kernels compute the whole square).
   int64_t attention_macs_per_token() const;
