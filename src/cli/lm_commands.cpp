@@ -5,8 +5,12 @@
 #include <cmath>
 #include <csignal>
 #include <filesystem>
+#include <memory>
+#include <nlohmann/json.hpp>
 #include <numeric>
 
+#include "cli/bench_moe.h"
+#include "switchyard/core/exec_context.h"
 #include "switchyard/core/file.h"
 #include "switchyard/core/rng.h"
 #include "switchyard/train/routes.h"
@@ -275,19 +279,26 @@ double late_dropped(const TrainHistory& h) {
   return n > 0 ? sum / double(n) : 0;
 }
 
-}  // namespace
-
-int run_compare_routers(const CompareRoutersCliOptions& o) {
+// The policies named (all when none), in the order of router_policies(); an unknown name is an
+// error listing the known ones.
+std::vector<Policy> choose_policies(const std::vector<std::string>& names) {
   std::vector<Policy> chosen;
   for (const Policy& p : router_policies())
-    if (o.policies.empty() || std::find(o.policies.begin(), o.policies.end(), p.name) != o.policies.end())
+    if (names.empty() || std::find(names.begin(), names.end(), p.name) != names.end())
       chosen.push_back(p);
-  for (const std::string& name : o.policies) {
+  for (const std::string& name : names) {
     bool known = false;
     std::string all;
     for (const Policy& p : router_policies()) known |= p.name == name, all += (all.empty() ? "" : ", ") + p.name;
     if (!known) throw ConfigError(fmt::format("--policies {}: unknown policy (known: {})", name, all));
   }
+  return chosen;
+}
+
+}  // namespace
+
+int run_compare_routers(const CompareRoutersCliOptions& o) {
+  const std::vector<Policy> chosen = choose_policies(o.policies);
   for (const Policy& p : chosen)
     if (std::filesystem::exists(std::filesystem::path(o.out) / p.name / "checkpoint.safetensors"))
       throw ConfigError(fmt::format("{}/{}/checkpoint.safetensors exists: pass --out to compare into "
@@ -323,6 +334,98 @@ int run_compare_routers(const CompareRoutersCliOptions& o) {
   write_file_atomic((std::filesystem::path(o.out) / "routers.html").string(),
                     render_comparison(names, hs, caption));
   fmt::print("wrote {}/routers.md and {}/routers.html\n", o.out, o.out);
+  return 0;
+}
+
+int run_bench_routers(const BenchRoutersCliOptions& o) {
+  const std::vector<MoeShape>& shapes = moe_bench_shapes();
+  const auto shape = std::find_if(shapes.begin(), shapes.end(), [&](const MoeShape& s) {
+    return s.name == o.shape && !s.decode && !s.gpu_only;
+  });
+  if (shape == shapes.end())
+    throw ConfigError(fmt::format("--shape {}: expected A or B (the CPU training shapes)", o.shape));
+  if (!(o.capacity_factor > 0))
+    throw ConfigError(fmt::format("--capacity-factor {}: expected > 0 (expert choice needs one)",
+                                  o.capacity_factor));
+  if (o.iters < 1) throw ConfigError(fmt::format("--iters {}: expected >= 1", o.iters));
+  const std::vector<Policy> chosen = choose_policies(o.policies);
+  if (chosen.front().name != "softmax_topk")
+    throw ConfigError("--policies: the reference softmax_topk must be among them");
+
+  // Each policy's MoE config: austen-moe's with the policy's overrides, at the shape's sizes.
+  struct Run {
+    const Policy* policy;
+    MoeLayer layer;
+    MoeParams p, g;
+    MoeCache cache;
+    std::vector<double> fwd, fwd_bwd;
+    int64_t rows = 0;
+  };
+  std::vector<std::unique_ptr<Run>> runs;
+  const std::vector<std::string> at_shape = {
+      fmt::format("model.d_model={}", shape->d_model), fmt::format("model.moe.d_ff={}", shape->d_ff),
+      fmt::format("model.moe.n_experts={}", shape->n_experts),
+      fmt::format("model.moe.top_k={}", shape->top_k),
+      fmt::format("model.moe.capacity_factor_train={}", o.capacity_factor)};
+  for (const Policy& pol : chosen) {
+    std::vector<std::string> ov = at_shape;
+    ov.insert(ov.end(), pol.overrides.begin(), pol.overrides.end());
+    const MoeConfig mc = load_run_config("austen-moe", ov).model.moe_config();
+    MoeParams p = init_moe_params(mc, DType::kF32, 1);
+    MoeParams g = zeros_like(p);
+    runs.push_back(std::unique_ptr<Run>(new Run{&pol, MoeLayer(mc), std::move(p), std::move(g), {}, {}, {}}));
+  }
+  const int64_t T = shape->n_tokens, d = shape->d_model;
+  Tensor x({T, d}, DType::kF32), dy({T, d}, DType::kF32), y, dx;
+  fill_normal(x.span<float>(), Philox(7, 1), 1.0f);
+  fill_normal(dy.span<float>(), Philox(7, 2), 1.0f);
+  std::vector<int32_t> ids(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) ids[t] = int32_t(Philox(7, 3).bits(uint64_t(t))[0] % 256);
+  ExecContext ctx{.n_threads = o.threads, .seed = 1, .training = true};
+  fmt::print("switchyard bench routers: shape {} (T={} d={} f={} E={} k={}), capacity factor {}, "
+             "{} threads, median of {} round-robin runs\n",
+             shape->name, T, d, shape->d_ff, shape->n_experts, shape->top_k, o.capacity_factor,
+             o.threads > 0 ? o.threads : max_threads(), o.iters);
+  for (int it = -1; it < o.iters; ++it)  // round -1 warms up
+    for (auto& r : runs) {
+      double t0 = wall_seconds();
+      const MoeForward f = r->layer.forward(r->p, x, y, r->cache, ctx, ids);
+      const double t1 = wall_seconds();
+      r->layer.backward(r->p, r->cache, dy, r->g, dx, ctx);
+      const double t2 = wall_seconds();
+      r->rows = r->cache.plan.n_rows() + r->layer.config().n_shared_experts * T;
+      (void)f;
+      if (it < 0) continue;
+      r->fwd.push_back(t1 - t0);
+      r->fwd_bwd.push_back(t2 - t0);
+    }
+  auto median = [](std::vector<double> v) {
+    std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+    return v[v.size() / 2];
+  };
+  const double ref_fwd = median(runs.front()->fwd), ref_fb = median(runs.front()->fwd_bwd);
+  const double ref_rows = double(runs.front()->rows);
+  nlohmann::json all = nlohmann::json::array();
+  fmt::print("{:<20} {:>9} {:>7} {:>11} {:>7} {:>9} {:>12}\n", "policy", "fwd ms", "ratio",
+             "fwd+bwd ms", "ratio", "rows", "ratio/row");
+  for (auto& r : runs) {
+    const double f = median(r->fwd), fb = median(r->fwd_bwd);
+    // Time per computed expert row (shared experts' rows included) against the reference's:
+    // policies that compute more rows or fewer (top-1, drops) compared for their routing cost.
+    const double per_row = (fb / double(std::max<int64_t>(r->rows, 1))) / (ref_fb / ref_rows);
+    fmt::print("{:<20} {:9.2f} {:7.3f} {:11.2f} {:7.3f} {:9} {:12.3f}\n", r->policy->name, f * 1e3,
+               f / ref_fwd, fb * 1e3, fb / ref_fb, r->rows, per_row);
+    all.push_back({{"policy", r->policy->name}, {"fwd_ms", f * 1e3}, {"fwd_ratio", f / ref_fwd},
+                   {"fwd_bwd_ms", fb * 1e3}, {"fwd_bwd_ratio", fb / ref_fb}, {"rows", r->rows},
+                   {"fwd_bwd_ratio_per_row", per_row}});
+  }
+  if (!o.json_path.empty()) {
+    const std::string text = all.dump(2) + "\n";
+    if (o.json_path == "-")
+      std::fputs(text.c_str(), stdout);
+    else
+      write_file_atomic(o.json_path, text);
+  }
   return 0;
 }
 

@@ -63,4 +63,17 @@ struct CompareRoutersCliOptions {
 };
 int run_compare_routers(const CompareRoutersCliOptions& o);
 
+// `switchyard bench routers`: the MoE layer alone at a foundation benchmark shape under each
+// compare-routers policy; median forward and forward+backward time against softmax top-k,
+// timed round-robin in the same run so drift on a shared machine hits every policy alike.
+struct BenchRoutersCliOptions {
+  std::string shape = "A";
+  std::vector<std::string> policies;  // empty: all
+  int iters = 7;
+  double capacity_factor = 1.25;  // expert choice and batch prioritized routing need one
+  int threads = 0;
+  std::string json_path;
+};
+int run_bench_routers(const BenchRoutersCliOptions& o);
+
 }  // namespace sy::cli

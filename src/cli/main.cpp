@@ -140,6 +140,17 @@ int main(int argc, char** argv) {
   routes->add_option("--threads", routes_opt.threads, "Threads (0: all cores)")
       ->capture_default_str();
 
+  sy::cli::BenchRoutersCliOptions br_opt;
+  CLI::App* bench_routers = bench->add_subcommand(
+      "routers", "Layer time of every routing policy against softmax top-k at a benchmark shape");
+  bench_routers->add_option("--shape", br_opt.shape, "A or B")->capture_default_str();
+  bench_routers->add_option("--policies", br_opt.policies, "Policies (default: all)");
+  bench_routers->add_option("--iters", br_opt.iters, "Timed rounds")->capture_default_str();
+  bench_routers->add_option("--capacity-factor", br_opt.capacity_factor, "Capacity factor")
+      ->capture_default_str();
+  bench_routers->add_option("--threads", br_opt.threads, "Threads (0: all cores)")
+      ->capture_default_str();
+  bench_routers->add_option("--json", br_opt.json_path, "Also write JSON (- for stdout)");
   sy::cli::CompareRoutersCliOptions cr_opt;
   CLI::App* compare_routers = app.add_subcommand(
       "compare-routers", "Train the default model with each routing policy and tabulate");
@@ -175,6 +186,7 @@ int main(int argc, char** argv) {
     if (compare->parsed()) return sy::cli::run_compare(cmp_opt);
     if (routes->parsed()) return sy::cli::run_routes(routes_opt);
     if (compare_routers->parsed()) return sy::cli::run_compare_routers(cr_opt);
+    if (bench_routers->parsed()) return sy::cli::run_bench_routers(br_opt);
   } catch (const sy::ConfigError& e) {
     fmt::print(stderr, "error: {}\n", e.what());
     return 2;
