@@ -6,11 +6,13 @@
 
 namespace sy {
 
-uint64_t model_config_hash(const LmConfig& cfg) {
+uint64_t fnv1a(const std::string& text) {
   uint64_t h = 0xcbf29ce484222325ull;
-  for (unsigned char c : model_config_json(cfg)) h = (h ^ c) * 0x100000001b3ull;
+  for (unsigned char c : text) h = (h ^ c) * 0x100000001b3ull;
   return h;
 }
+
+uint64_t model_config_hash(const LmConfig& cfg) { return fnv1a(model_config_json(cfg)); }
 
 std::string TrainHistory::to_json() const {
   nlohmann::json j;
@@ -80,7 +82,9 @@ Checkpoint load_checkpoint(const std::string& path, bool with_optimizer) {
     throw IoError(fmt::format("{}: stored config invalid: {}", path, e.what()));
   }
   ck.cfg.name = file.metadata.count("config_name") ? file.metadata["config_name"] : path;
-  const std::string want_hash = fmt::format("{:016x}", model_config_hash(ck.cfg.model));
+  // Parsing succeeded above, so the stored config is JSON with a "model" object.
+  const std::string want_hash =
+      fmt::format("{:016x}", fnv1a(nlohmann::json::parse(meta("config")).at("model").dump()));
   if (meta("model_hash") != want_hash)
     throw IoError(fmt::format("{}: model_hash {} does not match its stored config ({}): the "
                               "file was altered",

@@ -126,9 +126,19 @@ RouteAnalysis analyze_routes(const LanguageModel& model, const LmParams& p,
           ep.top_bytes.push_back({c, double(byte_count[l][size_t(e)][size_t(c)]) / double(byte_total[size_t(c)]) / base});
       for (const auto& [w, n] : word_count[l][size_t(e)])
         if (word_total[w] >= 20) ep.top_words.push_back({w, double(n) / double(word_total[w]) / base});
-      auto by_lift = [](const auto& x, const auto& y) { return x.second > y.second || (x.second == y.second && x.first < y.first); };
-      std::sort(ep.top_bytes.begin(), ep.top_bytes.end(), by_lift);
-      std::sort(ep.top_words.begin(), ep.top_words.end(), by_lift);
+      // Highest lift first; among equal lifts (a byte or word the expert took every time) the
+      // more frequent one, which says more about the expert than a rare one.
+      std::sort(ep.top_bytes.begin(), ep.top_bytes.end(), [&](const auto& x, const auto& y) {
+        if (x.second != y.second) return x.second > y.second;
+        if (byte_total[size_t(x.first)] != byte_total[size_t(y.first)])
+          return byte_total[size_t(x.first)] > byte_total[size_t(y.first)];
+        return x.first < y.first;
+      });
+      std::sort(ep.top_words.begin(), ep.top_words.end(), [&](const auto& x, const auto& y) {
+        if (x.second != y.second) return x.second > y.second;
+        if (word_total[x.first] != word_total[y.first]) return word_total[x.first] > word_total[y.first];
+        return x.first < y.first;
+      });
       if (ep.top_bytes.size() > 8) ep.top_bytes.resize(8);
       if (ep.top_words.size() > 8) ep.top_words.resize(8);
     }

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <nlohmann/json.hpp>
 #include <string>
 
 #include "switchyard/io/safetensors.h"
@@ -175,6 +176,16 @@ TEST(Checkpoint, BadFilesNameTheFileAndWhatWasExpected) {
             std::string::npos);
   EXPECT_NE(error_of([&] { load_checkpoint((dir / "missing.st").string(), false); }).find("missing.st"),
             std::string::npos);
+  // A checkpoint from before a config key existed: the key absent from the stored config, the
+  // hash over the config as stored. It loads, and the key takes its default.
+  nlohmann::json old = nlohmann::json::parse(f.metadata["config"]);
+  old["model"]["moe"].erase("loss_load_weight");
+  meta = f.metadata;
+  meta["config"] = old.dump();
+  meta["model_hash"] = fmt::format("{:016x}", fnv1a(old["model"].dump()));
+  rewrite("", Tensor(), meta);
+  const Checkpoint ck = load_checkpoint((dir / "edited.st").string(), false);
+  EXPECT_EQ(ck.cfg.model.moe.loss_load_weight, MoeConfig{}.loss_load_weight);
 }
 
 TEST(Config, ErrorsNameTheKey) {

@@ -51,5 +51,9 @@ Checkpoint load_checkpoint(const std::string& path, bool with_optimizer);
 
 // FNV-1a of the model config's canonical JSON: equal hashes, same architecture.
 uint64_t model_config_hash(const LmConfig& cfg);
+// FNV-1a of a text. A checkpoint's model_hash is this of its stored "model" config as stored
+// (parsed and dumped, keys sorted), so a file written before a config key existed still
+// verifies; the key then takes its default.
+uint64_t fnv1a(const std::string& text);
 
 }  // namespace sy
