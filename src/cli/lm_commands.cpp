@@ -59,10 +59,13 @@ int run_train(const TrainCliOptions& o) {
   if (r.interrupted)
     fmt::print("interrupted after step {}: checkpoint {} (continue with --resume)\n", r.steps_done,
                r.checkpoint);
-  fmt::print("done: {} steps, val loss {:.4f} ({:.3f} bits per byte), {:.0f} tokens/s, {:.0f} s\n"
-             "checkpoint {}\nreport {}\n",
-             r.steps_done, r.final_val_loss, r.final_val_loss / std::log(2.0), r.tokens_per_s,
-             r.seconds, r.checkpoint, r.report);
+  const std::string val =
+      std::isnan(r.final_val_loss)
+          ? std::string("no evaluation yet (see train.eval_interval)")
+          : fmt::format("val loss {:.4f} ({:.3f} bits per byte)", r.final_val_loss,
+                        r.final_val_loss / std::log(2.0));
+  fmt::print("done: {} steps, {}, {:.0f} tokens/s, {:.0f} s\ncheckpoint {}\nreport {}\n",
+             r.steps_done, val, r.tokens_per_s, r.seconds, r.checkpoint, r.report);
   return r.interrupted ? 130 : 0;
 }
 
