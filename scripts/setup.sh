@@ -9,6 +9,7 @@ packages=(
   libfmt-dev libcli11-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   zlib1g-dev               # reads the gzip'd corpus in data/
+  libopenmpi-dev openmpi-bin  # expert parallelism across processes (mpirun)
 )
 
 missing=()

@@ -14,7 +14,7 @@ size_t DispatchPlan::index_bytes() const {
 
 void build_dispatch_plan(std::span<const int32_t> expert, int64_t n_tokens, int64_t top_k,
                          int64_t n_experts, int64_t capacity, DispatchPlan& plan,
-                         std::span<const int32_t> rank) {
+                         std::span<const int32_t> rank, std::span<const int64_t> kept) {
   if (n_experts < 1) throw ConfigError(fmt::format("n_experts = {}: expected >= 1", n_experts));
   if (top_k < 1 || top_k > n_experts)
     throw ConfigError(fmt::format("top_k = {}: expected 1..{} (n_experts)", top_k, n_experts));
@@ -52,10 +52,18 @@ void build_dispatch_plan(std::span<const int32_t> expert, int64_t n_tokens, int6
 
   // Histogram -> kept rows per expert -> exclusive prefix sum.
   plan.offsets.assign(size_t(n_experts) + 1, 0);
+  if (!kept.empty() && int64_t(kept.size()) != n_experts)
+    throw ShapeError(fmt::format("kept rows: {} entries, expected {} (n_experts)", kept.size(),
+                                 n_experts));
   for (int64_t e = 0; e < n_experts; ++e) {
-    const int64_t kept =
-        capacity < 0 ? plan.demand[e] : std::min<int64_t>(plan.demand[e], capacity);
-    plan.offsets[e + 1] = plan.offsets[e] + int32_t(kept);
+    int64_t rows = capacity < 0 ? plan.demand[e] : std::min<int64_t>(plan.demand[e], capacity);
+    if (!kept.empty()) {
+      if (kept[e] < 0 || kept[e] > plan.demand[e])
+        throw ShapeError(fmt::format("kept rows of expert {}: {}, expected 0..{} (its demand)", e,
+                                     kept[e], plan.demand[e]));
+      rows = kept[e];
+    }
+    plan.offsets[e + 1] = plan.offsets[e] + int32_t(rows);
   }
   const int64_t n_rows = plan.offsets.back();
   plan.row_token.resize(size_t(n_rows));

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "switchyard/core/parallel.h"
 #include "switchyard/core/rng.h"
 #include "switchyard/kernels/cpu.h"
 
@@ -107,12 +108,17 @@ MoeParams zeros_like(const MoeParams& p) {
 
 MoeLayer::MoeLayer(const MoeConfig& cfg) : cfg_(cfg), router_((cfg.validate(), cfg)) {}
 
-void MoeLayer::check_params(const MoeParams& p) const {
+void MoeLayer::check_params(const MoeParams& p, int64_t ep_size) const {
   const int64_t d = cfg_.d_model, f = cfg_.d_ff, E = cfg_.n_experts;
+  if (ep_size < 1 || E % ep_size != 0)
+    throw ConfigError(fmt::format("moe.n_experts = {} over {} expert-parallel ranks: expected a "
+                                  "rank count that divides the experts evenly",
+                                  E, ep_size));
+  const int64_t El = E / ep_size;
   expect_shape(p.w_gate, {d, E}, "moe.w_gate");
-  expect_shape(p.w1, {E, d, f}, "moe.w1");
-  expect_shape(p.w3, {E, d, f}, "moe.w3");
-  expect_shape(p.w2, {E, f, d}, "moe.w2");
+  expect_shape(p.w1, {El, d, f}, "moe.w1");
+  expect_shape(p.w3, {El, d, f}, "moe.w3");
+  expect_shape(p.w2, {El, f, d}, "moe.w2");
   if (const int64_t S = cfg_.n_shared_experts; S > 0) {
     const int64_t g = cfg_.shared_width();
     expect_shape(p.shared_w1, {S, d, g}, "moe.shared_w1");
@@ -142,7 +148,14 @@ void MoeLayer::check_params(const MoeParams& p) const {
 
 MoeForward MoeLayer::forward(const MoeParams& p, const Tensor& x, Tensor& y, MoeCache& cache,
                              const ExecContext& ctx, std::span<const int32_t> token_ids) const {
-  check_params(p);
+  if (ctx.parallel != nullptr) {
+    if (cfg_.gating == Gating::kExpertChoice || cfg_.batch_prioritized)
+      throw ConfigError(fmt::format(
+          "{} with expert parallelism: capacity granted by a ranking of the whole batch is not "
+          "split over ranks; expected a top-k router with choice-major capacity",
+          cfg_.batch_prioritized ? "moe.batch_prioritized" : "moe.router = expert_choice"));
+  }
+  check_params(p, ctx.parallel != nullptr ? ctx.parallel->ep_size() : 1);
   if (cfg_.gating == Gating::kHash && (x.rank() < 1 || int64_t(token_ids.size()) != x.dim(0)))
     throw ShapeError(fmt::format("moe.router = hash: {} token ids for input {}: expected one per "
                                  "row",
@@ -182,7 +195,7 @@ MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y
 
   std::span<const T> bias;
   if (!p.expert_bias.empty()) bias = p.expert_bias.span<T>();
-  const RouterInput in{token_ids, ctx.seed, ctx.training};
+  const RouterInput in{token_ids, ctx.seed, ctx.training, ctx.parallel};
   ConstMatrixView<T> w_noise;
   if (!p.w_noise.empty()) w_noise = p.w_noise.matrix<T>();
   timed(prof, &tm.router,
@@ -190,6 +203,7 @@ MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y
   const int64_t slots = cfg_.slots_per_token();
   const bool ranked = cfg_.batch_prioritized || cfg_.gating == Gating::kExpertChoice;
   timed(prof, &tm.plan, [&] {
+    if (ctx.parallel != nullptr) return plan_parallel(c, n_tok, ctx);
     if (cfg_.batch_prioritized) rank_by_priority<T>(c.router, n_tok, slots, c.rank);
     if (cfg_.gating == Gating::kExpertChoice) rank_by_probability<T>(c.router, c.rank);
     build_dispatch_plan(c.router.expert, n_tok, slots, cfg_.n_experts,
@@ -201,6 +215,7 @@ MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y
   c.ys.resize({n, d}, dt);
   timed(prof, &tm.gather, [&] { cpu::gather_rows<T>(xv, c.plan.row_token, c.xs.matrix<T>()); });
   timed(prof, &tm.experts, [&] {
+    if (ctx.parallel != nullptr) return experts_forward_parallel<T, W>(p, c, *ctx.parallel);
     experts_forward(p.w1.stacked<W>(), p.w3.stacked<W>(), p.w2.stacked<W>(),
                     ConstMatrixView<T>(c.xs.matrix<T>()), c.plan.offsets, c.ys.matrix<T>(),
                     c.experts);
@@ -246,8 +261,9 @@ MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y
 
 void MoeLayer::backward(const MoeParams& p, MoeCache& cache, const Tensor& dy, MoeParams& g,
                         Tensor& dx, const ExecContext& ctx) const {
-  check_params(p);
-  check_params(g);
+  const int64_t ep_size = ctx.parallel != nullptr ? ctx.parallel->ep_size() : 1;
+  check_params(p, ep_size);
+  check_params(g, ep_size);
   expect_shape(dy, cache.x.shape(), "moe backward dy");
   const DType dt = cache.x.dtype();
   for (const Tensor* t :
@@ -281,6 +297,7 @@ void MoeLayer::backward_impl(const MoeParams& p, MoeCache& c, const Tensor& dy, 
                              c.dys.matrix<T>(), c.dweight.matrix<T>());
   });
   timed(prof, &tm.backward_experts, [&] {
+    if (ctx.parallel != nullptr) return experts_backward_parallel<T>(p, c, g, *ctx.parallel);
     experts_backward<T>(p.w1.stacked<T>(), p.w3.stacked<T>(), p.w2.stacked<T>(), c.xs.matrix<T>(),
                         c.plan.offsets, c.dys.matrix<T>(), c.experts, g.w1.stacked<T>(),
                         g.w3.stacked<T>(), g.w2.stacked<T>(), c.dxs.matrix<T>());

@@ -175,6 +175,36 @@ void Router::noisy_topk_backward(RouterCache& c, ConstMatrixView<T> dweight,
 }
 
 template <class T>
+void Router::balance_loss(RouterCache& c, const RouterInput& in) const {
+  if (cfg_.loss_balance_weight <= 0 || !uses_balance_loss()) return;
+  const int64_t n_tok = c.probs.dim(0), E = cfg_.n_experts, k = cfg_.slots_per_token();
+  ConstMatrixView<T> probs = c.probs.matrix<T>();
+  // [demand_e (E), sum_t probs_te (E), T]: sums over the batch, of every rank's tokens when the
+  // batch is spread over several.
+  std::vector<double> sums(size_t(2 * E + 1), 0.0);
+  for (int64_t e = 0; e < E; ++e) sums[e] = double(c.demand[e]);
+  for (int64_t t = 0; t < n_tok; ++t)
+    for (int64_t e = 0; e < E; ++e) sums[E + e] += double(probs(t, e));
+  sums[2 * E] = double(n_tok);
+  // A rank's gradients are averaged over world ranks after backward, so each rank carries
+  // world times its share of the batch loss's gradient.
+  double share = 1;
+  if (in.parallel != nullptr) {
+    in.parallel->world_allreduce_sum(sums);
+    share = double(in.parallel->world_size());
+  }
+  const double n_all = sums[2 * E];
+  if (n_all == 0) return;
+  double s = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const double f = sums[e] / (n_all * double(k));
+    s += f * sums[E + e] / n_all;
+    c.balance_grad[e] = cfg_.loss_balance_weight * double(E) * f / n_all * share;
+  }
+  c.loss_balance = cfg_.loss_balance_weight * double(E) * s;
+}
+
+template <class T>
 void Router::forward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCache& c,
                      std::span<const T> bias, const RouterInput& in,
                      ConstMatrixView<T> w_noise) const {
@@ -187,7 +217,11 @@ void Router::forward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCach
   c.expert.resize(size_t(n_tok * k));
   c.demand.assign(size_t(E), 0);
   c.loss_balance = c.loss_z = 0;
-  if (n_tok == 0) return;
+  c.balance_grad.assign(size_t(E), 0.0);
+  if (n_tok == 0) {
+    balance_loss<T>(c, in);  // other ranks' collective needs this one's zeros
+    return;
+  }
 
   // Switch's multiplicative jitter: the router sees x * u, u ~ U(1 - eps, 1 + eps).
   ConstMatrixView<T> xr = x;
@@ -286,15 +320,7 @@ void Router::forward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCach
   // Losses are sums over tokens; accumulated in double, in token order, on one thread. Expert
   // choice is balanced by construction, and hash and random routing train no router, so the
   // balance loss is for top-k routers only; the z-loss for every trained router.
-  if (cfg_.loss_balance_weight > 0 && uses_balance_loss()) {
-    std::vector<double> p_mean(size_t(E), 0.0);
-    for (int64_t t = 0; t < n_tok; ++t)
-      for (int64_t e = 0; e < E; ++e) p_mean[e] += double(probs(t, e));
-    double s = 0;
-    for (int64_t e = 0; e < E; ++e)
-      s += double(c.demand[e]) / double(n_tok * k) * p_mean[e] / double(n_tok);
-    c.loss_balance = cfg_.loss_balance_weight * double(E) * s;
-  }
+  balance_loss<T>(c, in);
   if (cfg_.loss_z_weight > 0 && cfg_.router_trained()) {
     double s = 0;
     for (T l : c.lse.span<T>()) s += double(l) * double(l);
@@ -319,12 +345,8 @@ void Router::backward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCac
   ConstMatrixView<T> probs = c.probs.matrix<T>();
   ConstMatrixView<T> weight = c.weight.matrix<T>();
 
-  // Balance loss: d/dprobs[t, e] = w_b * E * f_e / T, the same for every token.
-  std::vector<T> dbal(size_t(E), T(0));
-  if (cfg_.loss_balance_weight > 0 && uses_balance_loss())
-    for (int64_t e = 0; e < E; ++e)
-      dbal[e] = T(cfg_.loss_balance_weight * double(E) * double(c.demand[e]) / double(n_tok * k) /
-                  double(n_tok));
+  // Balance loss: the same gradient for every token, from forward.
+  std::vector<T> dbal(c.balance_grad.begin(), c.balance_grad.end());
 
   // The weights are the chosen scores c (softmax probs, or sigmoids), normalised or not. With
   // weight_j = c_j / S, S = sum of the chosen c: d/dc_j = (dweight_j - <dweight, weight>) / S;

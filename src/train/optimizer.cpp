@@ -4,6 +4,8 @@
 #include <numbers>
 #include <vector>
 
+#include "switchyard/train/parallel.h"
+
 namespace sy {
 
 AdamW::AdamW(const TrainConfig& cfg, const LmParams& like)
@@ -45,12 +47,13 @@ double learning_rate(const TrainConfig& cfg, int64_t step) {
   return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + std::cos(std::numbers::pi * progress));
 }
 
-double clip_grad_norm(LmParams& g, double max_norm) {
+double clip_grad_norm(LmParams& g, double max_norm, const ParallelGroup* grid) {
   // Partial sums over fixed chunks, added in order: the same norm at any thread count.
   constexpr int64_t kChunk = 1 << 14;
-  double sq = 0;
+  double sq = 0, sq_experts = 0;
   std::vector<double> part;
   for (auto& [name, t] : g.named()) {
+    double& total = grid != nullptr && is_expert_weight(name) ? sq_experts : sq;
     const float* v = t->data<float>();
     const int64_t n = t->numel(), chunks = (n + kChunk - 1) / kChunk;
     part.assign(size_t(chunks), 0.0);
@@ -60,7 +63,12 @@ double clip_grad_norm(LmParams& g, double max_norm) {
       for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) s += double(v[i]) * double(v[i]);
       part[c] = s;
     }
-    for (double s : part) sq += s;
+    for (double s : part) total += s;
+  }
+  if (grid != nullptr) {
+    // Expert shards differ over an expert group and repeat over its replicas.
+    grid->world_allreduce_sum({&sq_experts, 1});
+    sq += sq_experts / double(grid->dp_size());
   }
   const double norm = std::sqrt(sq);
   if (max_norm > 0 && norm > max_norm) {

@@ -7,11 +7,16 @@
 
 namespace sy {
 
+class ParallelGroup;
+
 struct ExecContext {
   int n_threads = 0;     // 0: OpenMP's default (OMP_NUM_THREADS or all cores)
   uint64_t seed = 0;     // for stochastic parts (noise, jitter)
   bool training = true;  // selects the train or eval capacity factor
   bool profile = false;  // record per-phase wall times into the layer's cache
+  // Expert and data parallelism over several processes (core/parallel.h); nullptr: this
+  // process holds every expert and the whole batch.
+  const ParallelGroup* parallel = nullptr;
 };
 
 // Sets the OpenMP team size (and with it OpenBLAS's, built on OpenMP) for the scope's lifetime

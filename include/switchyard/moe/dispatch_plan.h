@@ -44,10 +44,11 @@ struct DispatchPlan {
 // or -1 for none. rank (optional, [T*k]): the slot order in which capacity is granted, a
 // permutation of 0..T*k-1; empty means choice-major. Reuses plan's buffers.
 // Throws ShapeError for an expert id outside [0, E) or a bad rank, ConfigError for k or C out
-// of range.
+// of range. kept (optional, [E]): rows granted to each expert, in place of min(demand, capacity)
+// (expert parallelism decides them over all ranks' tokens; capacity is then only recorded).
 void build_dispatch_plan(std::span<const int32_t> expert, int64_t n_tokens, int64_t top_k,
                          int64_t n_experts, int64_t capacity, DispatchPlan& plan,
-                         std::span<const int32_t> rank = {});
+                         std::span<const int32_t> rank = {}, std::span<const int64_t> kept = {});
 
 // y[t] = sum_j weight[t, j] * ys[slot_row[t*k+j]], a dropped slot adding nothing.
 // ys: [n, d], weight: [T, k] -> y: [T, d] (=)

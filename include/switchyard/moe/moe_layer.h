@@ -13,6 +13,12 @@
 //
 // dtypes: x, y and params all f32, or all f64 (for gradient checks). Forward also takes bf16
 // expert weights with f32 x (inference; memory-bound decode reads half the bytes).
+//
+// Expert parallelism (ctx.parallel set, core/parallel.h): each rank passes its own tokens and
+// holds w1/w3/w2 of its E / P experts only; every rank of the group must call forward and
+// backward together. Results equal one process running all ranks' tokens, rank after rank.
+// Gradients: each rank's dy is of its own tokens' loss; every gradient comes out for averaging
+// over world ranks (the balance loss's share included).
 #pragma once
 
 #include <cstddef>
@@ -65,6 +71,24 @@ RoutingStats routing_stats(const DispatchPlan& plan, double router_entropy);
 struct MoeTimes {
   double router = 0, plan = 0, gather = 0, experts = 0, combine = 0, shared = 0;
   double backward_combine = 0, backward_experts = 0, backward_scatter = 0, backward_router = 0;
+  // Expert parallelism: seconds in all-to-alls (forward: counts, rows out and back; backward:
+  // gradients out and back), recorded whether or not profiling.
+  double exchange = 0, backward_exchange = 0;
+};
+
+// Expert parallelism's state between forward and backward (ExecContext::parallel set). This
+// rank owns experts [r El, (r+1) El), El = E / P; rows arrive grouped by source rank and are
+// regrouped by local expert for the grouped GEMMs.
+struct ExpertParallelCache {
+  std::vector<int64_t> counts, recv_counts, kept;  // exchanged per-expert row counts
+  std::vector<int64_t> send_rows, recv_rows;       // [P]: rows to / from each ep rank
+  std::vector<int32_t> offsets;    // [El+1]: the local experts' rows in xe
+  std::vector<int32_t> by_expert;  // [m]: row of the source-major buffer for each row of xe
+  std::vector<int32_t> by_source;  // [m]: its inverse
+  Tensor buf;                      // [m, d]: rows as received / as sent back
+  Tensor xe, ye, dxe;              // [m, d]: the local experts' rows, expert-major
+  int64_t values_sent = 0;         // forward: activation values this rank sent to other ranks
+  int64_t rows_computed = 0;       // rows this rank's experts computed, from every source
 };
 
 struct MoeCache {
@@ -77,6 +101,7 @@ struct MoeCache {
   std::vector<ExpertsCache> shared;  // one per shared expert
   Tensor shared_y;                   // [T, d]: one shared expert's output, or its dx
   Tensor dys, dxs, dweight;          // backward's scratch: [n, d], [n, d], [T, k]
+  ExpertParallelCache ep;
   MoeTimes times;
 };
 
@@ -109,7 +134,9 @@ class MoeLayer {
   // rows xs and ys, i.e. O(T k d); no [T, E, C] tensor exists.
   static size_t dispatch_bytes(const MoeCache& cache);
 
-  void check_params(const MoeParams& p) const;  // throws ShapeError naming the tensor
+  // Throws ShapeError naming the tensor. With ep_size > 1, w1, w3 and w2 hold this rank's
+  // n_experts / ep_size experts.
+  void check_params(const MoeParams& p, int64_t ep_size = 1) const;
 
  private:
   template <class T, class W>
@@ -118,6 +145,15 @@ class MoeLayer {
   template <class T>
   void backward_impl(const MoeParams& p, MoeCache& c, const Tensor& dy, MoeParams& g, Tensor& dx,
                      const ExecContext& ctx) const;
+
+  // Expert parallelism (src/moe/expert_parallel.cpp): the plan with capacity granted over every
+  // rank's tokens, rows to their experts' owners and back, and the same in reverse.
+  void plan_parallel(MoeCache& c, int64_t n_tok, const ExecContext& ctx) const;
+  template <class T, class W>
+  void experts_forward_parallel(const MoeParams& p, MoeCache& c, const ParallelGroup& g) const;
+  template <class T>
+  void experts_backward_parallel(const MoeParams& p, MoeCache& c, MoeParams& grads,
+                                 const ParallelGroup& g) const;
 
   MoeConfig cfg_;
   Router router_;

@@ -17,6 +17,7 @@
 #include <span>
 #include <vector>
 
+#include "switchyard/core/parallel.h"
 #include "switchyard/core/tensor.h"
 #include "switchyard/moe/config.h"
 
@@ -28,6 +29,9 @@ struct RouterInput {
   std::span<const int32_t> token_ids;  // [T], for Gating::kHash
   uint64_t seed = 0;
   bool training = true;
+  // Set when the batch is spread over several ranks: the balance loss is then of the whole
+  // batch (its statistics summed over ranks). Noisy top-k's losses stay per rank.
+  const ParallelGroup* parallel = nullptr;
 };
 
 struct RouterCache {
@@ -44,6 +48,7 @@ struct RouterCache {
   Tensor jitter, x_jit;         // [T, d]: jitter factors and the jittered input, with jitter
   bool jittered = false;        // whether forward applied the jitter
   std::vector<int32_t> demand;  // [E]: slots that chose each expert
+  std::vector<double> balance_grad;  // [E]: d loss_balance / d probs[t, e], equal for all t
   double loss_balance = 0;      // weighted, as added to the training loss
   double loss_z = 0;            // weighted
   Tensor dprobs, dlogits;       // [T, E]: backward's scratch, kept to avoid reallocation
@@ -79,6 +84,9 @@ class Router {
   bool uses_balance_loss() const {
     return cfg_.gating == Gating::kSoftmaxTopK || cfg_.gating == Gating::kSigmoidBias;
   }
+  // loss_balance and balance_grad from c.demand and c.probs.
+  template <class T>
+  void balance_loss(RouterCache& c, const RouterInput& in) const;
   // Scores outside the token's topk_groups best groups set to -inf (group-limited routing).
   template <class T>
   void limit_groups(MatrixView<T> scores) const;

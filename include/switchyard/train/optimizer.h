@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "switchyard/core/parallel.h"
 #include "switchyard/nn/model.h"
 #include "switchyard/train/run_config.h"
 
@@ -30,6 +31,8 @@ class AdamW {
 double learning_rate(const TrainConfig& cfg, int64_t step);
 
 // Scales g so its global L2 norm is at most max_norm (0: no clipping); returns the norm before.
-double clip_grad_norm(LmParams& g, double max_norm);
+// With grid (expert parallelism, gradients already all-reduced), the norm is the whole model's:
+// every rank's expert shards count once.
+double clip_grad_norm(LmParams& g, double max_norm, const ParallelGroup* grid = nullptr);
 
 }  // namespace sy

@@ -1,0 +1,240 @@
+// MPI calls, each checked; collectives are started non-blocking and waited on with a deadline.
+#include "switchyard/dist/comm.h"
+
+#include <chrono>
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <thread>
+#include <vector>
+
+#include "switchyard/core/error.h"
+#include "switchyard/core/exec_context.h"
+
+namespace sy {
+
+namespace {
+
+double g_timeout_s = 300;
+
+std::string mpi_message(int rc) {
+  char text[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  if (MPI_Error_string(rc, text, &len) != MPI_SUCCESS) return fmt::format("MPI error {}", rc);
+  return std::string(text, size_t(len));
+}
+
+int as_count(int64_t n, const char* what) {
+  if (n < 0 || n > INT_MAX)
+    throw DistError(fmt::format("{}: {} elements, expected 0..{} (MPI's int count)", what, n,
+                                INT_MAX));
+  return int(n);
+}
+
+// One row of row_bytes as an MPI type, so that counts stay in rows.
+class RowType {
+ public:
+  explicit RowType(size_t row_bytes) {
+    const int rc = MPI_Type_contiguous(as_count(int64_t(row_bytes), "row bytes"), MPI_BYTE, &type_);
+    if (rc == MPI_SUCCESS) MPI_Type_commit(&type_);
+    if (rc != MPI_SUCCESS) throw DistError("MPI_Type_contiguous: " + mpi_message(rc));
+  }
+  ~RowType() { MPI_Type_free(&type_); }
+  RowType(const RowType&) = delete;
+  RowType& operator=(const RowType&) = delete;
+  MPI_Datatype get() const { return type_; }
+
+ private:
+  MPI_Datatype type_ = MPI_DATATYPE_NULL;
+};
+
+// counts -> (counts as int, displacements).
+void counts_displs(std::span<const int64_t> rows, std::vector<int>& counts, std::vector<int>& displs,
+                   const char* what) {
+  counts.resize(rows.size());
+  displs.resize(rows.size());
+  int64_t at = 0;
+  for (size_t q = 0; q < rows.size(); ++q) {
+    counts[q] = as_count(rows[q], what);
+    displs[q] = as_count(at, what);
+    at += rows[q];
+  }
+}
+
+}  // namespace
+
+MpiSession::MpiSession(int* argc, char*** argv) {
+  int provided = 0;
+  const int rc = MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided);
+  if (rc != MPI_SUCCESS) throw DistError("MPI_Init_thread: " + mpi_message(rc));
+  // Errors come back as return codes, so that each call can say what failed.
+  MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+}
+
+MpiSession::~MpiSession() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized) MPI_Finalize();
+}
+
+bool MpiSession::launched() {
+  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE"})
+    if (std::getenv(var) != nullptr) return true;
+  return false;
+}
+
+Comm::Comm(std::shared_ptr<MPI_Comm> comm) : comm_(std::move(comm)) {
+  check(MPI_Comm_rank(*comm_, &rank_), "MPI_Comm_rank");
+  check(MPI_Comm_size(*comm_, &size_), "MPI_Comm_size");
+}
+
+Comm Comm::world() {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (!initialized) throw DistError("Comm::world: MPI is not initialised (no MpiSession)");
+  return Comm(std::make_shared<MPI_Comm>(MPI_COMM_WORLD));
+}
+
+Comm Comm::split(int color, int key) const {
+  auto comm = std::shared_ptr<MPI_Comm>(new MPI_Comm(MPI_COMM_NULL), [](MPI_Comm* c) {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized && *c != MPI_COMM_NULL) MPI_Comm_free(c);
+    delete c;
+  });
+  check(MPI_Comm_split(*comm_, color, key, comm.get()), "MPI_Comm_split");
+  return Comm(std::move(comm));
+}
+
+void Comm::set_timeout(double seconds) { g_timeout_s = seconds; }
+double Comm::timeout() { return g_timeout_s; }
+
+void Comm::check(int rc, const char* what) const {
+  if (rc != MPI_SUCCESS)
+    throw DistError(fmt::format("rank {} of {}: {}: {}", rank_, size_, what, mpi_message(rc)));
+}
+
+void Comm::wait(MPI_Request& req, const char* what) const {
+  const double t0 = wall_seconds();
+  for (int64_t polls = 0;; ++polls) {
+    int done = 0;
+    check(MPI_Test(&req, &done, MPI_STATUS_IGNORE), what);
+    if (done) return;
+    const double waited = wall_seconds() - t0;
+    if (g_timeout_s > 0 && waited > g_timeout_s) {
+      int world_rank = 0;
+      MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+      std::fprintf(stderr,
+                   "switchyard: rank %d: %s did not complete within %.0f s (--comm-timeout): a "
+                   "peer has died or stopped answering; aborting every rank (the last checkpoint "
+                   "written is intact)\n",
+                   world_rank, what, g_timeout_s);
+      std::fflush(stderr);
+      MPI_Abort(MPI_COMM_WORLD, 124);
+      std::_Exit(124);
+    }
+    // Spin for the first millisecond (exchanges inside a step are short), then poll gently so
+    // that a waiting rank does not take the core from one still computing.
+    if (waited > 1e-3) std::this_thread::sleep_for(std::chrono::microseconds(polls < 10000 ? 20 : 500));
+  }
+}
+
+void Comm::barrier() const {
+  MPI_Request req;
+  check(MPI_Ibarrier(*comm_, &req), "MPI_Ibarrier");
+  wait(req, "barrier");
+}
+
+void Comm::alltoall(std::span<const int64_t> send, std::span<int64_t> recv) const {
+  if (send.size() != recv.size() || send.size() % size_t(size_) != 0)
+    throw DistError(fmt::format("alltoall: send {} and recv {} values: expected equal, a multiple "
+                                "of {} ranks",
+                                send.size(), recv.size(), size_));
+  const int m = as_count(int64_t(send.size()) / size_, "alltoall");
+  MPI_Request req;
+  check(MPI_Ialltoall(send.data(), m, MPI_INT64_T, recv.data(), m, MPI_INT64_T, *comm_, &req),
+        "MPI_Ialltoall");
+  wait(req, "all-to-all of counts");
+}
+
+void Comm::alltoallv(const std::byte* send, std::span<const int64_t> send_rows, std::byte* recv,
+                     std::span<const int64_t> recv_rows, size_t row_bytes) const {
+  if (send_rows.size() != size_t(size_) || recv_rows.size() != size_t(size_))
+    throw DistError(fmt::format("alltoallv: {} send and {} recv counts, expected {} (ranks)",
+                                send_rows.size(), recv_rows.size(), size_));
+  std::vector<int> sc, sd, rc, rd;
+  counts_displs(send_rows, sc, sd, "alltoallv send rows");
+  counts_displs(recv_rows, rc, rd, "alltoallv recv rows");
+  const RowType row(row_bytes);
+  MPI_Request req;
+  check(MPI_Ialltoallv(send, sc.data(), sd.data(), row.get(), recv, rc.data(), rd.data(), row.get(),
+                       *comm_, &req),
+        "MPI_Ialltoallv");
+  wait(req, "all-to-all of rows");
+}
+
+namespace {
+template <class T>
+MPI_Datatype mpi_type();
+template <>
+MPI_Datatype mpi_type<double>() { return MPI_DOUBLE; }
+template <>
+MPI_Datatype mpi_type<float>() { return MPI_FLOAT; }
+template <>
+MPI_Datatype mpi_type<int64_t>() { return MPI_INT64_T; }
+}  // namespace
+
+#define SY_ALLREDUCE_SUM(T)                                                                  \
+  void Comm::allreduce_sum(std::span<T> v) const {                                           \
+    MPI_Request req;                                                                         \
+    check(MPI_Iallreduce(MPI_IN_PLACE, v.data(), as_count(int64_t(v.size()), "allreduce"),   \
+                         mpi_type<T>(), MPI_SUM, *comm_, &req),                              \
+          "MPI_Iallreduce");                                                                 \
+    wait(req, "all-reduce");                                                                 \
+  }
+SY_ALLREDUCE_SUM(double)
+SY_ALLREDUCE_SUM(float)
+SY_ALLREDUCE_SUM(int64_t)
+#undef SY_ALLREDUCE_SUM
+
+void Comm::allgather(const std::byte* send, size_t bytes, std::byte* recv) const {
+  const int n = as_count(int64_t(bytes), "allgather bytes");
+  MPI_Request req;
+  check(MPI_Iallgather(send, n, MPI_BYTE, recv, n, MPI_BYTE, *comm_, &req), "MPI_Iallgather");
+  wait(req, "all-gather");
+}
+
+void Comm::broadcast(std::byte* data, size_t bytes, int root) const {
+  MPI_Request req;
+  check(MPI_Ibcast(data, as_count(int64_t(bytes), "broadcast bytes"), MPI_BYTE, root, *comm_, &req),
+        "MPI_Ibcast");
+  wait(req, "broadcast");
+}
+
+MpiParallelGroup::MpiParallelGroup(const Comm& world, int ep_size)
+    : world_(world), ep_(world), dp_(world) {
+  if (ep_size < 1 || world.size() % ep_size != 0)
+    throw ConfigError(fmt::format("--expert-parallel {}: expected a divisor of the {} ranks "
+                                  "(mpirun -np)",
+                                  ep_size, world.size()));
+  ep_ = world.split(world.rank() / ep_size, world.rank());
+  dp_ = world.split(world.rank() % ep_size, world.rank());
+}
+
+void MpiParallelGroup::ep_alltoall(std::span<const int64_t> send, std::span<int64_t> recv) const {
+  ep_.alltoall(send, recv);
+}
+void MpiParallelGroup::ep_alltoallv(const std::byte* send, std::span<const int64_t> send_rows,
+                                    std::byte* recv, std::span<const int64_t> recv_rows,
+                                    size_t row_bytes) const {
+  ep_.alltoallv(send, send_rows, recv, recv_rows, row_bytes);
+}
+void MpiParallelGroup::ep_allreduce_sum(std::span<int64_t> v) const { ep_.allreduce_sum(v); }
+void MpiParallelGroup::ep_allgather(const std::byte* send, size_t bytes, std::byte* recv) const {
+  ep_.allgather(send, bytes, recv);
+}
+void MpiParallelGroup::dp_allreduce_sum(std::span<float> v) const { dp_.allreduce_sum(v); }
+void MpiParallelGroup::world_allreduce_sum(std::span<double> v) const { world_.allreduce_sum(v); }
+void MpiParallelGroup::world_allreduce_sum(std::span<float> v) const { world_.allreduce_sum(v); }
+
+}  // namespace sy
