@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cmath>
 #include <csignal>
+#include <cstdlib>
 #include <filesystem>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -15,8 +16,21 @@
 #include "switchyard/core/rng.h"
 #include "switchyard/train/routes.h"
 #include "switchyard/train/trainer.h"
+#ifdef SY_WITH_MPI
+#include "switchyard/dist/comm.h"
+#endif
 
 namespace sy::cli {
+
+namespace {
+
+bool mpi_launched() {
+  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE"})
+    if (std::getenv(var) != nullptr) return true;
+  return false;
+}
+
+}  // namespace
 
 namespace {
 
@@ -40,22 +54,44 @@ std::string default_out(const std::string& config) {
 
 }  // namespace
 
-int run_train(const TrainCliOptions& o) {
+namespace {
+
+// Threads for each of the ranks sharing this machine: the cores split evenly.
+int threads_per_rank(int asked) {
+  if (asked > 0) return asked;
+  const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+  const int ranks = local != nullptr ? std::max(1, std::atoi(local)) : 1;
+  return std::max(1, max_threads() / ranks);
+}
+
+int train_with(const TrainCliOptions& o, const ParallelGroup* grid) {
   const RunConfig cfg = config_for(o.config, o.overrides, o.steps);
+  const bool lead = grid == nullptr || grid->world_rank() == 0;
   TrainOptions opt;
   opt.out_dir = o.out.empty() ? default_out(o.config) : o.out;
   opt.resume = o.resume;
-  opt.n_threads = o.threads;
+  opt.n_threads = grid != nullptr ? threads_per_rank(o.threads) : o.threads;
   opt.stop = &g_stop;
+  opt.parallel = grid;
+  opt.log = lead ? stdout : nullptr;
   const LmConfig& m = cfg.model;
-  fmt::print("{}: {:.2f} M parameters ({:.2f} M active per token), {} layers ({} MoE), "
-             "{} steps of {} x {} tokens, {} threads -> {}\n",
-             cfg.name, double(m.total_params()) / 1e6, double(m.active_params()) / 1e6, m.n_layers,
-             m.n_moe_layers(), cfg.train.steps, cfg.train.batch, m.context,
-             o.threads > 0 ? o.threads : max_threads(), opt.out_dir);
+  if (lead)
+    fmt::print("{}: {:.2f} M parameters ({:.2f} M active per token), {} layers ({} MoE), "
+               "{} steps of {} x {} tokens, {} threads{} -> {}\n",
+               cfg.name, double(m.total_params()) / 1e6, double(m.active_params()) / 1e6,
+               m.n_layers, m.n_moe_layers(), cfg.train.steps, cfg.train.batch, m.context,
+               opt.n_threads > 0 ? opt.n_threads : max_threads(),
+               grid == nullptr ? std::string()
+                               : fmt::format(" per rank, {} ranks: {} expert-parallel x {} "
+                                             "data-parallel",
+                                             grid->world_size(), grid->ep_size(), grid->dp_size()),
+               opt.out_dir);
   std::signal(SIGINT, on_sigint);
   const TrainResult r = train(cfg, opt);
   std::signal(SIGINT, SIG_DFL);
+  if (!lead) return r.interrupted ? 130 : 0;
+  if (grid != nullptr)
+    fmt::print("all-to-all: {:.1f} ms per step, mean over ranks\n", 1e3 * r.exchange_seconds);
   if (r.interrupted)
     fmt::print("interrupted after step {}: checkpoint {} (continue with --resume)\n", r.steps_done,
                r.checkpoint);
@@ -67,6 +103,31 @@ int run_train(const TrainCliOptions& o) {
   fmt::print("done: {} steps, {}, {:.0f} tokens/s, {:.0f} s\ncheckpoint {}\nreport {}\n",
              r.steps_done, val, r.tokens_per_s, r.seconds, r.checkpoint, r.report);
   return r.interrupted ? 130 : 0;
+}
+
+}  // namespace
+
+int run_train(const TrainCliOptions& o) {
+  if (o.expert_parallel <= 0 && !mpi_launched()) return train_with(o, nullptr);
+#ifdef SY_WITH_MPI
+  MpiSession mpi(nullptr, nullptr);
+  Comm::set_timeout(o.comm_timeout);
+  const Comm world = Comm::world();
+  try {
+    const MpiParallelGroup grid(world, o.expert_parallel > 0 ? o.expert_parallel : world.size());
+    return train_with(o, &grid);
+  } catch (const std::exception& e) {
+    // The other ranks may be waiting for this one in a collective: end the whole job now.
+    fmt::print(stderr, "error: rank {} of {}: {}\n", world.rank(), world.size(), e.what());
+    std::fflush(stderr);
+    MPI_Abort(MPI_COMM_WORLD, dynamic_cast<const ConfigError*>(&e) != nullptr ? 2 : 1);
+    return 1;
+  }
+#else
+  throw ConfigError(
+      "--expert-parallel: this switchyard was built without MPI (scripts/setup.sh installs "
+      "libopenmpi-dev and openmpi-bin; then rebuild)");
+#endif
 }
 
 int run_eval(const EvalCliOptions& o) {

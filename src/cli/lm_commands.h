@@ -14,6 +14,8 @@ struct TrainCliOptions {
   std::string out;                     // default runs/<config name>
   bool resume = false;
   int threads = 0;
+  int expert_parallel = 0;       // > 0: ranks per expert group (run under mpirun)
+  double comm_timeout = 300;     // seconds a collective may wait on a peer
 };
 int run_train(const TrainCliOptions& o);
 

@@ -99,7 +99,18 @@ int main(int argc, char** argv) {
   train->add_option("--steps", train_opt.steps, "Training steps (overrides train.steps)");
   train->add_option("--out", train_opt.out, "Run directory (default: runs/<config>)");
   train->add_flag("--resume", train_opt.resume, "Continue the checkpoint in the run directory");
-  train->add_option("--threads", train_opt.threads, "Threads (0: all cores)")->capture_default_str();
+  train->add_option("--threads", train_opt.threads,
+                    "Threads (0: all cores, shared by the ranks on one machine)")
+      ->capture_default_str();
+  train->add_option("--expert-parallel", train_opt.expert_parallel,
+                    "Under mpirun: split each MoE layer's experts over this many ranks; the "
+                    "ranks / N groups are data-parallel replicas (default with mpirun: all ranks)")
+      ->check(CLI::PositiveNumber);
+  train->add_option("--comm-timeout", train_opt.comm_timeout,
+                    "Seconds a rank waits on its peers before the job stops with an error "
+                    "(0: forever)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
 
   sy::cli::EvalCliOptions eval_opt;
   CLI::App* eval = app.add_subcommand("eval", "Validation loss and bits per byte of a checkpoint");

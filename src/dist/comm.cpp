@@ -5,6 +5,7 @@
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -77,12 +78,6 @@ MpiSession::~MpiSession() {
   if (!finalized) MPI_Finalize();
 }
 
-bool MpiSession::launched() {
-  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE"})
-    if (std::getenv(var) != nullptr) return true;
-  return false;
-}
-
 Comm::Comm(std::shared_ptr<MPI_Comm> comm) : comm_(std::move(comm)) {
   check(MPI_Comm_rank(*comm_, &rank_), "MPI_Comm_rank");
   check(MPI_Comm_size(*comm_, &size_), "MPI_Comm_size");
@@ -114,35 +109,58 @@ void Comm::check(int rc, const char* what) const {
     throw DistError(fmt::format("rank {} of {}: {}: {}", rank_, size_, what, mpi_message(rc)));
 }
 
-void Comm::wait(MPI_Request& req, const char* what) const {
-  const double t0 = wall_seconds();
-  for (int64_t polls = 0;; ++polls) {
-    int done = 0;
-    check(MPI_Test(&req, &done, MPI_STATUS_IGNORE), what);
-    if (done) return;
-    const double waited = wall_seconds() - t0;
-    if (g_timeout_s > 0 && waited > g_timeout_s) {
-      int world_rank = 0;
-      MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
-      std::fprintf(stderr,
-                   "switchyard: rank %d: %s did not complete within %.0f s (--comm-timeout): a "
-                   "peer has died or stopped answering; aborting every rank (the last checkpoint "
-                   "written is intact)\n",
-                   world_rank, what, g_timeout_s);
-      std::fflush(stderr);
-      MPI_Abort(MPI_COMM_WORLD, 124);
-      std::_Exit(124);
-    }
-    // Spin for the first millisecond (exchanges inside a step are short), then poll gently so
-    // that a waiting rank does not take the core from one still computing.
-    if (waited > 1e-3) std::this_thread::sleep_for(std::chrono::microseconds(polls < 10000 ? 20 : 500));
+// A collective in progress, watched: blocking MPI calls progress fastest (non-blocking ones
+// only advance inside MPI calls), so the deadline is kept by a watchdog thread that ends this
+// process when a collective overstays; mpirun then ends the others.
+class Comm::Watch {
+ public:
+  Watch(const char* what);
+  ~Watch();
+};
+
+namespace {
+
+std::mutex g_watch_mutex;
+const char* g_watch_what = nullptr;  // the collective in progress, or none
+double g_watch_since = 0;
+
+void watchdog() {
+  for (;;) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    std::lock_guard lock(g_watch_mutex);
+    if (g_watch_what == nullptr || g_timeout_s <= 0) continue;
+    const double waited = wall_seconds() - g_watch_since;
+    if (waited <= g_timeout_s) continue;
+    int world_rank = -1;
+    MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+    std::fprintf(stderr,
+                 "switchyard: rank %d: %s did not complete within %.0f s (--comm-timeout): a peer "
+                 "has died or stopped answering; stopping (the last checkpoint written is "
+                 "intact)\n",
+                 world_rank, g_watch_what, g_timeout_s);
+    std::fflush(stderr);
+    std::_Exit(124);
   }
 }
 
+}  // namespace
+
+Comm::Watch::Watch(const char* what) {
+  static std::once_flag started;
+  std::call_once(started, [] { std::thread(watchdog).detach(); });
+  std::lock_guard lock(g_watch_mutex);
+  g_watch_what = what;
+  g_watch_since = wall_seconds();
+}
+
+Comm::Watch::~Watch() {
+  std::lock_guard lock(g_watch_mutex);
+  g_watch_what = nullptr;
+}
+
 void Comm::barrier() const {
-  MPI_Request req;
-  check(MPI_Ibarrier(*comm_, &req), "MPI_Ibarrier");
-  wait(req, "barrier");
+  const Watch watch("barrier");
+  check(MPI_Barrier(*comm_), "MPI_Barrier");
 }
 
 void Comm::alltoall(std::span<const int64_t> send, std::span<int64_t> recv) const {
@@ -151,10 +169,9 @@ void Comm::alltoall(std::span<const int64_t> send, std::span<int64_t> recv) cons
                                 "of {} ranks",
                                 send.size(), recv.size(), size_));
   const int m = as_count(int64_t(send.size()) / size_, "alltoall");
-  MPI_Request req;
-  check(MPI_Ialltoall(send.data(), m, MPI_INT64_T, recv.data(), m, MPI_INT64_T, *comm_, &req),
-        "MPI_Ialltoall");
-  wait(req, "all-to-all of counts");
+  const Watch watch("all-to-all of counts");
+  check(MPI_Alltoall(send.data(), m, MPI_INT64_T, recv.data(), m, MPI_INT64_T, *comm_),
+        "MPI_Alltoall");
 }
 
 void Comm::alltoallv(const std::byte* send, std::span<const int64_t> send_rows, std::byte* recv,
@@ -166,11 +183,10 @@ void Comm::alltoallv(const std::byte* send, std::span<const int64_t> send_rows, 
   counts_displs(send_rows, sc, sd, "alltoallv send rows");
   counts_displs(recv_rows, rc, rd, "alltoallv recv rows");
   const RowType row(row_bytes);
-  MPI_Request req;
-  check(MPI_Ialltoallv(send, sc.data(), sd.data(), row.get(), recv, rc.data(), rd.data(), row.get(),
-                       *comm_, &req),
-        "MPI_Ialltoallv");
-  wait(req, "all-to-all of rows");
+  const Watch watch("all-to-all of rows");
+  check(MPI_Alltoallv(send, sc.data(), sd.data(), row.get(), recv, rc.data(), rd.data(), row.get(),
+                      *comm_),
+        "MPI_Alltoallv");
 }
 
 namespace {
@@ -186,11 +202,10 @@ MPI_Datatype mpi_type<int64_t>() { return MPI_INT64_T; }
 
 #define SY_ALLREDUCE_SUM(T)                                                                  \
   void Comm::allreduce_sum(std::span<T> v) const {                                           \
-    MPI_Request req;                                                                         \
-    check(MPI_Iallreduce(MPI_IN_PLACE, v.data(), as_count(int64_t(v.size()), "allreduce"),   \
-                         mpi_type<T>(), MPI_SUM, *comm_, &req),                              \
-          "MPI_Iallreduce");                                                                 \
-    wait(req, "all-reduce");                                                                 \
+    const Watch watch("all-reduce");                                                         \
+    check(MPI_Allreduce(MPI_IN_PLACE, v.data(), as_count(int64_t(v.size()), "allreduce"),    \
+                        mpi_type<T>(), MPI_SUM, *comm_),                                     \
+          "MPI_Allreduce");                                                                  \
   }
 SY_ALLREDUCE_SUM(double)
 SY_ALLREDUCE_SUM(float)
@@ -199,16 +214,14 @@ SY_ALLREDUCE_SUM(int64_t)
 
 void Comm::allgather(const std::byte* send, size_t bytes, std::byte* recv) const {
   const int n = as_count(int64_t(bytes), "allgather bytes");
-  MPI_Request req;
-  check(MPI_Iallgather(send, n, MPI_BYTE, recv, n, MPI_BYTE, *comm_, &req), "MPI_Iallgather");
-  wait(req, "all-gather");
+  const Watch watch("all-gather");
+  check(MPI_Allgather(send, n, MPI_BYTE, recv, n, MPI_BYTE, *comm_), "MPI_Allgather");
 }
 
 void Comm::broadcast(std::byte* data, size_t bytes, int root) const {
-  MPI_Request req;
-  check(MPI_Ibcast(data, as_count(int64_t(bytes), "broadcast bytes"), MPI_BYTE, root, *comm_, &req),
-        "MPI_Ibcast");
-  wait(req, "broadcast");
+  const Watch watch("broadcast");
+  check(MPI_Bcast(data, as_count(int64_t(bytes), "broadcast bytes"), MPI_BYTE, root, *comm_),
+        "MPI_Bcast");
 }
 
 MpiParallelGroup::MpiParallelGroup(const Comm& world, int ep_size)

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "switchyard/core/parallel.h"
 #include "switchyard/core/rng.h"
 #include "switchyard/kernels/cpu.h"
 
@@ -217,7 +218,7 @@ LanguageModel::LanguageModel(const LmConfig& cfg)
   if (cfg_.n_moe_layers() > 0) moe_.emplace(cfg_.moe_config());
 }
 
-void LanguageModel::check_params(const LmParams& p) const {
+void LanguageModel::check_params(const LmParams& p, int64_t ep_size) const {
   const int64_t d = cfg_.d_model, V = cfg_.vocab;
   const DType dt = p.embed.dtype();
   expect_shape(p.embed, {V, d}, "embed");
@@ -233,7 +234,7 @@ void LanguageModel::check_params(const LmParams& p) const {
     expect_shape(l.norm_ffn, {d}, at + "norm_ffn");
     attention_.check_params(l.attn);
     if (cfg_.is_moe(i)) {
-      moe_->check_params(l.moe);
+      moe_->check_params(l.moe, ep_size);
       if (!l.w1.empty()) throw ShapeError(at + "ffn.w1 is set in an MoE layer");
     } else {
       const int64_t f = cfg_.d_ff;
@@ -249,7 +250,7 @@ void LanguageModel::check_params(const LmParams& p) const {
 LmStep LanguageModel::forward(const LmParams& p, std::span<const int32_t> tokens,
                               std::span<const int32_t> targets, int64_t n_seq, LmCache& cache,
                               const ExecContext& ctx) const {
-  check_params(p);
+  check_params(p, ctx.parallel != nullptr ? ctx.parallel->ep_size() : 1);
   if (tokens.size() != targets.size())
     throw ShapeError(fmt::format("{} tokens but {} targets: expected equal counts", tokens.size(),
                                  targets.size()));

@@ -7,7 +7,9 @@
 #include <filesystem>
 
 #include "switchyard/core/file.h"
+#include "switchyard/core/parallel.h"
 #include "switchyard/train/optimizer.h"
+#include "switchyard/train/parallel.h"
 
 namespace sy {
 
@@ -22,6 +24,84 @@ void zero(LmParams& g) {
   for (auto& [name, t] : g.named()) t->fill_zero();
 }
 
+// Sequences [first, first + n) of a batch.
+Batch slice(const Batch& b, int64_t first, int64_t n) {
+  Batch out;
+  out.n_seq = n;
+  out.seq_len = b.seq_len;
+  const auto from = size_t(first * b.seq_len), to = size_t((first + n) * b.seq_len);
+  out.tokens.assign(b.tokens.begin() + from, b.tokens.begin() + to);
+  out.targets.assign(b.targets.begin() + from, b.targets.begin() + to);
+  return out;
+}
+
+// This rank's sequences of a batch: an even split, the first ranks taking one more when it does
+// not divide (a rank may get none).
+Batch rank_share(const Batch& b, const ParallelGroup& g) {
+  const int64_t W = g.world_size(), w = g.world_rank();
+  const int64_t first = b.n_seq * w / W, last = b.n_seq * (w + 1) / W;
+  return slice(b, first, last - first);
+}
+
+// One step's figures summed over ranks: losses, the stop request, the all-to-all time, each
+// MoE layer's demand and drops, and the rows each rank's experts computed.
+struct StepTotals {
+  double loss = 0, aux = 0, exchange_seconds = 0;
+  bool stop = false;
+  std::vector<RoutingStats> routing;
+  std::vector<double> rank_rows;  // [world]: rows computed, summed over MoE layers
+};
+
+StepTotals reduce_step(const LmStep& s, const LmCache& cache, const LmConfig& mc, bool stop,
+                       const ParallelGroup* g) {
+  StepTotals out;
+  double exchange = 0, rows = 0;
+  for (int64_t i = 0; i < mc.n_layers; ++i)
+    if (mc.is_moe(i)) {
+      const MoeTimes& t = cache.layers[size_t(i)].moe.times;
+      exchange += t.exchange + t.backward_exchange;
+      rows += double(cache.layers[size_t(i)].moe.ep.rows_computed);
+    }
+  if (g == nullptr) {
+    out = {s.loss, s.aux, exchange, stop, s.routing, {rows}};
+    return out;
+  }
+  const int64_t W = g->world_size(), E = mc.moe.n_experts;
+  std::vector<double> v = {s.loss, s.aux, exchange, double(stop)};
+  for (const RoutingStats& r : s.routing) {
+    for (int64_t n : r.demand) v.push_back(double(n));
+    int64_t slots = 0, kept = 0;
+    for (int64_t e = 0; e < E; ++e) slots += r.demand[e], kept += r.rows[e];
+    v.push_back(double(slots - kept));
+  }
+  const size_t at_rows = v.size();
+  v.resize(v.size() + size_t(W), 0.0);
+  v[at_rows + size_t(g->world_rank())] = rows;
+  g->world_allreduce_sum(v);
+  out.loss = v[0] / double(W);
+  out.aux = v[1] / double(W);
+  out.exchange_seconds = v[2] / double(W);
+  out.stop = v[3] > 0;
+  size_t at = 4;
+  for (const RoutingStats& local : s.routing) {
+    RoutingStats r;
+    r.capacity = local.capacity;
+    double slots = 0, mean = 0, top = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      r.demand.push_back(int64_t(v[at++]));
+      slots += double(r.demand.back());
+      top = std::max(top, double(r.demand.back()));
+    }
+    mean = slots / double(E);
+    const double dropped = v[at++];
+    r.dropped_fraction = slots > 0 ? dropped / slots : 0.0;
+    r.load_max_over_mean = mean > 0 ? top / mean : 0.0;
+    out.routing.push_back(std::move(r));
+  }
+  out.rank_rows.assign(v.begin() + long(at_rows), v.end());
+  return out;
+}
+
 }  // namespace
 
 double evaluate(const LanguageModel& model, const LmParams& p, const std::vector<Batch>& batches,
@@ -29,14 +109,16 @@ double evaluate(const LanguageModel& model, const LmParams& p, const std::vector
   ExecContext eval = ctx;
   eval.training = false;
   LmCache cache;
-  double total = 0;
-  int64_t n = 0;
-  for (const Batch& b : batches) {
+  double sums[2] = {0, 0};  // loss x targets, targets
+  for (const Batch& all : batches) {
+    const Batch mine = ctx.parallel != nullptr ? rank_share(all, *ctx.parallel) : Batch{};
+    const Batch& b = ctx.parallel != nullptr ? mine : all;
     const LmStep s = model.forward(p, b.tokens, b.targets, b.n_seq, cache, eval);
-    total += s.loss * double(s.n_targets);
-    n += s.n_targets;
+    sums[0] += s.loss * double(s.n_targets);
+    sums[1] += double(s.n_targets);
   }
-  return n > 0 ? total / double(n) : 0.0;
+  if (ctx.parallel != nullptr) ctx.parallel->world_allreduce_sum(sums);
+  return sums[1] > 0 ? sums[0] / sums[1] : 0.0;
 }
 
 TrainResult train(const RunConfig& cfg, const TrainOptions& opt) {
@@ -53,6 +135,19 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opt) {
                                   result.checkpoint));
   if (!have_checkpoint && opt.resume)
     throw ConfigError(fmt::format("--resume: no checkpoint at {}", result.checkpoint));
+
+  const ParallelGroup* grid = opt.parallel;
+  const bool lead = grid == nullptr || grid->world_rank() == 0;
+  if (grid != nullptr) {
+    if (tc.batch % grid->world_size() != 0)
+      throw ConfigError(fmt::format("train.batch = {} over {} ranks: expected a multiple of the "
+                                    "rank count (each rank trains batch / ranks sequences)",
+                                    tc.batch, grid->world_size()));
+    if (mc.n_moe_layers() > 0 && mc.moe.n_experts % grid->ep_size() != 0)
+      throw ConfigError(fmt::format("model.moe.n_experts = {} over --expert-parallel {}: expected "
+                                    "a rank count that divides the experts evenly",
+                                    mc.moe.n_experts, grid->ep_size()));
+  }
 
   // Everything that can fail on bad input fails here, before any file is written.
   const Corpus corpus = load_corpus(resolve_data_path(cfg.data.path), cfg.data.val_fraction, mc.context);
@@ -78,12 +173,19 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opt) {
     params = init_lm_params(mc, DType::kF32, tc.seed);
     adam.emplace(tc, params);
   }
-  fs::create_directories(opt.out_dir);
+  if (grid != nullptr) {
+    // Every rank built or loaded the whole model; each keeps its experts.
+    shard_experts(params, *grid);
+    shard_experts(adam->m(), *grid);
+    shard_experts(adam->v(), *grid);
+  }
+  if (lead) fs::create_directories(opt.out_dir);
   const std::vector<Batch> val = val_batches(corpus, tc.batch, mc.context, tc.eval_tokens);
 
   ExecContext ctx;
   ctx.n_threads = opt.n_threads;
   ctx.seed = tc.seed;
+  ctx.parallel = grid;
   LmParams grads = zeros_like(params);
   LmCache cache;
   const bool tty = opt.log != nullptr && isatty(fileno(opt.log));
@@ -93,19 +195,40 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opt) {
   const double t_run = wall_seconds();
 
   auto save = [&](int64_t steps_done) {
-    save_checkpoint(result.checkpoint, cfg, params, &*adam, steps_done, history);
+    if (grid == nullptr) {
+      save_checkpoint(result.checkpoint, cfg, params, &*adam, steps_done, history);
+      write_file_atomic(result.report, render_report(cfg, history));
+      return;
+    }
+    // The checkpoint holds the whole model, so that it loads on any number of ranks.
+    LmParams full = gather_experts(params, *grid);
+    LmParams m = gather_experts(adam->m(), *grid), v = gather_experts(adam->v(), *grid);
+    if (!lead) return;
+    AdamW whole(tc, full);
+    whole.m() = std::move(m);
+    whole.v() = std::move(v);
+    whole.set_n_steps(adam->n_steps());
+    save_checkpoint(result.checkpoint, cfg, full, &whole, steps_done, history);
     write_file_atomic(result.report, render_report(cfg, history));
   };
+  double exchange_seconds = 0;
 
   int64_t step = start;
   for (; step < tc.steps; ++step) {
     const double t0 = wall_seconds();
-    const Batch b = train_batch(corpus, tc.batch, mc.context, tc.seed, step);
+    Batch b = train_batch(corpus, tc.batch, mc.context, tc.seed, step);
+    if (grid != nullptr) b = rank_share(b, *grid);
     zero(grads);
     ctx.seed = tc.seed * 0x100000001B3ull + uint64_t(step);  // fresh jitter / random routes per step
-    const LmStep s = model.forward(params, b.tokens, b.targets, b.n_seq, cache, ctx);
+    if (grid != nullptr) ctx.seed ^= uint64_t(grid->world_rank()) * 0x9E3779B97F4A7C15ull;
+    const LmStep local = model.forward(params, b.tokens, b.targets, b.n_seq, cache, ctx);
     model.backward(params, cache, grads, ctx);
-    const double gnorm = clip_grad_norm(grads, tc.grad_clip);
+    if (grid != nullptr) allreduce_gradients(grads, *grid);
+    const bool stop_asked = (opt.stop != nullptr && opt.stop->load()) ||
+                            (opt.stop_after >= 0 && step + 1 - start >= opt.stop_after);
+    // Losses, routing and the stop request of the whole batch: every rank decides alike.
+    const StepTotals s = reduce_step(local, cache, mc, stop_asked, grid);
+    const double gnorm = clip_grad_norm(grads, tc.grad_clip, grid);
     const double lr = learning_rate(tc, step);
     adam->step(params, grads, lr);
     // Auxiliary-loss-free balancing moves the sigmoid-gating biases after each step.
@@ -115,6 +238,7 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opt) {
           MoeLayer(mc.moe_config()).update_bias(params.layers[i].moe, s.routing[m]);
         ++m;
       }
+    exchange_seconds += s.exchange_seconds;
     const double dt = wall_seconds() - t0;
     train_seconds += dt;
     ++timed_steps;
@@ -138,13 +262,12 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opt) {
                               step + 1, s.loss, result.checkpoint));
 
     const bool last = step + 1 == tc.steps;
-    const bool stopping = (opt.stop != nullptr && opt.stop->load()) ||
-                          (opt.stop_after >= 0 && step + 1 - start >= opt.stop_after);
+    const bool stopping = s.stop;
     if ((step + 1) % tc.eval_interval == 0 || last) {
       last_val = evaluate(model, params, val, ctx);
       history.evals.push_back({step + 1, last_val});
     }
-    if (opt.log != nullptr) {
+    if (opt.log != nullptr && lead) {
       const double tps = double(tokens_per_step * timed_steps) / train_seconds;
       const double eta = double(tc.steps - step - 1) * train_seconds / double(timed_steps);
       std::string line = fmt::format(
@@ -154,6 +277,15 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opt) {
           format_seconds(eta));
       if (!s.routing.empty())
         line += fmt::format(" | load max/mean {:.2f} | dropped {:.1f}%", load_max, 100 * dropped);
+      if (grid != nullptr && !s.routing.empty()) {
+        // Rows each rank's experts computed this step, as shares, and the all-to-all time.
+        double rows = 0;
+        for (double r : s.rank_rows) rows += r;
+        line += " | expert rows/rank";
+        for (double r : s.rank_rows) line += fmt::format(" {:.2f}", rows > 0 ? r / rows : 0.0);
+        line += fmt::format(" | a2a {:.0f} ms ({:.0f}%)", 1e3 * s.exchange_seconds,
+                            100 * s.exchange_seconds / dt);
+      }
       if (tty) {
         fmt::print(opt.log, "\r{}\x1b[K", line);
         if (last || stopping) fmt::print(opt.log, "\n");
@@ -176,6 +308,7 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opt) {
   result.final_val_loss = history.evals.empty() ? NAN : history.evals.back().val_loss;
   result.tokens_per_s = timed_steps > 0 ? double(tokens_per_step * timed_steps) / train_seconds : 0;
   result.seconds = wall_seconds() - t_run;
+  result.exchange_seconds = timed_steps > 0 ? exchange_seconds / double(timed_steps) : 0;
   result.history = std::move(history);
   return result;
 }

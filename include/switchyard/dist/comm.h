@@ -8,8 +8,8 @@
 //
 // Errors: a failing MPI call throws DistError naming the call, the rank and MPI's message.
 // A collective that does not complete within the timeout (a peer died or stopped answering)
-// prints which one, on which rank, and aborts every rank of the job: the others are blocked in
-// the same collective, and no exception could reach them.
+// prints which one, on which rank, and ends the process with status 124; mpirun then ends the
+// others (they are blocked in the same collective, where no exception could reach them).
 #pragma once
 
 #include <mpi.h>
@@ -30,8 +30,6 @@ class MpiSession {
   ~MpiSession();
   MpiSession(const MpiSession&) = delete;
   MpiSession& operator=(const MpiSession&) = delete;
-  // Whether this process was started by an MPI launcher (mpirun), from its environment.
-  static bool launched();
 };
 
 class Comm {
@@ -60,9 +58,8 @@ class Comm {
   static double timeout();
 
  private:
+  class Watch;  // the deadline of one collective
   explicit Comm(std::shared_ptr<MPI_Comm> comm);
-  // Waits for req; past the timeout, reports `what` and aborts the job.
-  void wait(MPI_Request& req, const char* what) const;
   void check(int rc, const char* what) const;
 
   std::shared_ptr<MPI_Comm> comm_;

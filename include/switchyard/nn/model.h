@@ -129,7 +129,8 @@ class LanguageModel {
   void decode(const LmParams& p, std::span<const int32_t> tokens, DecodeState& state,
               std::vector<float>& logits, const ExecContext& ctx) const;
 
-  void check_params(const LmParams& p) const;  // throws ShapeError naming the tensor
+  // Throws ShapeError naming the tensor; ep_size > 1: expert weights hold E / ep_size experts.
+  void check_params(const LmParams& p, int64_t ep_size = 1) const;
 
  private:
   template <class T>

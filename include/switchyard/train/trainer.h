@@ -24,13 +24,19 @@ struct TrainOptions {
   std::FILE* log = stdout;    // progress lines; nullptr: silent
   const std::atomic<bool>* stop = nullptr;  // set: finish the step, checkpoint, return
   int64_t stop_after = -1;    // >= 0: stop after this many steps as if asked to (tests)
+  // Expert and data parallelism (dist/): every rank calls train() with the same config; each
+  // trains batch / world_size of every step's sequences and holds its share of the experts.
+  // World rank 0 logs and writes the checkpoint (the whole model) and report. nullptr: one
+  // process.
+  const ParallelGroup* parallel = nullptr;
 };
 
 struct TrainResult {
   int64_t steps_done = 0;
   bool interrupted = false;
   double final_val_loss = 0;
-  double tokens_per_s = 0;    // mean over the run's steps, evaluation excluded
+  double tokens_per_s = 0;    // mean over the run's steps, evaluation excluded (all ranks)
+  double exchange_seconds = 0;  // expert parallelism: all-to-all time per step, mean over ranks
   double seconds = 0;
   TrainHistory history;
   std::string checkpoint, report;
@@ -38,7 +44,8 @@ struct TrainResult {
 
 TrainResult train(const RunConfig& cfg, const TrainOptions& opt);
 
-// Mean cross-entropy (nats per token) of the model over the batches.
+// Mean cross-entropy (nats per token) of the model over the batches. With ctx.parallel, each
+// rank scores its share of every batch's sequences and the mean is over all of them.
 double evaluate(const LanguageModel& model, const LmParams& p, const std::vector<Batch>& batches,
                 const ExecContext& ctx);
 
