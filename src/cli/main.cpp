@@ -9,6 +9,9 @@
 #include <vector>
 
 #include "cli/bench_moe.h"
+#ifdef SY_WITH_MPI
+#include "cli/bench_ep.h"
+#endif
 #include "cli/bench_train.h"
 #include "cli/lm_commands.h"
 #include "switchyard/core/error.h"
@@ -88,6 +91,23 @@ int main(int argc, char** argv) {
   bench_train->add_option("--threads", bt_opt.n_threads, "Threads (0: all cores)")
       ->capture_default_str();
   bench_train->add_option("--json", bt_opt.json_path, "Also write JSON (- for stdout)");
+
+#ifdef SY_WITH_MPI
+  sy::cli::BenchEpOptions ep_opt;
+  CLI::App* bench_ep = bench->add_subcommand(
+      "expert-parallel",
+      "Under mpirun -np P: MoE layer all-to-all vs compute, values sent per token, and training "
+      "tokens/s on P ranks vs one process with P threads");
+  bench_ep->add_option("--config", ep_opt.config, "Built-in config or JSON file")
+      ->capture_default_str();
+  bench_ep->add_option("--iters", ep_opt.iters, "Timed layer steps")->capture_default_str();
+  bench_ep->add_option("--train-steps", ep_opt.train_steps, "Training steps per run (0: skip)")
+      ->capture_default_str();
+  bench_ep->add_option("--capacity-factor", ep_opt.capacity_factor,
+                       "Layer capacity factor (0: dropless)")
+      ->capture_default_str();
+  bench_ep->add_option("--json", ep_opt.json_path, "Also write JSON (- for stdout)");
+#endif
 
   sy::cli::TrainCliOptions train_opt;
   CLI::App* train = app.add_subcommand("train", "Train a language model (default: austen-moe)");
@@ -198,6 +218,9 @@ int main(int argc, char** argv) {
     if (routes->parsed()) return sy::cli::run_routes(routes_opt);
     if (compare_routers->parsed()) return sy::cli::run_compare_routers(cr_opt);
     if (bench_routers->parsed()) return sy::cli::run_bench_routers(br_opt);
+#ifdef SY_WITH_MPI
+    if (bench_ep->parsed()) return sy::cli::run_bench_ep(ep_opt);
+#endif
   } catch (const sy::ConfigError& e) {
     fmt::print(stderr, "error: {}\n", e.what());
     return 2;

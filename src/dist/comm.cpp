@@ -159,8 +159,16 @@ Comm::Watch::~Watch() {
 }
 
 void Comm::barrier() const {
+  // Waits politely: ranks meet here around work of very different lengths (one rank may train
+  // alone while the others wait), and a spinning wait would take a core from it.
   const Watch watch("barrier");
-  check(MPI_Barrier(*comm_), "MPI_Barrier");
+  MPI_Request req;
+  check(MPI_Ibarrier(*comm_, &req), "MPI_Ibarrier");
+  for (int done = 0;;) {
+    check(MPI_Test(&req, &done, MPI_STATUS_IGNORE), "MPI_Test");
+    if (done) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
 }
 
 void Comm::alltoall(std::span<const int64_t> send, std::span<int64_t> recv) const {
