@@ -9,8 +9,8 @@
 #include <nlohmann/json.hpp>
 #include <vector>
 
+#include "cli/bench_moe.h"
 #include "switchyard/core/exec_context.h"
-#include "switchyard/core/file.h"
 #include "switchyard/core/rng.h"
 #include "switchyard/dist/comm.h"
 #include "switchyard/train/parallel.h"
@@ -54,7 +54,6 @@ LayerFigures bench_layer(const RunConfig& run, const MpiParallelGroup& grid,
   ctx.n_threads = 1;
   MoeCache cache;
   std::vector<double> step, exchange;
-  double remote = 0, slots = 0, sent = 0;
   for (int64_t i = 0; i < opt.iters + 1; ++i) {
     grid.world().barrier();
     const double t0 = wall_seconds();
@@ -64,11 +63,13 @@ LayerFigures bench_layer(const RunConfig& run, const MpiParallelGroup& grid,
     if (i == 0) continue;  // first touch of every buffer
     step.push_back(dt);
     exchange.push_back(cache.times.exchange + cache.times.backward_exchange);
-    sent = double(cache.ep.values_sent);
-    remote = slots = 0;
-    const int64_t El = cfg.n_experts / P;
-    for (int32_t e : cache.router.expert) remote += (e / El != grid.ep_rank()), slots += 1;
   }
+  // Every iteration routes the same inputs alike: the volume of the last one stands for all.
+  const double sent = double(cache.ep.values_sent);
+  double remote = 0;
+  const int64_t El = cfg.n_experts / P;
+  for (int32_t e : cache.router.expert) remote += (e / El != grid.ep_rank());
+  const double slots = double(cache.router.expert.size());
   // [step, exchange] of every rank; the slowest rank sets the pace.
   std::vector<double> all(size_t(2 * grid.world_size()), 0.0);
   all[size_t(2 * grid.world_rank())] = median(step);
@@ -160,10 +161,7 @@ int run_bench_ep(const BenchEpOptions& opt) {
                               {"remote_slot_share", f.remote_slot_share},
                               {"train_tokens_per_s", ep_tps},
                               {"train_alone_tokens_per_s", alone_tps}};
-    if (opt.json_path == "-")
-      fmt::print("{}\n", j.dump(2));
-    else
-      write_file_atomic(opt.json_path, j.dump(2) + "\n");
+    write_json_output(j.dump(2) + "\n", opt.json_path);
   }
   return 0;
 }

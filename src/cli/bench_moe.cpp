@@ -257,15 +257,16 @@ int run_bench_moe(const BenchMoeOptions& opt) {
     print_row(r);
     all.push_back(r);
   }
-  if (!opt.json_path.empty()) {
-    const std::string text = all.dump(2) + "\n";
-    if (opt.json_path == "-") {
-      std::fputs(text.c_str(), stdout);
-    } else {
-      write_file_atomic(opt.json_path, text);
-    }
-  }
+  write_json_output(all.dump(2) + "\n", opt.json_path);
   return 0;
+}
+
+void write_json_output(const std::string& text, const std::string& path) {
+  if (path.empty()) return;
+  if (path == "-")
+    std::fputs(text.c_str(), stdout);
+  else
+    write_file_atomic(path, text);
 }
 
 }  // namespace sy::cli

@@ -34,4 +34,8 @@ struct BenchMoeOptions {
 
 int run_bench_moe(const BenchMoeOptions& opt);
 
+// A command's JSON results (text): to stdout for "-", otherwise written whole to path (the file
+// appears only complete); nothing for an empty path. Shared by every command with --json.
+void write_json_output(const std::string& text, const std::string& path);
+
 }  // namespace sy::cli

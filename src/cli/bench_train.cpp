@@ -5,7 +5,7 @@
 #include <nlohmann/json.hpp>
 #include <vector>
 
-#include "switchyard/core/file.h"
+#include "cli/bench_moe.h"
 #include "switchyard/core/rng.h"
 #include "switchyard/kernels/cpu.h"
 #include "switchyard/train/optimizer.h"
@@ -72,10 +72,7 @@ int run_bench_train(const BenchTrainOptions& opt) {
                               {"gflops", rate / 1e9},
                               {"sgemm_gflops", sgemm_rate / 1e9},
                               {"vs_sgemm", rate / sgemm_rate}};
-    if (opt.json_path == "-")
-      fmt::print("{}\n", j.dump(2));
-    else
-      write_file_atomic(opt.json_path, j.dump(2) + "\n");
+    write_json_output(j.dump(2) + "\n", opt.json_path);
   }
   return 0;
 }

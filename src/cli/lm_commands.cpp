@@ -483,13 +483,7 @@ int run_bench_routers(const BenchRoutersCliOptions& o) {
                    {"fwd_bwd_ms", fb * 1e3}, {"fwd_bwd_ratio", fb / ref_fb}, {"rows", r->rows},
                    {"fwd_bwd_ratio_per_row", per_row}});
   }
-  if (!o.json_path.empty()) {
-    const std::string text = all.dump(2) + "\n";
-    if (o.json_path == "-")
-      std::fputs(text.c_str(), stdout);
-    else
-      write_file_atomic(o.json_path, text);
-  }
+  write_json_output(all.dump(2) + "\n", o.json_path);
   return 0;
 }
 

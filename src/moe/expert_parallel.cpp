@@ -24,13 +24,6 @@ namespace sy {
 
 namespace {
 
-template <class Fn>
-void add_seconds(double* slot, Fn&& fn) {
-  const double t0 = wall_seconds();
-  fn();
-  *slot += wall_seconds() - t0;
-}
-
 int64_t sum(std::span<const int64_t> v) {
   int64_t s = 0;
   for (int64_t x : v) s += x;
@@ -59,21 +52,21 @@ void MoeLayer::plan_parallel(MoeCache& c, int64_t n_tok, const ExecContext& ctx)
   int64_t capacity = -1;
   if (!cfg_.dropless) {
     int64_t n_all = n_tok;
-    add_seconds(&seconds, [&] { g.ep_allreduce_sum({&n_all, 1}); });
+    add_wall_seconds(&seconds, [&] { g.ep_allreduce_sum({&n_all, 1}); });
     capacity = cfg_.capacity(n_all, ctx.training);
   }
   ep.recv_counts.assign(size_t(E), 0);  // [P][El]: rows from source s for local expert el
   if (capacity < 0) {
     ep.counts.assign(size_t(E), 0);
     for (int32_t e : expert) ++ep.counts[e];
-    add_seconds(&seconds, [&] { g.ep_alltoall(ep.counts, ep.recv_counts); });
+    add_wall_seconds(&seconds, [&] { g.ep_alltoall(ep.counts, ep.recv_counts); });
     build_dispatch_plan(expert, n_tok, k, E, -1, c.plan);
   } else {
     // [E][k] demand per (expert, choice) out; [P][El][k] in.
     ep.counts.assign(size_t(E * k), 0);
     for (size_t s = 0; s < expert.size(); ++s) ++ep.counts[size_t(expert[s] * k) + s % size_t(k)];
     std::vector<int64_t> demand(size_t(E * k));
-    add_seconds(&seconds, [&] { g.ep_alltoall(ep.counts, demand); });
+    add_wall_seconds(&seconds, [&] { g.ep_alltoall(ep.counts, demand); });
     for (int64_t el = 0; el < El; ++el) {
       int64_t left = capacity;
       for (int64_t j = 0; j < k; ++j)
@@ -84,7 +77,7 @@ void MoeLayer::plan_parallel(MoeCache& c, int64_t n_tok, const ExecContext& ctx)
         }
     }
     ep.kept.assign(size_t(E), 0);
-    add_seconds(&seconds, [&] { g.ep_alltoall(ep.recv_counts, ep.kept); });
+    add_wall_seconds(&seconds, [&] { g.ep_alltoall(ep.recv_counts, ep.kept); });
     build_dispatch_plan(expert, n_tok, k, E, capacity, c.plan, {}, ep.kept);
   }
 
@@ -120,7 +113,7 @@ void MoeLayer::experts_forward_parallel(const MoeParams& p, MoeCache& c,
   const int64_t d = cfg_.d_model;
   ExpertParallelCache& ep = c.ep;
   const int64_t m = ep.rows_computed;
-  add_seconds(&c.times.exchange,
+  add_wall_seconds(&c.times.exchange,
               [&] { exchange_rows<T>(g, c.xs, ep.send_rows, ep.buf, ep.recv_rows, d); });
   ep.xe.resize({m, d}, dtype_of<T>());
   ep.ye.resize({m, d}, dtype_of<T>());
@@ -129,7 +122,7 @@ void MoeLayer::experts_forward_parallel(const MoeParams& p, MoeCache& c,
                   ConstMatrixView<T>(ep.xe.matrix<T>()), ep.offsets, ep.ye.matrix<T>(),
                   c.experts);
   cpu::gather_rows<T>(ep.ye.matrix<T>(), ep.by_source, ep.buf.matrix<T>());
-  add_seconds(&c.times.exchange,
+  add_wall_seconds(&c.times.exchange,
               [&] { exchange_rows<T>(g, ep.buf, ep.recv_rows, c.ys, ep.send_rows, d); });
 }
 
@@ -140,14 +133,14 @@ void MoeLayer::experts_backward_parallel(const MoeParams& p, MoeCache& c, MoePar
   ExpertParallelCache& ep = c.ep;
   const int64_t m = ep.rows_computed;
   double& seconds = c.times.backward_exchange;
-  add_seconds(&seconds, [&] { exchange_rows<T>(g, c.dys, ep.send_rows, ep.buf, ep.recv_rows, d); });
+  add_wall_seconds(&seconds, [&] { exchange_rows<T>(g, c.dys, ep.send_rows, ep.buf, ep.recv_rows, d); });
   cpu::gather_rows<T>(ep.buf.matrix<T>(), ep.by_expert, ep.ye.matrix<T>());  // ye: dye now
   ep.dxe.resize({m, d}, dtype_of<T>());
   experts_backward<T>(p.w1.stacked<T>(), p.w3.stacked<T>(), p.w2.stacked<T>(), ep.xe.matrix<T>(),
                       ep.offsets, ep.ye.matrix<T>(), c.experts, grads.w1.stacked<T>(),
                       grads.w3.stacked<T>(), grads.w2.stacked<T>(), ep.dxe.matrix<T>());
   cpu::gather_rows<T>(ep.dxe.matrix<T>(), ep.by_source, ep.buf.matrix<T>());
-  add_seconds(&seconds, [&] { exchange_rows<T>(g, ep.buf, ep.recv_rows, c.dxs, ep.send_rows, d); });
+  add_wall_seconds(&seconds, [&] { exchange_rows<T>(g, ep.buf, ep.recv_rows, c.dxs, ep.send_rows, d); });
 }
 
 template void MoeLayer::experts_forward_parallel<float, float>(const MoeParams&, MoeCache&,

@@ -19,9 +19,7 @@ namespace {
 template <class Fn>
 void timed(bool profile, double* slot, Fn&& fn) {
   if (!profile) return fn();
-  const double t0 = wall_seconds();
-  fn();
-  *slot += wall_seconds() - t0;
+  add_wall_seconds(slot, fn);
 }
 
 // dst += src, elementwise; both [T, d].

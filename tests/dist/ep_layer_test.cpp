@@ -169,33 +169,33 @@ TEST(ExpertParallelLayer, EveryTokenToOneExpert) {
   expect_equal_to_single_process(c, world_grid(), [](MoeParams& p) { p.w_gate.fill_zero(); });
 }
 
-TEST(ExpertParallelLayer, ExpertsNotDivisibleByRanksIsAClearError) {
-  MoeConfig cfg = small_config(7, 2);
+// The layer's forward on a few tokens over the world grid: where a config is refused.
+void forward_on_world(const MoeConfig& cfg) {
   MoeLayer layer(cfg);
   MoeParams p = init_moe_params(cfg, DType::kF64, 1);
   Tensor x = random_tensor({5, cfg.d_model}, DType::kF64, 2), y;
   MoeCache cache;
   ExecContext ctx;
   ctx.parallel = &world_grid();
+  layer.forward(p, x, y, cache, ctx);
+}
+
+TEST(ExpertParallelLayer, ExpertsNotDivisibleByRanksIsAClearError) {
+  const MoeConfig cfg = small_config(7, 2);
   try {
-    layer.forward(p, x, y, cache, ctx);
+    forward_on_world(cfg);
     FAIL() << "7 experts over " << Comm::world().size() << " ranks accepted";
   } catch (const ConfigError& e) {
     EXPECT_NE(std::string(e.what()).find("moe.n_experts = 7 over"), std::string::npos) << e.what();
   }
-  EXPECT_THROW(expert_shard(p.w1, 0, Comm::world().size()), ConfigError);
+  EXPECT_THROW(expert_shard(init_moe_params(cfg, DType::kF64, 1).w1, 0, Comm::world().size()),
+               ConfigError);
 }
 
 TEST(ExpertParallelLayer, RankingsOverTheWholeBatchAreRefused) {
   MoeConfig cfg = small_config(8, 2);
   cfg.batch_prioritized = true;
-  MoeLayer layer(cfg);
-  MoeParams p = init_moe_params(cfg, DType::kF64, 1);
-  Tensor x = random_tensor({5, cfg.d_model}, DType::kF64, 2), y;
-  MoeCache cache;
-  ExecContext ctx;
-  ctx.parallel = &world_grid();
-  EXPECT_THROW(layer.forward(p, x, y, cache, ctx), ConfigError);
+  EXPECT_THROW(forward_on_world(cfg), ConfigError);
 }
 
 TEST(ExpertParallelLayer, ExpertGroupsTimesReplicas) {

@@ -39,4 +39,12 @@ inline double wall_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+// Runs fn and adds its wall time to *slot.
+template <class Fn>
+void add_wall_seconds(double* slot, Fn&& fn) {
+  const double t0 = wall_seconds();
+  fn();
+  *slot += wall_seconds() - t0;
+}
+
 }  // namespace sy
