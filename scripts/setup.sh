@@ -6,6 +6,7 @@ set -euo pipefail
 packages=(
   build-essential cmake pkg-config
   libopenblas-openmp-dev   # BLAS with OpenMP threads: shares one thread pool with our kernels
+  libdnnl-dev              # oneDNN: the f32 / bf16 GEMMs of the CPU backends (OpenMP runtime)
   libfmt-dev libcli11-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   zlib1g-dev               # reads the gzip'd corpus in data/

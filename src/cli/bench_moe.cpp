@@ -59,43 +59,94 @@ double copy_bandwidth(int iters) {
 
 int default_iters(const MoeShape& s) { return s.decode ? 50 : 5; }
 
+}  // namespace
+
+double DenseCeilings::best(Precision p) const {
+  return p == Precision::kBf16 ? onednn_bf16 : std::max(openblas_f32, onednn_f32);
+}
+
+nlohmann::json DenseCeilings::to_json() const {
+  return {{"openblas_f32_gflops", openblas_f32 / 1e9},
+          {"openblas_core", openblas_core},
+          {"onednn_f32_gflops", onednn_f32 / 1e9},
+          {"onednn_bf16_gflops", onednn_bf16 / 1e9}};
+}
+
+DenseCeilings measure_dense_ceilings(int64_t M, int64_t K, int64_t N, int iters) {
+  M = std::max<int64_t>(M, 1);
+  Tensor a({M, K}, DType::kF32), b({K, N}, DType::kF32), c({M, N}, DType::kF32);
+  fill_normal(a.span<float>(), Philox(7, 101), 1.0f);
+  fill_normal(b.span<float>(), Philox(7, 102), 1.0f);
+  const double flops = 2.0 * double(M) * double(K) * double(N);
+  DenseCeilings r;
+  r.openblas_core = cpu::blas_core_name();
+  r.openblas_f32 = flops / median_seconds(iters, [&] {
+    cpu::blas_sgemm(a.matrix<float>(), b.matrix<float>(), c.matrix<float>());
+  });
+  r.onednn_f32 = flops / median_seconds(iters, [&] {
+    cpu::dnnl_sgemm(a.matrix<float>(), b.matrix<float>(), c.matrix<float>());
+  });
+  if (cpu_features().isa >= Isa::kAvx512Bf16) {
+    const Tensor ab = convert(a, DType::kBF16), bb = convert(b, DType::kBF16);
+    r.onednn_bf16 = flops / median_seconds(iters, [&] {
+      cpu::dnnl_gemm_bf16(ab.matrix<bf16>(), bb.matrix<bf16>(), c.matrix<float>());
+    });
+  }
+  return r;
+}
+
+namespace {
+
 nlohmann::json bench_shape(const MoeShape& s, const BenchMoeOptions& opt, double copy_bw) {
   MoeConfig cfg{.d_model = s.d_model, .d_ff = s.d_ff, .n_experts = s.n_experts, .top_k = s.top_k};
   cfg.dropless = opt.capacity_factor <= 0;
   if (!cfg.dropless) cfg.capacity_factor_train = cfg.capacity_factor_eval = opt.capacity_factor;
   MoeLayer layer(cfg);
-  MoeParams p = init_moe_params(cfg, DType::kF32, opt.seed);
   const bool bf16_weights = opt.weights == "bf16";
-  if (bf16_weights) {
-    p.w1 = convert(p.w1, DType::kBF16);
-    p.w3 = convert(p.w3, DType::kBF16);
-    p.w2 = convert(p.w2, DType::kBF16);
-  }
+  auto make_params = [&](uint64_t seed) {
+    MoeParams q = init_moe_params(cfg, DType::kF32, seed);
+    if (bf16_weights) {
+      q.w1 = convert(q.w1, DType::kBF16);
+      q.w3 = convert(q.w3, DType::kBF16);
+      q.w2 = convert(q.w2, DType::kBF16);
+    }
+    return q;
+  };
+  // Decode reads the experts' weights from DRAM, as in serving: enough copies of the layer are
+  // cycled through to exceed twice the last-level cache.
+  const int64_t weight_bytes = 3 * s.n_experts * s.d_model * s.d_ff *
+                               int64_t(dtype_size(bf16_weights ? DType::kBF16 : DType::kF32));
+  const int64_t n_copies =
+      s.decode ? std::max<int64_t>(1, (2 * cpu_features().llc_bytes + weight_bytes - 1) / weight_bytes)
+               : 1;
+  std::vector<MoeParams> copies;
+  copies.reserve(size_t(n_copies));
+  for (int64_t i = 0; i < n_copies; ++i) copies.push_back(make_params(opt.seed + uint64_t(i)));
+  const MoeParams& p = copies.front();
   Tensor x({s.n_tokens, s.d_model}, DType::kF32), y, dx;
   fill_normal(x.span<float>(), Philox(opt.seed, 100), 1.0f);
   MoeCache cache;
   const int iters = opt.iters > 0 ? opt.iters : default_iters(s);
-  ExecContext ctx{.n_threads = opt.n_threads, .seed = opt.seed, .training = true};
+  const Backend& be = pick_backend(cpu_features(), parse_precision(opt.precision, "--precision"));
+  ExecContext ctx{.n_threads = opt.n_threads, .seed = opt.seed, .training = true, .backend = &be};
 
   MoeForward out = layer.forward(p, x, y, cache, ctx);
   const int64_t n = cache.plan.n_rows();
   const double flops_fwd = 6.0 * double(n) * double(s.d_model) * double(s.d_ff) +
                            2.0 * double(s.n_tokens) * double(s.d_model) * double(s.n_experts);
 
-  // The ceiling: one dense sgemm over all n rows, same K and N as an expert's first GEMM.
-  Tensor a({std::max<int64_t>(n, 1), s.d_model}, DType::kF32), b({s.d_model, s.d_ff}, DType::kF32),
-      c({std::max<int64_t>(n, 1), s.d_ff}, DType::kF32);
-  fill_normal(a.span<float>(), Philox(opt.seed, 101), 1.0f);
-  fill_normal(b.span<float>(), Philox(opt.seed, 102), 1.0f);
-  double t_dense;
+  // The ceilings: one dense GEMM over all n rows, same K and N as an expert's first GEMM, by
+  // each library; the layer is compared with the best one in the precision it computes in.
+  DenseCeilings ceilings;
   {
     ThreadScope threads(opt.n_threads);
-    t_dense = median_seconds(
-        iters, [&] { cpu::blas_sgemm(a.matrix<float>(), b.matrix<float>(), c.matrix<float>()); });
+    ceilings = measure_dense_ceilings(n, s.d_model, s.d_ff, iters);
   }
-  const double dense_rate = 2.0 * double(a.dim(0)) * double(s.d_model) * double(s.d_ff) / t_dense;
+  const double dense_rate = ceilings.best(be.precision);
 
-  const double t_fwd = median_seconds(iters, [&] { layer.forward(p, x, y, cache, ctx); });
+  size_t turn = 0;
+  const double t_fwd = median_seconds(
+      iters, [&] { layer.forward(copies[turn++ % copies.size()], x, y, cache, ctx); });
   nlohmann::json r = {
       {"shape", s.name},
       {"T", s.n_tokens},
@@ -105,6 +156,9 @@ nlohmann::json bench_shape(const MoeShape& s, const BenchMoeOptions& opt, double
       {"k", s.top_k},
       {"rows", n},
       {"weights", opt.weights},
+      {"kernels", be.name},
+      {"cpu", cpu_features().describe()},
+      {"ceilings", ceilings.to_json()},
       {"dense_gflops", dense_rate / 1e9},
       {"fwd_ms", t_fwd * 1e3},
       {"fwd_gflops", flops_fwd / t_fwd / 1e9},
@@ -144,6 +198,8 @@ nlohmann::json bench_shape(const MoeShape& s, const BenchMoeOptions& opt, double
     const double bytes =
         double(used) * 3.0 * double(s.d_model * s.d_ff) * double(dtype_size(p.w1.dtype()));
     r["experts_touched"] = used;
+    r["layer_copies"] = int64_t(copies.size());
+    r["llc_mib"] = cpu_features().llc_bytes >> 20;
     r["weight_gbps"] = bytes / t_fwd / 1e9;
     r["copy_gbps"] = copy_bw / 1e9;
     r["weight_bw_vs_copy"] = bytes / t_fwd / copy_bw;
@@ -197,6 +253,12 @@ void print_row(const nlohmann::json& r) {
   if (r.contains("fwd_bwd_ms"))
     line += fmt::format("  fwd+bwd {:8.2f} ms {:7.1f} GF/s ({:.2f})", r["fwd_bwd_ms"].get<double>(),
                         r["fwd_bwd_gflops"].get<double>(), r["fwd_bwd_vs_dense"].get<double>());
+  if (r.contains("ceilings")) {
+    const auto& c = r["ceilings"];
+    line += fmt::format("\n     ceilings GF/s: oneDNN f32 {:.1f}, oneDNN bf16 {:.1f}, OpenBLAS f32 {:.1f} ({})",
+                        c["onednn_f32_gflops"].get<double>(), c["onednn_bf16_gflops"].get<double>(),
+                        c["openblas_f32_gflops"].get<double>(), c["openblas_core"].get<std::string>());
+  }
   if (r.contains("fwd_overhead_share"))
     line += fmt::format("  non-expert {:.1f}%", 100 * r["fwd_overhead_share"].get<double>());
   if (r.contains("weight_gbps"))
@@ -246,11 +308,13 @@ int run_bench_moe(const BenchMoeOptions& opt) {
     ThreadScope threads(opt.n_threads);
     copy_bw = copy_bandwidth(10);
   }
-  if (!cuda)
+  if (!cuda) {
     fmt::print("switchyard bench moe: {} threads, expert weights {}, {}\n",
                opt.n_threads > 0 ? opt.n_threads : max_threads(), opt.weights,
                opt.capacity_factor > 0 ? fmt::format("capacity factor {}", opt.capacity_factor)
                                        : std::string("dropless"));
+    fmt::print("{}\n", describe_kernels(parse_precision(opt.precision, "--precision")));
+  }
   nlohmann::json all = nlohmann::json::array();
   for (const MoeShape& s : chosen) {
     nlohmann::json r = cuda ? bench_shape_cuda(s, opt) : bench_shape(s, opt, copy_bw);

@@ -7,6 +7,10 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json_fwd.hpp>
+
+#include "switchyard/kernels/backend.h"
+
 namespace sy::cli {
 
 struct MoeShape {
@@ -27,12 +31,24 @@ struct BenchMoeOptions {
   int iters = 0;                // 0: per shape, enough for ~1 s
   std::string device = "cpu";   // cpu or cuda
   std::string weights = "f32";  // expert weight dtype on CPU: f32 or bf16 (forward only)
+  std::string precision = "auto";  // GEMM precision on CPU: f32, bf16 or auto
   double capacity_factor = 0;   // 0: dropless, so every shape computes exactly T*k rows
   std::string json_path;        // write results as JSON here ("-": stdout)
   uint64_t seed = 1;
 };
 
 int run_bench_moe(const BenchMoeOptions& opt);
+
+// Dense GEMM rates (FLOP/s) of [M, K] x [K, N] measured now, with all threads, by each library
+// here: the ceilings every benchmark figure is a ratio to. bf16 is oneDNN on inputs already in
+// bf16 (0 where the CPU has no AVX512-BF16).
+struct DenseCeilings {
+  double openblas_f32 = 0, onednn_f32 = 0, onednn_bf16 = 0;
+  std::string openblas_core;  // the kernel OpenBLAS picked for this CPU ("Prescott", "Haswell")
+  double best(Precision p) const;  // the best ceiling in that precision (kF32 or kBf16)
+  nlohmann::json to_json() const;
+};
+DenseCeilings measure_dense_ceilings(int64_t M, int64_t K, int64_t N, int iters);
 
 // A command's JSON results (text): to stdout for "-", otherwise written whole to path (the file
 // appears only complete); nothing for an empty path. Shared by every command with --json.

@@ -14,6 +14,7 @@ struct BenchTrainOptions {
   int64_t steps = 8;   // timed steps
   int64_t warmup = 3;  // untimed steps first (allocation, page faults)
   int n_threads = 0;
+  std::string precision;  // empty: the config's model.precision
   std::string json_path;
 };
 

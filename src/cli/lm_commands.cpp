@@ -140,6 +140,8 @@ int run_eval(const EvalCliOptions& o) {
   for (const Batch& b : batches) n += int64_t(b.tokens.size());
   ExecContext ctx;
   ctx.n_threads = o.threads;
+  ctx.backend = &pick_backend(cpu_features(), ck.cfg.model.precision);
+  fmt::print(stderr, "{}\n", describe_kernels(ck.cfg.model.precision));
   const double t0 = wall_seconds();
   const double loss = evaluate(model, ck.params, batches, ctx);
   fmt::print("{} (step {}) on {} validation split: {} tokens, loss {:.4f} nats/byte, {:.4f} bits "
@@ -160,6 +162,8 @@ int run_generate(const GenerateCliOptions& o) {
   const LanguageModel model(m);
   ExecContext ctx;
   ctx.n_threads = o.threads;
+  ctx.backend = &pick_backend(cpu_features(), m.precision);
+  fmt::print(stderr, "{}\n", describe_kernels(m.precision));
   std::vector<int32_t> text(o.prompt.begin(), o.prompt.end());
   for (int32_t& t : text) t &= 0xFF;  // bytes, not chars
   if (int64_t(text.size()) > m.context) text.erase(text.begin(), text.end() - m.context);
@@ -282,6 +286,7 @@ int run_routes(const RoutesCliOptions& o) {
   const LanguageModel model(ck.cfg.model);
   ExecContext ctx;
   ctx.n_threads = o.threads;
+  ctx.backend = &pick_backend(cpu_features(), ck.cfg.model.precision);
   const RouteAnalysis a = analyze_routes(
       model, ck.params, val_batches(corpus, ck.cfg.train.batch, ck.cfg.model.context, o.max_tokens), ctx);
   fmt::print("{} (step {}), {} validation split\n{}", o.checkpoint, ck.step, data, render_routes_text(a));

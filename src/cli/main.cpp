@@ -73,6 +73,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   bench_moe->add_option("--weights", moe_opt.weights, "Expert weight dtype: f32 or bf16")
       ->capture_default_str();
+  bench_moe->add_option("--precision", moe_opt.precision, "GEMM precision: f32, bf16 or auto")
+      ->capture_default_str();
   bench_moe
       ->add_option("--capacity-factor", moe_opt.capacity_factor, "Capacity factor (0: dropless)")
       ->capture_default_str();
@@ -83,13 +85,15 @@ int main(int argc, char** argv) {
 
   sy::cli::BenchTrainOptions bt_opt;
   CLI::App* bench_train =
-      bench->add_subcommand("train", "Training steps/s of a config against the dense sgemm rate");
+      bench->add_subcommand("train", "Training steps/s of a config against the dense GEMM rates");
   bench_train->add_option("--config", bt_opt.config, "Built-in config or JSON file")
       ->capture_default_str();
   bench_train->add_option("--steps", bt_opt.steps, "Timed steps")->capture_default_str();
   bench_train->add_option("--warmup", bt_opt.warmup, "Untimed steps first")->capture_default_str();
   bench_train->add_option("--threads", bt_opt.n_threads, "Threads (0: all cores)")
       ->capture_default_str();
+  bench_train->add_option("--precision", bt_opt.precision,
+                          "GEMM precision f32, bf16 or auto (default: the config's model.precision)");
   bench_train->add_option("--json", bt_opt.json_path, "Also write JSON (- for stdout)");
 
 #ifdef SY_WITH_MPI

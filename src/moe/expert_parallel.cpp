@@ -108,8 +108,8 @@ void MoeLayer::plan_parallel(MoeCache& c, int64_t n_tok, const ExecContext& ctx)
 }
 
 template <class T, class W>
-void MoeLayer::experts_forward_parallel(const MoeParams& p, MoeCache& c,
-                                        const ParallelGroup& g) const {
+void MoeLayer::experts_forward_parallel(const MoeParams& p, MoeCache& c, const ParallelGroup& g,
+                                        const Backend& be) const {
   const int64_t d = cfg_.d_model;
   ExpertParallelCache& ep = c.ep;
   const int64_t m = ep.rows_computed;
@@ -118,7 +118,7 @@ void MoeLayer::experts_forward_parallel(const MoeParams& p, MoeCache& c,
   ep.xe.resize({m, d}, dtype_of<T>());
   ep.ye.resize({m, d}, dtype_of<T>());
   cpu::gather_rows<T>(ep.buf.matrix<T>(), ep.by_expert, ep.xe.matrix<T>());
-  experts_forward(p.w1.stacked<W>(), p.w3.stacked<W>(), p.w2.stacked<W>(),
+  experts_forward(be, p.w1.stacked<W>(), p.w3.stacked<W>(), p.w2.stacked<W>(),
                   ConstMatrixView<T>(ep.xe.matrix<T>()), ep.offsets, ep.ye.matrix<T>(),
                   c.experts);
   cpu::gather_rows<T>(ep.ye.matrix<T>(), ep.by_source, ep.buf.matrix<T>());
@@ -128,7 +128,7 @@ void MoeLayer::experts_forward_parallel(const MoeParams& p, MoeCache& c,
 
 template <class T>
 void MoeLayer::experts_backward_parallel(const MoeParams& p, MoeCache& c, MoeParams& grads,
-                                         const ParallelGroup& g) const {
+                                         const ParallelGroup& g, const Backend& be) const {
   const int64_t d = cfg_.d_model;
   ExpertParallelCache& ep = c.ep;
   const int64_t m = ep.rows_computed;
@@ -136,7 +136,7 @@ void MoeLayer::experts_backward_parallel(const MoeParams& p, MoeCache& c, MoePar
   add_wall_seconds(&seconds, [&] { exchange_rows<T>(g, c.dys, ep.send_rows, ep.buf, ep.recv_rows, d); });
   cpu::gather_rows<T>(ep.buf.matrix<T>(), ep.by_expert, ep.ye.matrix<T>());  // ye: dye now
   ep.dxe.resize({m, d}, dtype_of<T>());
-  experts_backward<T>(p.w1.stacked<T>(), p.w3.stacked<T>(), p.w2.stacked<T>(), ep.xe.matrix<T>(),
+  experts_backward<T>(be, p.w1.stacked<T>(), p.w3.stacked<T>(), p.w2.stacked<T>(), ep.xe.matrix<T>(),
                       ep.offsets, ep.ye.matrix<T>(), c.experts, grads.w1.stacked<T>(),
                       grads.w3.stacked<T>(), grads.w2.stacked<T>(), ep.dxe.matrix<T>());
   cpu::gather_rows<T>(ep.dxe.matrix<T>(), ep.by_source, ep.buf.matrix<T>());
@@ -144,14 +144,14 @@ void MoeLayer::experts_backward_parallel(const MoeParams& p, MoeCache& c, MoePar
 }
 
 template void MoeLayer::experts_forward_parallel<float, float>(const MoeParams&, MoeCache&,
-                                                               const ParallelGroup&) const;
+                                                               const ParallelGroup&, const Backend&) const;
 template void MoeLayer::experts_forward_parallel<double, double>(const MoeParams&, MoeCache&,
-                                                                 const ParallelGroup&) const;
+                                                                 const ParallelGroup&, const Backend&) const;
 template void MoeLayer::experts_forward_parallel<float, bf16>(const MoeParams&, MoeCache&,
-                                                              const ParallelGroup&) const;
+                                                              const ParallelGroup&, const Backend&) const;
 template void MoeLayer::experts_backward_parallel<float>(const MoeParams&, MoeCache&, MoeParams&,
-                                                         const ParallelGroup&) const;
+                                                         const ParallelGroup&, const Backend&) const;
 template void MoeLayer::experts_backward_parallel<double>(const MoeParams&, MoeCache&, MoeParams&,
-                                                          const ParallelGroup&) const;
+                                                          const ParallelGroup&, const Backend&) const;
 
 }  // namespace sy

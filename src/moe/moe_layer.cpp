@@ -9,6 +9,7 @@
 
 #include "switchyard/core/parallel.h"
 #include "switchyard/core/rng.h"
+#include "switchyard/kernels/backend.h"
 #include "switchyard/kernels/cpu.h"
 
 namespace sy {
@@ -184,6 +185,7 @@ MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y
   const int64_t n_tok = x.dim(0), d = cfg_.d_model;
   const DType dt = dtype_of<T>();
   const bool prof = ctx.profile;
+  const Backend& be = backend_of(ctx);
   MoeTimes& tm = c.times;
   tm = {};
   c.x.resize({n_tok, d}, dt);
@@ -193,7 +195,7 @@ MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y
 
   std::span<const T> bias;
   if (!p.expert_bias.empty()) bias = p.expert_bias.span<T>();
-  const RouterInput in{token_ids, ctx.seed, ctx.training, ctx.parallel};
+  const RouterInput in{token_ids, ctx.seed, ctx.training, ctx.parallel, &be};
   ConstMatrixView<T> w_noise;
   if (!p.w_noise.empty()) w_noise = p.w_noise.matrix<T>();
   timed(prof, &tm.router,
@@ -213,8 +215,8 @@ MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y
   c.ys.resize({n, d}, dt);
   timed(prof, &tm.gather, [&] { cpu::gather_rows<T>(xv, c.plan.row_token, c.xs.matrix<T>()); });
   timed(prof, &tm.experts, [&] {
-    if (ctx.parallel != nullptr) return experts_forward_parallel<T, W>(p, c, *ctx.parallel);
-    experts_forward(p.w1.stacked<W>(), p.w3.stacked<W>(), p.w2.stacked<W>(),
+    if (ctx.parallel != nullptr) return experts_forward_parallel<T, W>(p, c, *ctx.parallel, be);
+    experts_forward(be, p.w1.stacked<W>(), p.w3.stacked<W>(), p.w2.stacked<W>(),
                     ConstMatrixView<T>(c.xs.matrix<T>()), c.plan.offsets, c.ys.matrix<T>(),
                     c.experts);
   });
@@ -228,7 +230,7 @@ MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y
     const std::array<int32_t, 2> all{0, int32_t(n_tok)};
     c.shared_y.resize({n_tok, d}, dt);
     for (int64_t s = 0; s < S; ++s) {
-      experts_forward<T>(p.shared_w1.stacked<T>().one(s), p.shared_w3.stacked<T>().one(s),
+      experts_forward<T>(be, p.shared_w1.stacked<T>().one(s), p.shared_w3.stacked<T>().one(s),
                          p.shared_w2.stacked<T>().one(s), xv, all, c.shared_y.matrix<T>(),
                          c.shared[s]);
       add_into<T>(y.matrix<T>(), c.shared_y.matrix<T>());
@@ -284,6 +286,7 @@ void MoeLayer::backward_impl(const MoeParams& p, MoeCache& c, const Tensor& dy, 
   const int64_t n_tok = c.x.dim(0), d = cfg_.d_model, n = c.plan.n_rows();
   const DType dt = dtype_of<T>();
   const bool prof = ctx.profile;
+  const Backend& be = backend_of(ctx);
   MoeTimes& tm = c.times;
   c.dys.resize({n, d}, dt);
   c.dxs.resize({n, d}, dt);
@@ -295,8 +298,8 @@ void MoeLayer::backward_impl(const MoeParams& p, MoeCache& c, const Tensor& dy, 
                              c.dys.matrix<T>(), c.dweight.matrix<T>());
   });
   timed(prof, &tm.backward_experts, [&] {
-    if (ctx.parallel != nullptr) return experts_backward_parallel<T>(p, c, g, *ctx.parallel);
-    experts_backward<T>(p.w1.stacked<T>(), p.w3.stacked<T>(), p.w2.stacked<T>(), c.xs.matrix<T>(),
+    if (ctx.parallel != nullptr) return experts_backward_parallel<T>(p, c, g, *ctx.parallel, be);
+    experts_backward<T>(be, p.w1.stacked<T>(), p.w3.stacked<T>(), p.w2.stacked<T>(), c.xs.matrix<T>(),
                         c.plan.offsets, c.dys.matrix<T>(), c.experts, g.w1.stacked<T>(),
                         g.w3.stacked<T>(), g.w2.stacked<T>(), c.dxs.matrix<T>());
   });
@@ -313,7 +316,7 @@ void MoeLayer::backward_impl(const MoeParams& p, MoeCache& c, const Tensor& dy, 
   // Shared experts: their input is x itself, so their dx adds straight onto dx.
   const std::array<int32_t, 2> all{0, int32_t(n_tok)};
   for (int64_t s = 0; s < cfg_.n_shared_experts; ++s) {
-    experts_backward<T>(p.shared_w1.stacked<T>().one(s), p.shared_w3.stacked<T>().one(s),
+    experts_backward<T>(be, p.shared_w1.stacked<T>().one(s), p.shared_w3.stacked<T>().one(s),
                         p.shared_w2.stacked<T>().one(s), c.x.matrix<T>(), all, dy.matrix<T>(),
                         c.shared[s], g.shared_w1.stacked<T>().one(s),
                         g.shared_w3.stacked<T>().one(s), g.shared_w2.stacked<T>().one(s),

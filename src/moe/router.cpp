@@ -88,7 +88,7 @@ void Router::noisy_topk_forward(ConstMatrixView<T> xr, ConstMatrixView<T> w_nois
   c.noise_logits.resize({n_tok, E}, dt);
   c.noise.resize({n_tok, E}, dt);
   c.choice.resize({n_tok, E}, dt);
-  cpu::gemm<T>(false, false, T(1), xr, w_noise, T(0), c.noise_logits.matrix<T>());
+  c.backend->gemm<T>(false, false, T(1), xr, w_noise, T(0), c.noise_logits.matrix<T>());
   if (in.training)
     fill_normal(c.noise.span<T>(), Philox(in.seed, /*stream=*/0x9015E), T(1));
   else
@@ -210,6 +210,7 @@ void Router::forward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCach
                      ConstMatrixView<T> w_noise) const {
   const int64_t n_tok = x.rows, d = x.cols, E = cfg_.n_experts, k = cfg_.slots_per_token();
   const DType dt = dtype_of<T>();
+  c.backend = (in.backend != nullptr ? in.backend : &backend_of(ExecContext{}))->f32;
   c.logits.resize({n_tok, E}, dt);
   c.probs.resize({n_tok, E}, dt);
   c.lse.resize({n_tok}, dt);
@@ -236,7 +237,7 @@ void Router::forward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCach
     for (int64_t i = 0; i < n_tok * d; ++i) xj[i] = x.data[i] * u[i];
     xr = c.x_jit.matrix<T>();
   }
-  cpu::gemm<T>(false, false, T(1), xr, w_gate, T(0), c.logits.matrix<T>());
+  c.backend->gemm<T>(false, false, T(1), xr, w_gate, T(0), c.logits.matrix<T>());
   cpu::softmax_rows<T>(c.logits.matrix<T>(), c.probs.matrix<T>(), c.lse.span<T>());
   MatrixView<int32_t> expert{c.expert.data(), n_tok, k};
   MatrixView<T> weight = c.weight.matrix<T>();
@@ -400,11 +401,11 @@ void Router::backward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCac
   }
   // logits = xr w_gate (and noise logits = xr w_noise), xr = x * u with jitter, else x.
   ConstMatrixView<T> xr = c.jittered ? ConstMatrixView<T>(c.x_jit.matrix<T>()) : x;
-  cpu::gemm<T>(true, false, T(1), xr, dlogits, T(1), dw_gate);
-  cpu::gemm<T>(false, true, T(1), dlogits, w_gate, T(0), dx);
+  c.backend->gemm<T>(true, false, T(1), xr, dlogits, T(1), dw_gate);
+  c.backend->gemm<T>(false, true, T(1), dlogits, w_gate, T(0), dx);
   if (noisy) {
-    cpu::gemm<T>(true, false, T(1), xr, c.dnoise_logits.matrix<T>(), T(1), dw_noise);
-    cpu::gemm<T>(false, true, T(1), c.dnoise_logits.matrix<T>(), w_noise, T(1), dx);
+    c.backend->gemm<T>(true, false, T(1), xr, c.dnoise_logits.matrix<T>(), T(1), dw_noise);
+    c.backend->gemm<T>(false, true, T(1), c.dnoise_logits.matrix<T>(), w_noise, T(1), dx);
   }
   if (c.jittered) {
     const T* u = c.jitter.data<T>();

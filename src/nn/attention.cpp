@@ -108,14 +108,14 @@ void Attention::forward(const AttentionParams& p, const Tensor& x, int64_t n_seq
         x.dim(0), n_seq, cfg_.max_context));
   expect_dtype(x, p.w_qkv.dtype(), "attention input", "attn.w_qkv's dtype");
   if (x.dtype() == DType::kF64)
-    forward_impl<double>(p, x, n_seq, y, cache);
+    forward_impl<double>(p, x, n_seq, y, cache, backend_of(ctx));
   else
-    forward_impl<float>(p, x, n_seq, y, cache);
+    forward_impl<float>(p, x, n_seq, y, cache, backend_of(ctx));
 }
 
 template <class T>
 void Attention::forward_impl(const AttentionParams& p, const Tensor& x, int64_t n_seq, Tensor& y,
-                             AttentionCache& c) const {
+                             AttentionCache& c, const Backend& be) const {
   const int64_t n = x.dim(0), d = cfg_.d_model, H = cfg_.n_heads, dh = head_dim(), half = dh / 2;
   const int64_t L = n / n_seq;
   const DType dt = dtype_of<T>();
@@ -129,7 +129,7 @@ void Attention::forward_impl(const AttentionParams& p, const Tensor& x, int64_t 
   c.probs.resize({n_seq, H, L, L}, dt);
   c.o.resize({n, d}, dt);
   y.resize({n, d}, dt);
-  cpu::gemm<T>(false, false, T(1), x.matrix<T>(), p.w_qkv.matrix<T>(), T(0), c.qkv.matrix<T>());
+  be.gemm<T>(false, false, T(1), x.matrix<T>(), p.w_qkv.matrix<T>(), T(0), c.qkv.matrix<T>());
 
   // Split into heads, rotating q and k by position.
   const T* qkv = c.qkv.data<T>();
@@ -157,12 +157,12 @@ void Attention::forward_impl(const AttentionParams& p, const Tensor& x, int64_t 
         vh{v + bh * L * dh, L, dh};
     MatrixView<T> ph{c.probs.data<T>() + bh * L * L, L, L};
     MatrixView<T> oh{c.scratch.data<T>() + omp_get_thread_num() * L * (L + dh), L, dh};
-    cpu::gemm<T>(false, true, scale, qh, kh, T(0), ph);
+    be.gemm<T>(false, true, scale, qh, kh, T(0), ph);
     cpu::softmax_causal_rows<T>(ph, 0, ph);
-    cpu::gemm<T>(false, false, T(1), ph, vh, T(0), oh);
+    be.gemm<T>(false, false, T(1), ph, vh, T(0), oh);
     copy_head_in(oh.data, L, dh, o + b * L * d + h * dh, d);
   }
-  cpu::gemm<T>(false, false, T(1), c.o.matrix<T>(), p.w_o.matrix<T>(), T(0), y.matrix<T>());
+  be.gemm<T>(false, false, T(1), c.o.matrix<T>(), p.w_o.matrix<T>(), T(0), y.matrix<T>());
 }
 
 void Attention::backward(const AttentionParams& p, AttentionCache& cache, const Tensor& dy,
@@ -171,20 +171,20 @@ void Attention::backward(const AttentionParams& p, AttentionCache& cache, const 
   expect_shape(dy, cache.o.shape(), "attention dy");
   expect_dtype(dy, cache.o.dtype(), "attention dy");
   if (dy.dtype() == DType::kF64)
-    backward_impl<double>(p, cache, dy, g, dx);
+    backward_impl<double>(p, cache, dy, g, dx, backend_of(ctx));
   else
-    backward_impl<float>(p, cache, dy, g, dx);
+    backward_impl<float>(p, cache, dy, g, dx, backend_of(ctx));
 }
 
 template <class T>
 void Attention::backward_impl(const AttentionParams& p, AttentionCache& c, const Tensor& dy,
-                              AttentionParams& g, Tensor& dx) const {
+                              AttentionParams& g, Tensor& dx, const Backend& be) const {
   const int64_t n = c.x.dim(0), d = cfg_.d_model, H = cfg_.n_heads, dh = head_dim(), half = dh / 2;
   const int64_t n_seq = c.n_seq, L = n / n_seq;
   const DType dt = dtype_of<T>();
   // y = o w_o: dw_o += o^T dy; do = dy w_o^T (into o, no longer needed).
-  cpu::gemm<T>(true, false, T(1), c.o.matrix<T>(), dy.matrix<T>(), T(1), g.w_o.matrix<T>());
-  cpu::gemm<T>(false, true, T(1), dy.matrix<T>(), p.w_o.matrix<T>(), T(0), c.o.matrix<T>());
+  be.gemm<T>(true, false, T(1), c.o.matrix<T>(), dy.matrix<T>(), T(1), g.w_o.matrix<T>());
+  be.gemm<T>(false, true, T(1), dy.matrix<T>(), p.w_o.matrix<T>(), T(0), c.o.matrix<T>());
 
   const int64_t n_threads = max_threads();
   c.dq.resize({n_seq, H, L, dh}, dt);
@@ -203,11 +203,11 @@ void Attention::backward_impl(const AttentionParams& p, AttentionCache& c, const
         vh{v + bh * L * dh, L, dh};
     MatrixView<const T> ph{c.probs.data<T>() + bh * L * L, L, L};
     // o = P v: dv = P^T do, dP = do v^T; then through the softmax; s = scale q k^T.
-    cpu::gemm<T>(true, false, T(1), ph, doh, T(0), {c.dv.data<T>() + bh * L * dh, L, dh});
-    cpu::gemm<T>(false, true, T(1), doh, vh, T(0), dp);
+    be.gemm<T>(true, false, T(1), ph, doh, T(0), {c.dv.data<T>() + bh * L * dh, L, dh});
+    be.gemm<T>(false, true, T(1), doh, vh, T(0), dp);
     cpu::softmax_rows_backward<T>(ph, dp, dp);
-    cpu::gemm<T>(false, false, scale, dp, kh, T(0), {c.dq.data<T>() + bh * L * dh, L, dh});
-    cpu::gemm<T>(true, false, scale, dp, qh, T(0), {c.dk.data<T>() + bh * L * dh, L, dh});
+    be.gemm<T>(false, false, scale, dp, kh, T(0), {c.dq.data<T>() + bh * L * dh, L, dh});
+    be.gemm<T>(true, false, scale, dp, qh, T(0), {c.dk.data<T>() + bh * L * dh, L, dh});
   }
 
   // Merge heads back into dqkv, rotating dq and dk back (the adjoint of the rotation).
@@ -226,12 +226,13 @@ void Attention::backward_impl(const AttentionParams& p, AttentionCache& c, const
       std::memcpy(row + 2 * d, dv + at, size_t(dh) * sizeof(T));
     }
   }
-  cpu::gemm<T>(true, false, T(1), c.x.matrix<T>(), c.dqkv.matrix<T>(), T(1), g.w_qkv.matrix<T>());
+  be.gemm<T>(true, false, T(1), c.x.matrix<T>(), c.dqkv.matrix<T>(), T(1), g.w_qkv.matrix<T>());
   dx.resize({n, d}, dt);
-  cpu::gemm<T>(false, true, T(1), c.dqkv.matrix<T>(), p.w_qkv.matrix<T>(), T(0), dx.matrix<T>());
+  be.gemm<T>(false, true, T(1), c.dqkv.matrix<T>(), p.w_qkv.matrix<T>(), T(0), dx.matrix<T>());
 }
 
-void Attention::decode(const AttentionParams& p, const Tensor& x, KvCache& kv, Tensor& y) const {
+void Attention::decode(const AttentionParams& p, const Tensor& x, KvCache& kv, Tensor& y,
+                       const ExecContext& ctx) const {
   check_params(p);
   if (x.rank() != 2 || x.dim(1) != cfg_.d_model)
     throw ShapeError(fmt::format("attention input {}: expected [n, {}]", x.shape_str(), cfg_.d_model));
@@ -241,19 +242,20 @@ void Attention::decode(const AttentionParams& p, const Tensor& x, KvCache& kv, T
   expect_dtype(x, p.w_qkv.dtype(), "attention input", "attn.w_qkv's dtype");
   expect_dtype(kv.k, x.dtype(), "KV cache", "the input's dtype");
   if (x.dtype() == DType::kF64)
-    decode_impl<double>(p, x, kv, y);
+    decode_impl<double>(p, x, kv, y, backend_of(ctx));
   else
-    decode_impl<float>(p, x, kv, y);
+    decode_impl<float>(p, x, kv, y, backend_of(ctx));
 }
 
 template <class T>
 void Attention::decode_impl(const AttentionParams& p, const Tensor& x, KvCache& kv,
-                            Tensor& y) const {
+                            Tensor& y,
+                            const Backend& be) const {
   const int64_t n = x.dim(0), d = cfg_.d_model, H = cfg_.n_heads, dh = head_dim(), half = dh / 2;
   const int64_t ctx = cfg_.max_context, pos0 = kv.n_pos, m = pos0 + n;
   const DType dt = dtype_of<T>();
   Tensor qkv({n, 3 * d}, dt), q({H, n, dh}, dt), o({n, d}, dt), s({H, n, m}, dt);
-  cpu::gemm<T>(false, false, T(1), x.matrix<T>(), p.w_qkv.matrix<T>(), T(0), qkv.matrix<T>());
+  be.gemm<T>(false, false, T(1), x.matrix<T>(), p.w_qkv.matrix<T>(), T(0), qkv.matrix<T>());
   T *kc = kv.k.data<T>(), *vc = kv.v.data<T>();
   for (int64_t i = 0; i < n; ++i) {
     const int64_t pos = pos0 + i;
@@ -272,13 +274,13 @@ void Attention::decode_impl(const AttentionParams& p, const Tensor& x, KvCache& 
     MatrixView<const T> qh{q.data<T>() + h * n * dh, n, dh}, kh{kc + h * ctx * dh, m, dh},
         vh{vc + h * ctx * dh, m, dh};
     MatrixView<T> out{oh.data<T>() + h * n * dh, n, dh};
-    cpu::gemm<T>(false, true, scale, qh, kh, T(0), sh);
+    be.gemm<T>(false, true, scale, qh, kh, T(0), sh);
     cpu::softmax_causal_rows<T>(sh, pos0, sh);
-    cpu::gemm<T>(false, false, T(1), sh, vh, T(0), out);
+    be.gemm<T>(false, false, T(1), sh, vh, T(0), out);
     copy_head_in(out.data, n, dh, o.data<T>() + h * dh, d);
   }
   y.resize({n, d}, dt);
-  cpu::gemm<T>(false, false, T(1), o.matrix<T>(), p.w_o.matrix<T>(), T(0), y.matrix<T>());
+  be.gemm<T>(false, false, T(1), o.matrix<T>(), p.w_o.matrix<T>(), T(0), y.matrix<T>());
   kv.n_pos = m;
 }
 

@@ -8,6 +8,7 @@
 
 #include "switchyard/core/parallel.h"
 #include "switchyard/core/rng.h"
+#include "switchyard/kernels/backend.h"
 #include "switchyard/kernels/cpu.h"
 
 namespace sy {
@@ -309,7 +310,7 @@ LmStep LanguageModel::forward_impl(const LmParams& p, int64_t n_seq, LmCache& c,
     } else {
       lc.out.resize({n, d}, dt);
       const std::vector<int32_t> all = {0, int32_t(n)};
-      experts_forward<T>(one<T>(l.w1), one<T>(l.w3), one<T>(l.w2), lc.h_ffn.matrix<T>(), all,
+      experts_forward<T>(backend_of(ctx), one<T>(l.w1), one<T>(l.w3), one<T>(l.w2), lc.h_ffn.matrix<T>(), all,
                          lc.out.matrix<T>(), lc.ffn);
     }
     add_into<T>(x, lc.out);
@@ -320,7 +321,7 @@ LmStep LanguageModel::forward_impl(const LmParams& p, int64_t n_seq, LmCache& c,
   cpu::rmsnorm<T>(x.matrix<T>(), p.norm_out.span<T>(), eps, c.h_out.matrix<T>(),
                   c.rstd_out.span<T>());
   c.logits.resize({n, V}, dt);
-  cpu::gemm<T>(false, false, T(1), c.h_out.matrix<T>(), p.lm_head.matrix<T>(), T(0),
+  backend_of(ctx).gemm<T>(false, false, T(1), c.h_out.matrix<T>(), p.lm_head.matrix<T>(), T(0),
                c.logits.matrix<T>());
   c.n_targets = 0;
   for (int32_t y : c.targets) c.n_targets += y >= 0;
@@ -353,9 +354,9 @@ void LanguageModel::backward_impl(const LmParams& p, LmCache& c, LmParams& g,
   dx.resize({n, d}, dt);
   dh.resize({n, d}, dt);
   // logits = h_out lm_head (c.logits holds dlogits).
-  cpu::gemm<T>(true, false, T(1), c.h_out.matrix<T>(), c.logits.matrix<T>(), T(1),
+  backend_of(ctx).gemm<T>(true, false, T(1), c.h_out.matrix<T>(), c.logits.matrix<T>(), T(1),
                g.lm_head.matrix<T>());
-  cpu::gemm<T>(false, true, T(1), c.logits.matrix<T>(), p.lm_head.matrix<T>(), T(0),
+  backend_of(ctx).gemm<T>(false, true, T(1), c.logits.matrix<T>(), p.lm_head.matrix<T>(), T(0),
                dh.matrix<T>());
   cpu::rmsnorm_backward<T>(c.x_out.matrix<T>(), p.norm_out.span<T>(), c.rstd_out.span<T>(),
                            dh.matrix<T>(), dx.matrix<T>(), g.norm_out.span<T>());
@@ -371,7 +372,7 @@ void LanguageModel::backward_impl(const LmParams& p, LmCache& c, LmParams& g,
     } else {
       dh.resize({n, d}, dt);
       const std::vector<int32_t> all = {0, int32_t(n)};
-      experts_backward<T>(one<T>(l.w1), one<T>(l.w3), one<T>(l.w2), lc.h_ffn.matrix<T>(), all,
+      experts_backward<T>(backend_of(ctx), one<T>(l.w1), one<T>(l.w3), one<T>(l.w2), lc.h_ffn.matrix<T>(), all,
                           dx.matrix<T>(), lc.ffn, one<T>(gl.w1), one<T>(gl.w3), one<T>(gl.w2),
                           dh.matrix<T>());
     }
@@ -419,7 +420,7 @@ void LanguageModel::decode(const LmParams& p, std::span<const int32_t> tokens, D
     const LayerParams& l = p.layers[i];
     cpu::rmsnorm<float>(x.matrix<float>(), l.norm_attn.span<float>(), eps, h.matrix<float>(),
                         rstd.span<float>());
-    attention_.decode(l.attn, h, state.kv[i], out);
+    attention_.decode(l.attn, h, state.kv[i], out, eval);
     add_into<float>(x, out);
     cpu::rmsnorm<float>(x.matrix<float>(), l.norm_ffn.span<float>(), eps, h.matrix<float>(),
                         rstd.span<float>());
@@ -428,7 +429,7 @@ void LanguageModel::decode(const LmParams& p, std::span<const int32_t> tokens, D
     } else {
       out.resize({n, d}, DType::kF32);
       const std::vector<int32_t> all = {0, int32_t(n)};
-      experts_forward<float>(one<float>(l.w1), one<float>(l.w3), one<float>(l.w2),
+      experts_forward<float>(backend_of(eval), one<float>(l.w1), one<float>(l.w3), one<float>(l.w2),
                              h.matrix<float>(), all, out.matrix<float>(), ffn_cache);
     }
     add_into<float>(x, out);
@@ -437,7 +438,7 @@ void LanguageModel::decode(const LmParams& p, std::span<const int32_t> tokens, D
   MatrixView<const float> last{x.data<float>() + (n - 1) * d, 1, d};
   Tensor hl({1, d}, DType::kF32), rl({1}, DType::kF32), lg({1, V}, DType::kF32);
   cpu::rmsnorm<float>(last, p.norm_out.span<float>(), eps, hl.matrix<float>(), rl.span<float>());
-  cpu::gemm<float>(false, false, 1.0f, hl.matrix<float>(), p.lm_head.matrix<float>(), 0.0f,
+  backend_of(eval).gemm<float>(false, false, 1.0f, hl.matrix<float>(), p.lm_head.matrix<float>(), 0.0f,
                    lg.matrix<float>());
   logits.assign(lg.data<float>(), lg.data<float>() + V);
 }

@@ -57,7 +57,10 @@ void save_checkpoint(const std::string& path, const RunConfig& cfg, const LmPara
       {"model_hash", fmt::format("{:016x}", model_config_hash(cfg.model))},
       {"step", std::to_string(step)},
       {"adam_steps", std::to_string(optimizer ? optimizer->n_steps() : 0)},
-      {"history", history.to_json()}};
+      {"history", history.to_json()},
+      // Where it was trained: the kernels and CPU (informational; any backend loads it).
+      {"kernels", pick_backend(cpu_features(), cfg.model.precision).name},
+      {"cpu", cpu_features().describe()}};
   write_safetensors(path, tensors, meta);
 }
 

@@ -144,6 +144,9 @@ void read_model(const json& j, LmConfig& m) {
   s.get("norm_eps", m.norm_eps);
   s.get("moe_every", m.moe_every);
   s.get("d_ff", m.d_ff);
+  std::string precision(precision_name(m.precision));
+  s.get("precision", precision);
+  m.precision = parse_precision(precision, "model.precision");
   if (s.has("moe")) read_moe(s.at("moe"), m.moe);
   s.finish();
   if (m.n_moe_layers() > 0 && m.moe.n_experts == 0)
@@ -156,6 +159,9 @@ json model_json(const LmConfig& m) {
                               {"n_heads", m.n_heads},     {"rope_theta", m.rope_theta},
                               {"norm_eps", m.norm_eps},   {"moe_every", m.moe_every},
                               {"d_ff", m.d_ff}};
+  // Written only when not the default, so that an f32 model's config (and its model_hash) is
+  // what it was before the key existed.
+  if (m.precision != Precision::kF32) j["precision"] = precision_name(m.precision);
   if (m.n_moe_layers() > 0) {
     const MoeConfig& e = m.moe;
     j["moe"] = nlohmann::ordered_json{{"n_experts", e.n_experts},

@@ -78,14 +78,14 @@ TEST(ExpertsGrad, MatchesFiniteDifferences) {
   Tensor r = random_tensor({n, d}, DType::kF64, 5), ys({n, d}, DType::kF64);
   ExpertsCache c;
   auto loss = [&] {
-    experts_forward<double>(w1.stacked<double>(), w3.stacked<double>(), w2.stacked<double>(),
+    experts_forward<double>(backend_of(ExecContext{}), w1.stacked<double>(), w3.stacked<double>(), w2.stacked<double>(),
                             xs.matrix<double>(), offsets, ys.matrix<double>(), c);
     return dot(ys.span<double>(), r.span<double>());
   };
   loss();
   Tensor dw1({E, d, f}, DType::kF64), dw3({E, d, f}, DType::kF64), dw2({E, f, d}, DType::kF64);
   Tensor dxs({n, d}, DType::kF64);
-  experts_backward<double>(w1.stacked<double>(), w3.stacked<double>(), w2.stacked<double>(),
+  experts_backward<double>(backend_of(ExecContext{}), w1.stacked<double>(), w3.stacked<double>(), w2.stacked<double>(),
                            xs.matrix<double>(), offsets, r.matrix<double>(), c,
                            dw1.stacked<double>(), dw3.stacked<double>(), dw2.stacked<double>(),
                            dxs.matrix<double>());

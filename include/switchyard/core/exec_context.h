@@ -1,4 +1,5 @@
-// How a layer runs: thread count, random stream and whether to record phase timings.
+// How a layer runs: thread count, random stream, kernel backend and whether to record phase
+// timings.
 // Nothing is global; a layer reads everything it needs to run from here.
 #pragma once
 
@@ -8,6 +9,7 @@
 namespace sy {
 
 class ParallelGroup;
+struct Backend;
 
 struct ExecContext {
   int n_threads = 0;     // 0: OpenMP's default (OMP_NUM_THREADS or all cores)
@@ -17,6 +19,8 @@ struct ExecContext {
   // Expert and data parallelism over several processes (core/parallel.h); nullptr: this
   // process holds every expert and the whole batch.
   const ParallelGroup* parallel = nullptr;
+  // The GEMM kernels (kernels/backend.h); nullptr: the f32 backend picked for this CPU.
+  const Backend* backend = nullptr;
 };
 
 // Sets the OpenMP team size (and with it OpenBLAS's, built on OpenMP) for the scope's lifetime

@@ -19,5 +19,11 @@ namespace sy::cpu {
 // benchmarks use as their ceiling. Unlike gemm, its last bits may change with the thread count.
 // a: [M, K], b: [K, N] -> c: [M, N]
 void blas_sgemm(ConstMatrixView<float> a, ConstMatrixView<float> b, MatrixView<float> c);
+// The kernel OpenBLAS picked for this CPU at load time ("SkylakeX", "Haswell", "Prescott").
+const char* blas_core_name();
+// The same ceiling from oneDNN: one multi-threaded matmul, f32 inputs or bf16 inputs, f32 out.
+// a: [M, K], b: [K, N] -> c: [M, N]
+void dnnl_sgemm(ConstMatrixView<float> a, ConstMatrixView<float> b, MatrixView<float> c);
+void dnnl_gemm_bf16(ConstMatrixView<bf16> a, ConstMatrixView<bf16> b, MatrixView<float> c);
 
 }  // namespace sy::cpu

@@ -8,6 +8,7 @@
 #include <span>
 
 #include "switchyard/core/tensor.h"
+#include "switchyard/kernels/backend.h"
 
 namespace sy {
 
@@ -16,20 +17,20 @@ struct ExpertsCache {
   Tensor dact, dh1, dh3;  // [n, f]: backward's scratch
 };
 
-// xs: [n, d] -> ys: [n, d] (=)
+// be: the GEMM kernels (kernels/backend.h). xs: [n, d] -> ys: [n, d] (=)
 template <class T>
-void experts_forward(StackedView<const T> w1, StackedView<const T> w3, StackedView<const T> w2,
+void experts_forward(const Backend& be, StackedView<const T> w1, StackedView<const T> w3, StackedView<const T> w2,
                      ConstMatrixView<T> xs, std::span<const int32_t> offsets, MatrixView<T> ys,
                      ExpertsCache& cache);
 
 // The same with bf16 weights and f32 activations, for inference (backward needs f32 or f64).
-void experts_forward(StackedView<const bf16> w1, StackedView<const bf16> w3,
+void experts_forward(const Backend& be, StackedView<const bf16> w1, StackedView<const bf16> w3,
                      StackedView<const bf16> w2, ConstMatrixView<float> xs,
                      std::span<const int32_t> offsets, MatrixView<float> ys, ExpertsCache& cache);
 
 // dys: [n, d] -> dw1, dw3, dw2 (+=), dxs: [n, d] (=)
 template <class T>
-void experts_backward(StackedView<const T> w1, StackedView<const T> w3, StackedView<const T> w2,
+void experts_backward(const Backend& be, StackedView<const T> w1, StackedView<const T> w3, StackedView<const T> w2,
                       ConstMatrixView<T> xs, std::span<const int32_t> offsets,
                       ConstMatrixView<T> dys, ExpertsCache& cache, StackedView<T> dw1,
                       StackedView<T> dw3, StackedView<T> dw2, MatrixView<T> dxs);

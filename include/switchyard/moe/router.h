@@ -19,6 +19,7 @@
 
 #include "switchyard/core/parallel.h"
 #include "switchyard/core/tensor.h"
+#include "switchyard/kernels/backend.h"
 #include "switchyard/moe/config.h"
 
 namespace sy {
@@ -32,6 +33,9 @@ struct RouterInput {
   // Set when the batch is spread over several ranks: the balance loss is then of the whole
   // batch (its statistics summed over ranks). Noisy top-k's losses stay per rank.
   const ParallelGroup* parallel = nullptr;
+  // The GEMM kernels; the router always runs on their f32 twin (its logits pick the experts, and
+  // bf16 rounding would flip near-ties). nullptr: the default f32 backend.
+  const Backend* backend = nullptr;
 };
 
 struct RouterCache {
@@ -53,6 +57,7 @@ struct RouterCache {
   double loss_z = 0;            // weighted
   Tensor dprobs, dlogits;       // [T, E]: backward's scratch, kept to avoid reallocation
   Tensor dnoise_logits;         // [T, E]: backward's scratch (noisy top-k)
+  const Backend* backend = nullptr;  // forward's f32 kernels, for backward
 };
 
 class Router {

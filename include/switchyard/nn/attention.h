@@ -15,6 +15,7 @@
 
 #include "switchyard/core/exec_context.h"
 #include "switchyard/core/tensor.h"
+#include "switchyard/kernels/backend.h"
 
 namespace sy {
 
@@ -63,7 +64,8 @@ class Attention {
 
   // n new positions of one sequence: x: [n, d] -> y: [n, d] (=); their keys and values are
   // appended to kv (which start() sized). Throws ShapeError past max_context.
-  void decode(const AttentionParams& p, const Tensor& x, KvCache& kv, Tensor& y) const;
+  void decode(const AttentionParams& p, const Tensor& x, KvCache& kv, Tensor& y,
+              const ExecContext& ctx) const;
   KvCache start(DType dtype) const;
 
   void check_params(const AttentionParams& p) const;  // throws ShapeError naming the tensor
@@ -71,12 +73,13 @@ class Attention {
  private:
   template <class T>
   void forward_impl(const AttentionParams& p, const Tensor& x, int64_t n_seq, Tensor& y,
-                    AttentionCache& c) const;
+                    AttentionCache& c, const Backend& be) const;
   template <class T>
   void backward_impl(const AttentionParams& p, AttentionCache& c, const Tensor& dy,
-                     AttentionParams& g, Tensor& dx) const;
+                     AttentionParams& g, Tensor& dx, const Backend& be) const;
   template <class T>
-  void decode_impl(const AttentionParams& p, const Tensor& x, KvCache& kv, Tensor& y) const;
+  void decode_impl(const AttentionParams& p, const Tensor& x, KvCache& kv, Tensor& y,
+                   const Backend& be) const;
 
   AttentionConfig cfg_;
   std::vector<double> cos_, sin_;  // [max_context, dh/2]

@@ -41,6 +41,9 @@ struct LmConfig {
   int64_t moe_every = 1;
   int64_t d_ff = 1024;
   MoeConfig moe;  // moe.d_model is set from d_model
+  // GEMM precision (kernels/backend.h): f32; bf16 (bf16 GEMM inputs, f32 accumulation, f32
+  // weights and optimizer state); auto (the faster of the two on the CPU it runs on).
+  Precision precision = Precision::kF32;
 
   void validate() const;  // throws ConfigError naming `model.<field>` or `moe.<field>`
   bool is_moe(int64_t layer) const { return moe_every > 0 && (layer + 1) % moe_every == 0; }

@@ -198,6 +198,8 @@ void gemm(bool trans_a, bool trans_b, T alpha, ConstMatrixView<T> a, ConstMatrix
   run_tiles(tiles, alpha, beta);
 }
 
+const char* blas_core_name() { return openblas_get_corename(); }
+
 void blas_sgemm(ConstMatrixView<float> a, ConstMatrixView<float> b, MatrixView<float> c) {
   check_gemm(false, false, a, b, c);
   blas_gemm(false, false, c.rows, c.cols, a.cols, 1.0f, a.data, a.cols, b.data, b.cols, 0.0f,

@@ -1,0 +1,380 @@
+// GEMMs on oneDNN's matmul primitive, the fastest f32 and bf16 GEMM measured on the machines
+// here (bench/README.md). One primitive per (compute, transposes, accumulate) with every
+// dimension and stride given at run time, so experts of any row count share it and nothing is
+// created in the steady state. As in gemm.cpp, the output is cut into fixed tiles, each one
+// single-threaded oneDNN call inside our parallel region (oneDNN runs one thread when called
+// from inside one): each output element is reduced in one fixed order, so results do not
+// depend on the thread count. bf16 compute rounds each operand to bf16 once per call, before
+// tiling. Groups of at most kSkinnyRows rows (decode) take the memory-bound kernel of gemm.cpp.
+// Reference: ref::gemm / ref::grouped_gemm.
+#include "kernels/cpu/onednn_gemm.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <array>
+#include <dnnl.hpp>
+#include <mutex>
+#include <string_view>
+#include <vector>
+
+#include "switchyard/core/error.h"
+#include "switchyard/kernels/cpu.h"
+
+namespace sy::cpu::onednn {
+
+namespace {
+
+using dnnl::memory;
+using Dt = memory::data_type;
+
+constexpr int64_t kSkinnyRows = 16;  // as gemm.cpp: at most this many rows stream the weight
+constexpr int64_t kTileM = 256;      // output rows of one single-threaded call
+constexpr int64_t kTileN = 1024;     // output columns of one single-threaded call
+
+dnnl::engine& engine() {
+  static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+  return eng;
+}
+
+// The primitives, created on first use and kept for the process.
+struct PrimitiveKey {
+  Compute compute;
+  bool ta, tb, accumulate;
+  int index() const { return int(compute) * 8 + int(ta) * 4 + int(tb) * 2 + int(accumulate); }
+};
+
+const dnnl::matmul& primitive(PrimitiveKey key) {
+  static std::mutex mu;
+  static std::array<std::unique_ptr<dnnl::matmul>, 16> cache;
+  std::lock_guard lock(mu);
+  auto& slot = cache[size_t(key.index())];
+  if (slot) return *slot;
+  const Dt in = key.compute == Compute::kBf16 ? Dt::bf16 : Dt::f32;
+  constexpr auto R = DNNL_RUNTIME_DIM_VAL;
+  // The layouts (plain or transposed) are fixed per primitive: with both strides at run time
+  // oneDNN 2.6 falls back to its reference matmul.
+  const memory::desc a({R, R}, in, key.ta ? memory::dims{1, R} : memory::dims{R, 1});
+  const memory::desc b({R, R}, in, key.tb ? memory::dims{1, R} : memory::dims{R, 1});
+  const memory::desc c({R, R}, Dt::f32, {R, 1});
+  dnnl::primitive_attr attr;
+  attr.set_output_scales(0, {DNNL_RUNTIME_F32_VAL});
+  if (key.accumulate) {
+    dnnl::post_ops ops;
+    ops.append_sum(1.0f);
+    attr.set_post_ops(ops);
+  }
+  // Planned for one thread: every call runs inside our own parallel region.
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  try {
+    slot = std::make_unique<dnnl::matmul>(
+        dnnl::matmul::primitive_desc(dnnl::matmul::desc(a, b, c), attr, engine()));
+  } catch (const dnnl::error& e) {
+    omp_set_num_threads(threads);
+    throw Error(fmt::format("oneDNN matmul ({} compute) cannot be created here: {}",
+                            key.compute == Compute::kBf16 ? "bf16" : "f32", e.what()));
+  }
+  omp_set_num_threads(threads);
+  const char* info = nullptr;
+  dnnl_primitive_desc_query(slot->get_primitive_desc(), dnnl_query_impl_info_str, 0, &info);
+  SY_CHECK(info != nullptr && std::string_view(info).substr(0, 3) != "ref",
+           "oneDNN picked its reference matmul ({}) for a GEMM layout", info ? info : "?");
+  return *slot;
+}
+
+// One tile: c[m, n] = alpha op(a)[m, k] op(b)[k, n] (+ c), pointers at the tile's corner.
+struct Tile {
+  const void* a;
+  const void* b;
+  float* c;
+  int64_t m, n, k, lda, ldb, ldc;
+};
+
+memory::desc operand_desc(int64_t rows, int64_t cols, Dt dt, bool trans, int64_t ld) {
+  return trans ? memory::desc({rows, cols}, dt, {1, ld}) : memory::desc({rows, cols}, dt, {ld, 1});
+}
+
+void run_tile(const dnnl::matmul& mm, PrimitiveKey key, const Tile& t, float alpha) {
+  thread_local dnnl::stream stream(engine());
+  const Dt in = key.compute == Compute::kBf16 ? Dt::bf16 : Dt::f32;
+  memory a(operand_desc(t.m, t.k, in, key.ta, t.lda), engine(), const_cast<void*>(t.a));
+  memory b(operand_desc(t.k, t.n, in, key.tb, t.ldb), engine(), const_cast<void*>(t.b));
+  memory c(memory::desc({t.m, t.n}, Dt::f32, {t.ldc, 1}), engine(), t.c);
+  memory scale(memory::desc({1}, Dt::f32, {1}), engine(), &alpha);
+  mm.execute(stream, {{DNNL_ARG_SRC, a},
+                      {DNNL_ARG_WEIGHTS, b},
+                      {DNNL_ARG_DST, c},
+                      {DNNL_ARG_ATTR_OUTPUT_SCALES, scale}});
+  stream.wait();
+}
+
+// One product c = alpha op(a) op(b) (+ c) over element pointers of size `es` bytes, cut into tiles.
+// a: op(a) [M, K] with row stride lda, b: op(b) [K, N] with lda/ldb the stored row strides.
+void add_tiles(bool ta, bool tb, size_t es, const char* a, int64_t lda, const char* b, int64_t ldb,
+               float* c, int64_t ldc, int64_t M, int64_t N, int64_t K, std::vector<Tile>& tiles) {
+  for (int64_t i0 = 0; i0 < M; i0 += kTileM)
+    for (int64_t j0 = 0; j0 < N; j0 += kTileN) {
+      // Element (i, k) of op(a) sits at a[i lda + k] or, transposed, a[k lda + i].
+      const char* at = a + size_t(ta ? i0 : i0 * lda) * es;
+      const char* bt = b + size_t(tb ? j0 * ldb : j0) * es;
+      tiles.push_back({at, bt, c + i0 * ldc + j0, std::min(kTileM, M - i0),
+                       std::min(kTileN, N - j0), K, lda, ldb, ldc});
+    }
+}
+
+// Always inside a parallel region, even for one tile (see the file comment).
+void run_tiles(PrimitiveKey key, const std::vector<Tile>& tiles, float alpha) {
+  if (tiles.empty()) return;
+  const dnnl::matmul& mm = primitive(key);
+  const int64_t n = int64_t(tiles.size());
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t i = 0; i < n; ++i) run_tile(mm, key, tiles[i], alpha);
+}
+
+// src rounded to bf16 into a buffer that lives until the next call on this thread.
+// src: [n] -> [n] bf16
+const bf16* to_bf16_buffer(const float* src, int64_t n, std::vector<bf16>& buffer) {
+  buffer.resize(size_t(n));
+  bf16* dst = buffer.data();
+#pragma omp parallel for schedule(static) if (n > (1 << 16) && !omp_in_parallel())
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_bf16(src[i]);
+  return dst;
+}
+
+struct Bf16Buffers {
+  std::vector<bf16> a, b;
+  std::vector<float> wide;  // bf16 weights widened for f32 compute
+};
+Bf16Buffers& buffers() {
+  thread_local Bf16Buffers b;
+  return b;
+}
+
+// The operands as the compute type wants them: the f32 data itself, or a bf16 copy.
+struct Operands {
+  const char* a;
+  const char* b;
+  size_t es;
+};
+Operands prepare(Compute compute, const float* a, int64_t na, const float* b, int64_t nb) {
+  if (compute == Compute::kF32)
+    return {reinterpret_cast<const char*>(a), reinterpret_cast<const char*>(b), sizeof(float)};
+  Bf16Buffers& buf = buffers();
+  return {reinterpret_cast<const char*>(to_bf16_buffer(a, na, buf.a)),
+          reinterpret_cast<const char*>(to_bf16_buffer(b, nb, buf.b)), sizeof(bf16)};
+}
+
+void check_grouped(int64_t n_rows, int64_t n_groups, std::span<const int32_t> offsets) {
+  SY_CHECK(int64_t(offsets.size()) == n_groups + 1, "offsets size {} for {} groups",
+           offsets.size(), n_groups);
+  SY_CHECK(offsets.front() == 0 && offsets.back() == n_rows, "offsets span [{}, {}] for {} rows",
+           offsets.front(), offsets.back(), n_rows);
+}
+
+// beta other than 0 or 1 is applied to c first, then the product accumulates onto it.
+bool scale_for_beta(float beta, MatrixView<float> c) {
+  if (beta == 0.0f) return false;
+  if (beta != 1.0f)
+    for (int64_t i = 0; i < c.size(); ++i) c.data[i] *= beta;
+  return true;
+}
+
+// The skinny groups of a grouped product, one at a time on gemm.cpp's streaming kernel.
+template <class W>
+void skinny_group(ConstMatrixView<float> xs, MatrixView<const W> wg, int64_t r0, int64_t r1,
+                  MatrixView<float> ys) {
+  const int32_t offsets[2] = {0, int32_t(r1 - r0)};
+  cpu::grouped_gemm(xs.slice_rows(r0, r1), StackedView<const W>{wg.data, 1, wg.rows, wg.cols},
+                    std::span<const int32_t>(offsets, 2), ys.slice_rows(r0, r1));
+}
+
+}  // namespace
+
+void set_max_isa(int isa_level) {
+  static const dnnl::cpu_isa levels[] = {dnnl::cpu_isa::sse41, dnnl::cpu_isa::avx2,
+                                         dnnl::cpu_isa::avx512_core,
+                                         dnnl::cpu_isa::avx512_core_bf16,
+                                         dnnl::cpu_isa::avx512_core_amx};
+  SY_CHECK(isa_level >= 0 && isa_level < 5, "isa level {}", isa_level);
+  try {
+    dnnl::set_max_cpu_isa(levels[isa_level]);
+  } catch (const dnnl::error& e) {
+    SY_CHECK(false, "oneDNN ISA cap set after first use: {}", e.what());
+  }
+}
+
+void gemm(Compute compute, bool trans_a, bool trans_b, float alpha, ConstMatrixView<float> a,
+          ConstMatrixView<float> b, float beta, MatrixView<float> c) {
+  const int64_t K = trans_a ? a.rows : a.cols;
+  SY_CHECK((trans_a ? a.cols : a.rows) == c.rows && (trans_b ? b.cols : b.rows) == K &&
+               (trans_b ? b.rows : b.cols) == c.cols,
+           "gemm shapes a [{}, {}] b [{}, {}] c [{}, {}]", a.rows, a.cols, b.rows, b.cols, c.rows,
+           c.cols);
+  if (c.rows == 0 || c.cols == 0) return;
+  const bool accumulate = scale_for_beta(beta, c);
+  if (K == 0) {
+    if (!accumulate) std::fill_n(c.data, c.size(), 0.0f);
+    return;
+  }
+  const Operands op = prepare(compute, a.data, a.size(), b.data, b.size());
+  std::vector<Tile> tiles;
+  add_tiles(trans_a, trans_b, op.es, op.a, a.cols, op.b, b.cols, c.data, c.cols, c.rows, c.cols, K,
+            tiles);
+  run_tiles({compute, trans_a, trans_b, accumulate}, tiles, alpha);
+}
+
+void grouped_gemm(Compute compute, ConstMatrixView<float> xs, StackedView<const float> w,
+                  std::span<const int32_t> offsets, MatrixView<float> ys) {
+  check_grouped(xs.rows, w.n, offsets);
+  const int64_t K = w.rows, N = w.cols;
+  if (xs.rows == 0) return;
+  const Operands op = prepare(compute, xs.data, xs.size(), w.data, w.n * K * N);
+  std::vector<Tile> tiles;
+  for (int64_t g = 0; g < w.n; ++g) {
+    const int64_t r0 = offsets[g], r1 = offsets[g + 1];
+    if (r1 == r0) continue;
+    if (r1 - r0 <= kSkinnyRows) {
+      skinny_group<float>(xs, w[g], r0, r1, ys);
+      continue;
+    }
+    add_tiles(false, false, op.es, op.a + size_t(r0 * K) * op.es, K,
+              op.b + size_t(g * K * N) * op.es, N, ys.data + r0 * N, N, r1 - r0, N, K, tiles);
+  }
+  run_tiles({compute, false, false, false}, tiles, 1.0f);
+}
+
+void grouped_gemm(Compute compute, ConstMatrixView<float> xs, StackedView<const bf16> w,
+                  std::span<const int32_t> offsets, MatrixView<float> ys) {
+  check_grouped(xs.rows, w.n, offsets);
+  if (compute == Compute::kF32) {
+    // f32 compute on the widened weights; skinny groups stream the bf16 weights directly.
+    std::vector<float>& wide = buffers().wide;
+    wide.resize(size_t(w.n * w.rows * w.cols));
+    const int64_t per = w.rows * w.cols;
+    for (int64_t g = 0; g < w.n; ++g) {
+      const int64_t rows = offsets[g + 1] - offsets[g];
+      if (rows <= kSkinnyRows) continue;
+      const bf16* src = w.data + g * per;
+      float* dst = wide.data() + g * per;
+#pragma omp parallel for schedule(static) if (per > (1 << 16) && !omp_in_parallel())
+      for (int64_t i = 0; i < per; ++i) dst[i] = to_float(src[i]);
+    }
+    std::vector<Tile> tiles;
+    const int64_t K = w.rows, N = w.cols;
+    for (int64_t g = 0; g < w.n; ++g) {
+      const int64_t r0 = offsets[g], r1 = offsets[g + 1];
+      if (r1 == r0) continue;
+      if (r1 - r0 <= kSkinnyRows) {
+        skinny_group<bf16>(xs, w[g], r0, r1, ys);
+        continue;
+      }
+      add_tiles(false, false, sizeof(float), reinterpret_cast<const char*>(xs.data + r0 * K), K,
+                reinterpret_cast<const char*>(wide.data() + g * per), N, ys.data + r0 * N, N,
+                r1 - r0, N, K, tiles);
+    }
+    run_tiles({Compute::kF32, false, false, false}, tiles, 1.0f);
+    return;
+  }
+  const int64_t K = w.rows, N = w.cols;
+  if (xs.rows == 0) return;
+  const char* a = reinterpret_cast<const char*>(to_bf16_buffer(xs.data, xs.size(), buffers().a));
+  const char* b = reinterpret_cast<const char*>(w.data);
+  std::vector<Tile> tiles;
+  for (int64_t g = 0; g < w.n; ++g) {
+    const int64_t r0 = offsets[g], r1 = offsets[g + 1];
+    if (r1 == r0) continue;
+    if (r1 - r0 <= kSkinnyRows) {
+      skinny_group<bf16>(xs, w[g], r0, r1, ys);
+      continue;
+    }
+    add_tiles(false, false, sizeof(bf16), a + size_t(r0 * K) * sizeof(bf16), K,
+              b + size_t(g * K * N) * sizeof(bf16), N, ys.data + r0 * N, N, r1 - r0, N, K, tiles);
+  }
+  run_tiles({Compute::kBf16, false, false, false}, tiles, 1.0f);
+}
+
+void grouped_gemm_bt(Compute compute, ConstMatrixView<float> dys, StackedView<const float> w,
+                     std::span<const int32_t> offsets, float beta, MatrixView<float> dxs) {
+  check_grouped(dys.rows, w.n, offsets);
+  const int64_t K = w.rows, N = w.cols;
+  if (dys.rows == 0) return;
+  const bool accumulate = scale_for_beta(beta, dxs);
+  const Operands op = prepare(compute, dys.data, dys.size(), w.data, w.n * K * N);
+  std::vector<Tile> tiles;
+  for (int64_t g = 0; g < w.n; ++g) {
+    const int64_t r0 = offsets[g], r1 = offsets[g + 1];
+    if (r1 == r0) continue;
+    // dxs_g [rows, K] = dys_g [rows, N] w_g^T [N, K]: w_g stored [K, N], row stride N.
+    add_tiles(false, true, op.es, op.a + size_t(r0 * N) * op.es, N,
+              op.b + size_t(g * K * N) * op.es, N, dxs.data + r0 * K, K, r1 - r0, K, N, tiles);
+  }
+  run_tiles({compute, false, true, accumulate}, tiles, 1.0f);
+}
+
+void grouped_gemm_at(Compute compute, ConstMatrixView<float> xs, ConstMatrixView<float> dys,
+                     std::span<const int32_t> offsets, StackedView<float> dw) {
+  check_grouped(xs.rows, dw.n, offsets);
+  const int64_t K = dw.rows, N = dw.cols;
+  SY_CHECK(xs.cols == K && dys.cols == N && dys.rows == xs.rows,
+           "grouped_gemm_at xs [{}, {}] dys [{}, {}] dw [{}, {}, {}]", xs.rows, xs.cols, dys.rows,
+           dys.cols, dw.n, K, N);
+  if (xs.rows == 0) return;
+  const Operands op = prepare(compute, xs.data, xs.size(), dys.data, dys.size());
+  std::vector<Tile> tiles;
+  for (int64_t g = 0; g < dw.n; ++g) {
+    const int64_t r0 = offsets[g], r1 = offsets[g + 1];
+    if (r1 == r0) continue;
+    // dw_g [K, N] += xs_g^T [K, rows] dys_g [rows, N]: xs_g stored [rows, K], row stride K.
+    add_tiles(true, false, op.es, op.a + size_t(r0 * K) * op.es, K, op.b + size_t(r0 * N) * op.es,
+              N, dw.data + g * K * N, N, K, N, r1 - r0, tiles);
+  }
+  run_tiles({compute, true, false, true}, tiles, 1.0f);
+}
+
+namespace {
+void dense_call(Dt in, const void* a, const void* b, MatrixView<float> c, int64_t K) {
+  const int64_t M = c.rows, N = c.cols;
+  static std::mutex mu;
+  static std::unique_ptr<dnnl::matmul> cache[2];
+  std::unique_ptr<dnnl::matmul>* slot;
+  {
+    std::lock_guard lock(mu);
+    slot = &cache[in == Dt::bf16 ? 1 : 0];
+    if (!*slot) {
+      constexpr auto R = DNNL_RUNTIME_DIM_VAL;
+      const memory::desc md({R, R}, in, {R, 1});
+      const memory::desc cd({R, R}, Dt::f32, {R, 1});
+      *slot = std::make_unique<dnnl::matmul>(
+          dnnl::matmul::primitive_desc(dnnl::matmul::desc(md, md, cd), engine()));
+    }
+  }
+  dnnl::stream stream(engine());
+  memory am(memory::desc({M, K}, in, {K, 1}), engine(), const_cast<void*>(a));
+  memory bm(memory::desc({K, N}, in, {N, 1}), engine(), const_cast<void*>(b));
+  memory cm(memory::desc({M, N}, Dt::f32, {N, 1}), engine(), c.data);
+  (*slot)->execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
+  stream.wait();
+}
+}  // namespace
+
+void dense_gemm(Compute compute, ConstMatrixView<float> a, ConstMatrixView<float> b,
+                MatrixView<float> c) {
+  SY_CHECK(a.cols == b.rows && a.rows == c.rows && b.cols == c.cols, "dense gemm shapes");
+  const Operands op = prepare(compute, a.data, a.size(), b.data, b.size());
+  dense_call(compute == Compute::kBf16 ? Dt::bf16 : Dt::f32, op.a, op.b, c, a.cols);
+}
+
+void dense_gemm_bf16(ConstMatrixView<bf16> a, ConstMatrixView<bf16> b, MatrixView<float> c) {
+  SY_CHECK(a.cols == b.rows && a.rows == c.rows && b.cols == c.cols, "dense gemm shapes");
+  dense_call(Dt::bf16, a.data, b.data, c, a.cols);
+}
+
+const char* impl_name(Compute compute) {
+  const dnnl::matmul& mm = primitive({compute, false, false, false});
+  const char* info = nullptr;
+  dnnl_primitive_desc_query(mm.get_primitive_desc(), dnnl_query_impl_info_str, 0, &info);
+  return info != nullptr ? info : "?";
+}
+
+}  // namespace sy::cpu::onednn
