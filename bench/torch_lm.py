@@ -7,9 +7,13 @@ index_add), final RMSNorm, LM head, cross-entropy; AdamW and gradient clipping. 
 (every routed token is computed), which is the usual plain implementation and slightly more work
 than Switchyard's capacity factor 1.25 run (it drops a few percent of slots).
 
-    python3 bench/torch_lm.py [--threads 2] [--steps 8] [--dense] [--json out.json]
+    python3 bench/torch_lm.py [--threads 2] [--steps 8] [--dense] [--precision f32|bf16]
+                              [--json out.json]
 
-Needs Debian's python3-torch (1.13, CPU); not part of the build or the tests.
+--precision bf16 runs the steps under torch.autocast("cpu", dtype=torch.bfloat16): matmuls in
+bf16, weights and optimizer state in f32, as PyTorch users train in mixed precision on CPU.
+Runs on Debian's python3-torch (1.13) or the current one from PyPI (scripts/bench_env.sh);
+not part of the build or the tests.
 """
 import argparse
 import json
@@ -135,6 +139,7 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dense", action="store_true", help="austen-dense instead of austen-moe")
+    ap.add_argument("--precision", choices=["f32", "bf16"], default="f32")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.manual_seed(1)
@@ -146,7 +151,8 @@ def main():
     for step in range(args.warmup + args.steps):
         tokens = torch.randint(0, 256, (B, L + 1))
         t0 = time.perf_counter()
-        loss = model(tokens[:, :-1], tokens[:, 1:])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss = model(tokens[:, :-1], tokens[:, 1:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -155,6 +161,7 @@ def main():
             times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     out = {"torch": torch.__version__, "threads": args.threads, "model": "dense" if args.dense else "moe",
+           "precision": args.precision,
            "step_median_s": med, "tokens_per_s": B * L / med}
     print(json.dumps(out))
     if args.json:

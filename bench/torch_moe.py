@@ -1,11 +1,16 @@
-"""The MoE block as users commonly write it in PyTorch (loop over experts, index_add), timed on
-the GPU beside `switchyard bench moe --device cuda`: same shapes, bf16, dropless, softmax
-top-k with renormalisation, SwiGLU experts. Median of CUDA-event timings after warm-up.
+"""The MoE block as users commonly write it in PyTorch (loop over experts, index_add), timed
+beside `switchyard bench moe`: same shapes, dropless, softmax top-k with renormalisation, SwiGLU
+experts. On the GPU (default): bf16, median of CUDA-event timings. On the CPU (--device cpu):
+f32, or bf16 autocast (--precision bf16: matmuls in bf16, f32 weights) as users run mixed
+precision there, on --threads threads; median wall time after warm-up.
 
-    python3 bench/torch_moe.py [--shape A M ...] [--json out.json]
+    python3 bench/torch_moe.py [--device cuda|cpu] [--precision f32|bf16] [--threads 2]
+                               [--shape A M ...] [--json out.json]
 """
 import argparse
+import contextlib
 import json
+import time
 
 import torch
 
@@ -43,6 +48,16 @@ class MoeBlock(torch.nn.Module):
         return y
 
 
+def median_ms_cpu(fn, iters):
+    fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
 def median_ms(fn, iters):
     fn()
     torch.cuda.synchronize()
@@ -61,28 +76,56 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", nargs="*", default=list(SHAPES))
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--precision", choices=["f32", "bf16"], default=None,
+                    help="CPU only (GPU runs bf16): f32, or bf16 autocast")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.manual_seed(1)
+    cpu = args.device == "cpu"
+    if cpu:
+        torch.set_num_threads(args.threads)
+        args.shape = [s for s in args.shape if s not in ("M", "X")] if args.shape == list(SHAPES) else args.shape
+    precision = args.precision or ("f32" if cpu else "bf16")
+    timer = median_ms_cpu if cpu else median_ms
     rows = []
     for name in args.shape:
         T, d, f, E, k = SHAPES[name]
-        block = MoeBlock(d, f, E, k).cuda().to(torch.bfloat16)
-        x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        dy = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
-        fwd = median_ms(lambda: block(x), args.iters)
+        if cpu:
+            block = MoeBlock(d, f, E, k)
+            x = torch.randn(T, d, requires_grad=True)
+            dy = torch.randn(T, d)
+            autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" \
+                else contextlib.nullcontext
+        else:
+            block = MoeBlock(d, f, E, k).cuda().to(torch.bfloat16)
+            x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            dy = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+            autocast = contextlib.nullcontext
+
+        def fwd_only():
+            with torch.no_grad(), autocast():
+                block(x)
 
         def step():
-            block(x).backward(dy)
+            with autocast():
+                y = block(x)
+            y.backward(dy.to(y.dtype))
 
-        fwd_bwd = median_ms(step, args.iters)
+        fwd = timer(fwd_only, args.iters)
+        fwd_bwd = timer(step, args.iters)
         flops = 6.0 * T * k * d * f + 2.0 * T * d * E
-        rows.append({"shape": name, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd,
+        rows.append({"shape": name, "device": args.device, "precision": precision,
+                     "threads": args.threads if cpu else None, "torch": torch.__version__,
+                     "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd,
                      "fwd_gflops": flops / fwd / 1e6, "fwd_bwd_gflops": 3 * flops / fwd_bwd / 1e6})
-        print(f"torch {name:<4} T={T:<6} d={d:<5} f={f:<6} E={E:<3} k={k}  fwd {fwd:9.3f} ms "
-              f"{flops / fwd / 1e9:8.1f} TF/s  fwd+bwd {fwd_bwd:9.3f} ms", flush=True)
+        print(f"torch {torch.__version__} {args.device} {precision} {name:<4} T={T:<6} d={d:<5} "
+              f"f={f:<6} E={E:<3} k={k}  fwd {fwd:9.3f} ms {flops / fwd / 1e6:8.1f} GF/s  "
+              f"fwd+bwd {fwd_bwd:9.3f} ms {3 * flops / fwd_bwd / 1e6:8.1f} GF/s", flush=True)
         del block, x, dy
-        torch.cuda.empty_cache()
+        if not cpu:
+            torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)

@@ -100,7 +100,8 @@ void MoeLayer::plan_parallel(MoeCache& c, int64_t n_tok, const ExecContext& ctx)
     ep.offsets[el + 1] = int32_t(ep.by_expert.size());
   }
   ep.by_source.resize(ep.by_expert.size());
-  for (size_t i = 0; i < ep.by_expert.size(); ++i) ep.by_source[size_t(ep.by_expert[i])] = int32_t(i);
+  for (size_t i = 0; i < ep.by_expert.size(); ++i)
+    ep.by_source[size_t(ep.by_expert[i])] = int32_t(i);
   ep.rows_computed = int64_t(ep.by_expert.size());
   ep.values_sent = 0;
   for (int64_t q = 0; q < P; ++q)
@@ -114,16 +115,15 @@ void MoeLayer::experts_forward_parallel(const MoeParams& p, MoeCache& c, const P
   ExpertParallelCache& ep = c.ep;
   const int64_t m = ep.rows_computed;
   add_wall_seconds(&c.times.exchange,
-              [&] { exchange_rows<T>(g, c.xs, ep.send_rows, ep.buf, ep.recv_rows, d); });
+                   [&] { exchange_rows<T>(g, c.xs, ep.send_rows, ep.buf, ep.recv_rows, d); });
   ep.xe.resize({m, d}, dtype_of<T>());
   ep.ye.resize({m, d}, dtype_of<T>());
   cpu::gather_rows<T>(ep.buf.matrix<T>(), ep.by_expert, ep.xe.matrix<T>());
   experts_forward(be, p.w1.stacked<W>(), p.w3.stacked<W>(), p.w2.stacked<W>(),
-                  ConstMatrixView<T>(ep.xe.matrix<T>()), ep.offsets, ep.ye.matrix<T>(),
-                  c.experts);
+                  ConstMatrixView<T>(ep.xe.matrix<T>()), ep.offsets, ep.ye.matrix<T>(), c.experts);
   cpu::gather_rows<T>(ep.ye.matrix<T>(), ep.by_source, ep.buf.matrix<T>());
   add_wall_seconds(&c.times.exchange,
-              [&] { exchange_rows<T>(g, ep.buf, ep.recv_rows, c.ys, ep.send_rows, d); });
+                   [&] { exchange_rows<T>(g, ep.buf, ep.recv_rows, c.ys, ep.send_rows, d); });
 }
 
 template <class T>
@@ -133,25 +133,33 @@ void MoeLayer::experts_backward_parallel(const MoeParams& p, MoeCache& c, MoePar
   ExpertParallelCache& ep = c.ep;
   const int64_t m = ep.rows_computed;
   double& seconds = c.times.backward_exchange;
-  add_wall_seconds(&seconds, [&] { exchange_rows<T>(g, c.dys, ep.send_rows, ep.buf, ep.recv_rows, d); });
+  add_wall_seconds(&seconds,
+                   [&] { exchange_rows<T>(g, c.dys, ep.send_rows, ep.buf, ep.recv_rows, d); });
   cpu::gather_rows<T>(ep.buf.matrix<T>(), ep.by_expert, ep.ye.matrix<T>());  // ye: dye now
   ep.dxe.resize({m, d}, dtype_of<T>());
-  experts_backward<T>(be, p.w1.stacked<T>(), p.w3.stacked<T>(), p.w2.stacked<T>(), ep.xe.matrix<T>(),
-                      ep.offsets, ep.ye.matrix<T>(), c.experts, grads.w1.stacked<T>(),
-                      grads.w3.stacked<T>(), grads.w2.stacked<T>(), ep.dxe.matrix<T>());
+  experts_backward<T>(be, p.w1.stacked<T>(), p.w3.stacked<T>(), p.w2.stacked<T>(),
+                      ep.xe.matrix<T>(), ep.offsets, ep.ye.matrix<T>(), c.experts,
+                      grads.w1.stacked<T>(), grads.w3.stacked<T>(), grads.w2.stacked<T>(),
+                      ep.dxe.matrix<T>());
   cpu::gather_rows<T>(ep.dxe.matrix<T>(), ep.by_source, ep.buf.matrix<T>());
-  add_wall_seconds(&seconds, [&] { exchange_rows<T>(g, ep.buf, ep.recv_rows, c.dxs, ep.send_rows, d); });
+  add_wall_seconds(&seconds,
+                   [&] { exchange_rows<T>(g, ep.buf, ep.recv_rows, c.dxs, ep.send_rows, d); });
 }
 
 template void MoeLayer::experts_forward_parallel<float, float>(const MoeParams&, MoeCache&,
-                                                               const ParallelGroup&, const Backend&) const;
+                                                               const ParallelGroup&,
+                                                               const Backend&) const;
 template void MoeLayer::experts_forward_parallel<double, double>(const MoeParams&, MoeCache&,
-                                                                 const ParallelGroup&, const Backend&) const;
+                                                                 const ParallelGroup&,
+                                                                 const Backend&) const;
 template void MoeLayer::experts_forward_parallel<float, bf16>(const MoeParams&, MoeCache&,
-                                                              const ParallelGroup&, const Backend&) const;
+                                                              const ParallelGroup&,
+                                                              const Backend&) const;
 template void MoeLayer::experts_backward_parallel<float>(const MoeParams&, MoeCache&, MoeParams&,
-                                                         const ParallelGroup&, const Backend&) const;
+                                                         const ParallelGroup&,
+                                                         const Backend&) const;
 template void MoeLayer::experts_backward_parallel<double>(const MoeParams&, MoeCache&, MoeParams&,
-                                                          const ParallelGroup&, const Backend&) const;
+                                                          const ParallelGroup&,
+                                                          const Backend&) const;
 
 }  // namespace sy

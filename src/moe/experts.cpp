@@ -2,16 +2,16 @@
 // nothing; that is 3 n f values, the largest part of the layer's activation memory.
 #include "switchyard/moe/experts.h"
 
-#include "switchyard/kernels/cpu.h"
 #include "switchyard/kernels/backend.h"
+#include "switchyard/kernels/cpu.h"
 
 namespace sy {
 
 namespace {
 template <class T, class W>
-void forward_impl(const Backend& be, StackedView<const W> w1, StackedView<const W> w3, StackedView<const W> w2,
-                  ConstMatrixView<T> xs, std::span<const int32_t> offsets, MatrixView<T> ys,
-                  ExpertsCache& c) {
+void forward_impl(const Backend& be, StackedView<const W> w1, StackedView<const W> w3,
+                  StackedView<const W> w2, ConstMatrixView<T> xs, std::span<const int32_t> offsets,
+                  MatrixView<T> ys, ExpertsCache& c) {
   const int64_t n = xs.rows, f = w1.cols;
   const DType dt = dtype_of<T>();
   c.h1.resize({n, f}, dt);
@@ -26,9 +26,9 @@ void forward_impl(const Backend& be, StackedView<const W> w1, StackedView<const 
 }  // namespace
 
 template <class T>
-void experts_forward(const Backend& be, StackedView<const T> w1, StackedView<const T> w3, StackedView<const T> w2,
-                     ConstMatrixView<T> xs, std::span<const int32_t> offsets, MatrixView<T> ys,
-                     ExpertsCache& cache) {
+void experts_forward(const Backend& be, StackedView<const T> w1, StackedView<const T> w3,
+                     StackedView<const T> w2, ConstMatrixView<T> xs,
+                     std::span<const int32_t> offsets, MatrixView<T> ys, ExpertsCache& cache) {
   forward_impl<T, T>(be, w1, w3, w2, xs, offsets, ys, cache);
 }
 
@@ -39,10 +39,11 @@ void experts_forward(const Backend& be, StackedView<const bf16> w1, StackedView<
 }
 
 template <class T>
-void experts_backward(const Backend& be, StackedView<const T> w1, StackedView<const T> w3, StackedView<const T> w2,
-                      ConstMatrixView<T> xs, std::span<const int32_t> offsets,
-                      ConstMatrixView<T> dys, ExpertsCache& c, StackedView<T> dw1,
-                      StackedView<T> dw3, StackedView<T> dw2, MatrixView<T> dxs) {
+void experts_backward(const Backend& be, StackedView<const T> w1, StackedView<const T> w3,
+                      StackedView<const T> w2, ConstMatrixView<T> xs,
+                      std::span<const int32_t> offsets, ConstMatrixView<T> dys, ExpertsCache& c,
+                      StackedView<T> dw1, StackedView<T> dw3, StackedView<T> dw2,
+                      MatrixView<T> dxs) {
   const int64_t n = xs.rows, f = w1.cols;
   if (n == 0) return;
   const DType dt = dtype_of<T>();
@@ -61,14 +62,14 @@ void experts_backward(const Backend& be, StackedView<const T> w1, StackedView<co
   be.grouped_gemm_bt<T>(c.dh3.matrix<T>(), w3, offsets, T(1), dxs);
 }
 
-#define SY_INSTANTIATE(T)                                                                          \
-  template void experts_forward(const Backend&, StackedView<const T>, StackedView<const T>, StackedView<const T>,  \
-                                ConstMatrixView<T>, std::span<const int32_t>, MatrixView<T>,       \
-                                ExpertsCache&);                                                    \
-  template void experts_backward(const Backend&, StackedView<const T>, StackedView<const T>, StackedView<const T>, \
-                                 ConstMatrixView<T>, std::span<const int32_t>, ConstMatrixView<T>, \
-                                 ExpertsCache&, StackedView<T>, StackedView<T>, StackedView<T>,    \
-                                 MatrixView<T>);
+#define SY_INSTANTIATE(T)                                                                     \
+  template void experts_forward(const Backend&, StackedView<const T>, StackedView<const T>,   \
+                                StackedView<const T>, ConstMatrixView<T>,                     \
+                                std::span<const int32_t>, MatrixView<T>, ExpertsCache&);      \
+  template void experts_backward(const Backend&, StackedView<const T>, StackedView<const T>,  \
+                                 StackedView<const T>, ConstMatrixView<T>,                    \
+                                 std::span<const int32_t>, ConstMatrixView<T>, ExpertsCache&, \
+                                 StackedView<T>, StackedView<T>, StackedView<T>, MatrixView<T>);
 SY_INSTANTIATE(float)
 SY_INSTANTIATE(double)
 #undef SY_INSTANTIATE

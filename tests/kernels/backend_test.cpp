@@ -7,6 +7,8 @@
 // operands to bf16 (8 significant bits, unit roundoff u = 2^-8) and accumulates in f32, so each
 // element obeys |c - c_ref| <= |alpha| ((2u + u^2) sum_k |a_ik| |b_kj|) + f32 accumulation
 // (K 2^-24 of the same sum): the bound is computed per element from |a| |b|.
+#include "switchyard/kernels/backend.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -16,7 +18,6 @@
 
 #include "switchyard/core/error.h"
 #include "switchyard/core/exec_context.h"
-#include "switchyard/kernels/backend.h"
 #include "switchyard/kernels/ref.h"
 #include "testing/testing.h"
 
@@ -43,8 +44,9 @@ void expect_within(const Tensor& got, const Tensor& want, const Tensor& bound, d
       if (first < 0) first = int64_t(i);
       ++bad;
     }
-  EXPECT_EQ(bad, 0) << what << ": first at " << first << " got " << gs[size_t(std::max<int64_t>(first, 0))]
-                    << " want " << ws[size_t(std::max<int64_t>(first, 0))];
+  EXPECT_EQ(bad, 0) << what << ": first at " << first << " got "
+                    << gs[size_t(std::max<int64_t>(first, 0))] << " want "
+                    << ws[size_t(std::max<int64_t>(first, 0))];
 }
 
 // The slack on sum |a||b| a backend's precision allows for a reduction of length K.
@@ -70,9 +72,8 @@ struct GemmCase {
   int64_t M, N, K;
 };
 // 1, odd sizes, empty dimensions, and sizes that cross the 256-row and 1024-column tiles.
-const GemmCase kGemmCases[] = {{1, 1, 1},   {7, 13, 33},  {33, 7, 13},  {0, 5, 3},
-                               {5, 0, 3},   {4, 6, 0},    {257, 5, 513}, {300, 1100, 70},
-                               {17, 2049, 9}};
+const GemmCase kGemmCases[] = {{1, 1, 1}, {7, 13, 33},   {33, 7, 13},     {0, 5, 3},    {5, 0, 3},
+                               {4, 6, 0}, {257, 5, 513}, {300, 1100, 70}, {17, 2049, 9}};
 
 class BackendKernels : public ::testing::TestWithParam<const Backend*> {};
 
@@ -83,19 +84,23 @@ TEST_P(BackendKernels, GemmAllTransposesAndBetasAgainstReference) {
       for (bool tb : {false, true})
         for (float beta : {0.0f, 1.0f, 0.5f}) {
           const int64_t M = gc.M, N = gc.N, K = gc.K;
-          Tensor a = ta ? random_tensor({K, M}, DType::kF32, 20) : random_tensor({M, K}, DType::kF32, 20);
-          Tensor b = tb ? random_tensor({N, K}, DType::kF32, 21) : random_tensor({K, N}, DType::kF32, 21);
+          Tensor a =
+              ta ? random_tensor({K, M}, DType::kF32, 20) : random_tensor({M, K}, DType::kF32, 20);
+          Tensor b =
+              tb ? random_tensor({N, K}, DType::kF32, 21) : random_tensor({K, N}, DType::kF32, 21);
           Tensor c = random_tensor({M, N}, DType::kF32, 22), cr = c.clone();
           const float alpha = 0.75f;
-          be.gemm<float>(ta, tb, alpha, a.matrix<float>(), b.matrix<float>(), beta, c.matrix<float>());
+          be.gemm<float>(ta, tb, alpha, a.matrix<float>(), b.matrix<float>(), beta,
+                         c.matrix<float>());
           ref::gemm<float>(ta, tb, alpha, a.matrix<float>(), b.matrix<float>(), beta,
                            cr.matrix<float>());
           Tensor bound({M, N}, DType::kF64);
           Tensor aa = abs_of(a), ab = abs_of(b);
           ref::gemm<double>(ta, tb, alpha, aa.matrix<double>(), ab.matrix<double>(), 0.0,
                             bound.matrix<double>());
-          expect_within(c, cr, bound, slack_for(be, K), 1e-6,
-                        fmt::format("{} M{} N{} K{} ta{} tb{} beta{}", be.name, M, N, K, ta, tb, beta));
+          expect_within(
+              c, cr, bound, slack_for(be, K), 1e-6,
+              fmt::format("{} M{} N{} K{} ta{} tb{} beta{}", be.name, M, N, K, ta, tb, beta));
         }
 }
 
@@ -117,20 +122,23 @@ TEST_P(BackendKernels, GroupedGemmsAgainstReference) {
       const std::vector<int32_t> off = offsets_of(rows);
       const int64_t G = int64_t(rows.size()), n = off.back();
       const std::string what = fmt::format("{} G{} n{} K{} N{}", be.name, G, n, K, N);
-      Tensor xs = random_tensor({n, K}, DType::kF32, 30), w = random_tensor({G, K, N}, DType::kF32, 31);
+      Tensor xs = random_tensor({n, K}, DType::kF32, 30),
+             w = random_tensor({G, K, N}, DType::kF32, 31);
       Tensor axs = abs_of(xs), aw = abs_of(w);
       // ys = xs w
       Tensor ys({n, N}, DType::kF32), ysr({n, N}, DType::kF32), bound({n, N}, DType::kF64);
       be.grouped_gemm<float>(xs.matrix<float>(), w.stacked<float>(), off, ys.matrix<float>());
       ref::grouped_gemm<float>(xs.matrix<float>(), w.stacked<float>(), off, ysr.matrix<float>());
-      ref::grouped_gemm<double>(axs.matrix<double>(), aw.stacked<double>(), off, bound.matrix<double>());
+      ref::grouped_gemm<double>(axs.matrix<double>(), aw.stacked<double>(), off,
+                                bound.matrix<double>());
       expect_within(ys, ysr, bound, slack_for(be, K), 1e-6, what + " forward");
       // dxs = dys w^T + beta dxs, beta 0 and 1
       Tensor dys = random_tensor({n, N}, DType::kF32, 32), ady = abs_of(dys);
       for (float beta : {0.0f, 1.0f}) {
         Tensor dxs = random_tensor({n, K}, DType::kF32, 33), dxsr = dxs.clone();
         Tensor bnd({n, K}, DType::kF64);
-        be.grouped_gemm_bt<float>(dys.matrix<float>(), w.stacked<float>(), off, beta, dxs.matrix<float>());
+        be.grouped_gemm_bt<float>(dys.matrix<float>(), w.stacked<float>(), off, beta,
+                                  dxs.matrix<float>());
         ref::grouped_gemm_bt<float>(dys.matrix<float>(), w.stacked<float>(), off, beta,
                                     dxsr.matrix<float>());
         ref::grouped_gemm_bt<double>(ady.matrix<double>(), aw.stacked<double>(), off, 0.0,
@@ -142,7 +150,8 @@ TEST_P(BackendKernels, GroupedGemmsAgainstReference) {
       Tensor bnd({G, K, N}, DType::kF64);
       std::fill_n(bnd.data<double>(), bnd.numel(), 0.0);
       be.grouped_gemm_at<float>(xs.matrix<float>(), dys.matrix<float>(), off, dw.stacked<float>());
-      ref::grouped_gemm_at<float>(xs.matrix<float>(), dys.matrix<float>(), off, dwr.stacked<float>());
+      ref::grouped_gemm_at<float>(xs.matrix<float>(), dys.matrix<float>(), off,
+                                  dwr.stacked<float>());
       ref::grouped_gemm_at<double>(axs.matrix<double>(), ady.matrix<double>(), off,
                                    bnd.stacked<double>());
       int64_t max_rows = 0;
@@ -165,7 +174,8 @@ TEST_P(BackendKernels, GroupedGemmWithBf16Weights) {
   be.grouped_gemm(xs.matrix<float>(), w.stacked<bf16>(), off, ys.matrix<float>());
   ref::grouped_gemm<float>(xs.matrix<float>(), wf.stacked<float>(), off, ysr.matrix<float>());
   Tensor axs = abs_of(xs), aw = abs_of(wf);
-  ref::grouped_gemm<double>(axs.matrix<double>(), aw.stacked<double>(), off, bound.matrix<double>());
+  ref::grouped_gemm<double>(axs.matrix<double>(), aw.stacked<double>(), off,
+                            bound.matrix<double>());
   const double u = std::ldexp(1.0, -8);
   expect_within(ys, ysr, bound, u + double(K + 2) * std::ldexp(1.0, -24), 1e-6, be.name);
 }
@@ -174,14 +184,16 @@ TEST_P(BackendKernels, GroupedGemmWithBf16Weights) {
 // for bit, for plain and grouped products.
 TEST_P(BackendKernels, SameBitsAtAnyThreadCount) {
   const Backend& be = *GetParam();
-  Tensor a = random_tensor({600, 300}, DType::kF32, 50), b = random_tensor({300, 1100}, DType::kF32, 51);
+  Tensor a = random_tensor({600, 300}, DType::kF32, 50),
+         b = random_tensor({300, 1100}, DType::kF32, 51);
   const std::vector<int32_t> off = offsets_of({250, 0, 333, 17});
   Tensor w = random_tensor({4, 300, 1100}, DType::kF32, 52);
   auto run = [&](int threads) {
     ThreadScope scope(threads);
     Tensor c({600, 1100}, DType::kF32), ys({600, 1100}, DType::kF32);
     Tensor dw = random_tensor({4, 300, 1100}, DType::kF32, 53);
-    be.gemm<float>(false, false, 1.0f, a.matrix<float>(), b.matrix<float>(), 0.0f, c.matrix<float>());
+    be.gemm<float>(false, false, 1.0f, a.matrix<float>(), b.matrix<float>(), 0.0f,
+                   c.matrix<float>());
     be.grouped_gemm<float>(a.matrix<float>(), w.stacked<float>(), off, ys.matrix<float>());
     be.grouped_gemm_at<float>(a.matrix<float>(), ys.matrix<float>(), off, dw.stacked<float>());
     std::vector<float> out(c.span<float>().begin(), c.span<float>().end());

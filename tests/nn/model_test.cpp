@@ -1,13 +1,14 @@
 // The transformer layers: float64 finite-difference checks of attention (with RoPE) and of the
 // whole language model (dense and MoE layers, auxiliary losses included); KV-cached decoding
 // against the full forward; the same numbers at any thread count; clear errors for bad input.
+#include "switchyard/nn/model.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <vector>
 
 #include "switchyard/nn/attention.h"
-#include "switchyard/nn/model.h"
 #include "testing/testing.h"
 
 namespace sy {
@@ -132,7 +133,10 @@ TEST(LanguageModel, DecodeWithKvCacheMatchesFullForward) {
   }
 }
 
-TEST(LanguageModel, SameLossAndGradientsAtAnyThreadCount) {
+// Every backend (f32 and bf16 compute, each library): the bits never depend on the thread count.
+class ModelOnBackend : public ::testing::TestWithParam<const Backend*> {};
+
+TEST_P(ModelOnBackend, SameLossAndGradientsAtAnyThreadCount) {
   LmConfig cfg = tiny_config(1);
   cfg.context = 40;
   cfg.d_model = 32;
@@ -149,12 +153,14 @@ TEST(LanguageModel, SameLossAndGradientsAtAnyThreadCount) {
   for (int threads : {1, 2, 3}) {
     ExecContext ctx;
     ctx.n_threads = threads;
+    ctx.backend = GetParam();
     LmParams g = zeros_like(p);
     LmCache cache;
     losses.push_back(model.forward(p, tokens, targets, 4, cache, ctx).loss);
     model.backward(p, cache, g, ctx);
     std::vector<float> flat;
-    for (auto& [name, t] : g.named()) flat.insert(flat.end(), t->span<float>().begin(), t->span<float>().end());
+    for (auto& [name, t] : g.named())
+      flat.insert(flat.end(), t->span<float>().begin(), t->span<float>().end());
     grads.push_back(std::move(flat));
   }
   EXPECT_EQ(losses[0], losses[1]);
@@ -162,6 +168,17 @@ TEST(LanguageModel, SameLossAndGradientsAtAnyThreadCount) {
   EXPECT_EQ(grads[0], grads[1]);
   EXPECT_EQ(grads[0], grads[2]);
 }
+
+INSTANTIATE_TEST_SUITE_P(
+    Available, ModelOnBackend,
+    ::testing::ValuesIn(std::vector<const Backend*>(available_backends(cpu_features()).begin(),
+                                                    available_backends(cpu_features()).end())),
+    [](const ::testing::TestParamInfo<const Backend*>& info) {
+      std::string s = info.param->name;
+      for (char& ch : s)
+        if (ch == '-') ch = '_';
+      return s;
+    });
 
 TEST(LanguageModel, BadInputNamesWhatWasExpected) {
   LmConfig cfg = tiny_config(1);

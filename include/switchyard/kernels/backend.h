@@ -62,9 +62,9 @@ CpuFeatures detect_cpu_features(std::string_view cap);
 // count. Skinny groups (decode: a few rows per expert) use the memory-bound streaming kernel in
 // every backend.
 struct Backend {
-  std::string name;     // "cpu-<isa>-<library>-<precision>": printed at start, recorded
+  std::string name;  // "cpu-<isa>-<library>-<precision>": printed at start, recorded
   Isa isa = Isa::kBaseline;
-  std::string library;  // "onednn" or "openblas"
+  std::string library;                    // "onednn" or "openblas"
   Precision precision = Precision::kF32;  // kF32 or kBf16, never kAuto
   // The f32 twin (this backend when it is f32): for products kept in full precision whatever
   // model.precision says, such as the router's logits.
@@ -84,8 +84,8 @@ struct Backend {
 
   // c = alpha op(a) op(b) + beta c.  op(a): [M, K], op(b): [K, N], c: [M, N]
   template <class T>
-  void gemm(bool trans_a, bool trans_b, T alpha, ConstMatrixView<T> a, ConstMatrixView<T> b,
-            T beta, MatrixView<T> c) const {
+  void gemm(bool trans_a, bool trans_b, T alpha, ConstMatrixView<T> a, ConstMatrixView<T> b, T beta,
+            MatrixView<T> c) const {
     if constexpr (std::is_same_v<T, float>)
       gemm_f32(trans_a, trans_b, alpha, a, b, beta, c);
     else
@@ -93,8 +93,8 @@ struct Backend {
   }
   // ys_g = xs_g w_g.  xs: [n, K], w: [G, K, N], offsets: [G+1] -> ys: [n, N]
   template <class T>
-  void grouped_gemm(ConstMatrixView<T> xs, StackedView<const T> w,
-                    std::span<const int32_t> offsets, MatrixView<T> ys) const {
+  void grouped_gemm(ConstMatrixView<T> xs, StackedView<const T> w, std::span<const int32_t> offsets,
+                    MatrixView<T> ys) const {
     if constexpr (std::is_same_v<T, float>)
       grouped_gemm_f32(xs, w, offsets, ys);
     else

@@ -79,7 +79,7 @@ Isa detect_isa(std::string_view vendor) {
   const uint64_t xcr0 = xgetbv0();
   const bool ymm_os = (xcr0 & 0x6) == 0x6;
   const bool zmm_os = ymm_os && (xcr0 & 0xe0) == 0xe0;  // opmask, ZMM_Hi256, Hi16_ZMM
-  const bool tile_os = (xcr0 & 0x60000) == 0x60000;      // XTILECFG, XTILEDATA
+  const bool tile_os = (xcr0 & 0x60000) == 0x60000;     // XTILECFG, XTILEDATA
   const Regs l7 = cpuid(7, 0), l7s1 = cpuid(7, 1);
   const bool avx2 = ymm_os && bit(l1.c, 12) /*FMA*/ && bit(l7.b, 5) /*AVX2*/;
   const bool avx512 = zmm_os && bit(l7.b, 16) /*F*/ && bit(l7.b, 17) /*DQ*/ &&
@@ -244,8 +244,8 @@ void dnnl_gemm_bf16(ConstMatrixView<bf16> a, ConstMatrixView<bf16> b, MatrixView
 Isa parse_isa(std::string_view s, std::string_view what) {
   for (int i = 0; i < 5; ++i)
     if (s == kIsaNames[i]) return Isa(i);
-  throw ConfigError(fmt::format("{} = '{}': expected one of baseline, avx2, avx512, avx512_bf16, amx",
-                                what, s));
+  throw ConfigError(
+      fmt::format("{} = '{}': expected one of baseline, avx2, avx512, avx512_bf16, amx", what, s));
 }
 
 std::string_view precision_name(Precision p) {
@@ -270,7 +270,8 @@ Precision parse_precision(std::string_view s, std::string_view what) {
 std::string CpuFeatures::describe() const {
   std::string s = fmt::format("{} ({} family {} model {}), isa {}", brand, vendor, family, model,
                               isa_name(isa));
-  if (!cap.empty()) s += fmt::format(" (capped by SY_MAX_ISA={}, detected {})", cap, isa_name(detected));
+  if (!cap.empty())
+    s += fmt::format(" (capped by SY_MAX_ISA={}, detected {})", cap, isa_name(detected));
   s += fmt::format(", L2 {} KiB, LLC {} MiB", l2_bytes >> 10, llc_bytes >> 20);
   return s;
 }
@@ -352,8 +353,9 @@ const Backend& pick_backend(const CpuFeatures& cpu, Precision precision) {
     const std::string_view l(lib);
     if (l == "openblas") {
       if (precision == Precision::kBf16)
-        throw ConfigError("SY_GEMM_LIBRARY=openblas: OpenBLAS has no bf16 GEMM here; use "
-                          "model.precision=f32 or unset SY_GEMM_LIBRARY");
+        throw ConfigError(
+            "SY_GEMM_LIBRARY=openblas: OpenBLAS has no bf16 GEMM here; use "
+            "model.precision=f32 or unset SY_GEMM_LIBRARY");
       return t.openblas;
     }
     if (l != "onednn")
@@ -375,7 +377,8 @@ std::string describe_kernels(Precision precision) {
   const CpuFeatures& cpu = cpu_features();
   const Backend& be = pick_backend(cpu, precision);
   std::string why;
-  if (precision == Precision::kAuto) why = fmt::format(" (auto: {})", resolve_precision(cpu).reason);
+  if (precision == Precision::kAuto)
+    why = fmt::format(" (auto: {})", resolve_precision(cpu).reason);
   return fmt::format("kernels {}{} on {}", be.name, why, cpu.describe());
 }
 

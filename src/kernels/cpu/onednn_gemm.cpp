@@ -166,8 +166,8 @@ Operands prepare(Compute compute, const float* a, int64_t na, const float* b, in
 }
 
 void check_grouped(int64_t n_rows, int64_t n_groups, std::span<const int32_t> offsets) {
-  SY_CHECK(int64_t(offsets.size()) == n_groups + 1, "offsets size {} for {} groups",
-           offsets.size(), n_groups);
+  SY_CHECK(int64_t(offsets.size()) == n_groups + 1, "offsets size {} for {} groups", offsets.size(),
+           n_groups);
   SY_CHECK(offsets.front() == 0 && offsets.back() == n_rows, "offsets span [{}, {}] for {} rows",
            offsets.front(), offsets.back(), n_rows);
 }
@@ -192,10 +192,9 @@ void skinny_group(ConstMatrixView<float> xs, MatrixView<const W> wg, int64_t r0,
 }  // namespace
 
 void set_max_isa(int isa_level) {
-  static const dnnl::cpu_isa levels[] = {dnnl::cpu_isa::sse41, dnnl::cpu_isa::avx2,
-                                         dnnl::cpu_isa::avx512_core,
-                                         dnnl::cpu_isa::avx512_core_bf16,
-                                         dnnl::cpu_isa::avx512_core_amx};
+  static const dnnl::cpu_isa levels[] = {
+      dnnl::cpu_isa::sse41, dnnl::cpu_isa::avx2, dnnl::cpu_isa::avx512_core,
+      dnnl::cpu_isa::avx512_core_bf16, dnnl::cpu_isa::avx512_core_amx};
   SY_CHECK(isa_level >= 0 && isa_level < 5, "isa level {}", isa_level);
   try {
     dnnl::set_max_cpu_isa(levels[isa_level]);

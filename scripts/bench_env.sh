@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the peers the benchmarks compare against (current PyTorch and transformers from PyPI)
+# into a git-ignored virtual environment, .venv-bench/. Not needed by the build, the tests, CI
+# or the quick start; only by bench/torch_*.py. Safe to run again: an existing environment is
+# only checked. Prints the path of its python.
+#   bash scripts/bench_env.sh && .venv-bench/bin/python bench/torch_moe.py --device cpu
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=.venv-bench
+if ! python3 -m venv --help >/dev/null 2>&1; then
+  echo "bench_env: python3 -m venv is missing (Debian: apt-get install python3-venv)" >&2
+  exit 1
+fi
+if [[ ! -x $venv/bin/python ]]; then
+  python3 -m venv "$venv"
+fi
+if ! "$venv/bin/python" -c "import torch, transformers" 2>/dev/null; then
+  "$venv/bin/pip" install --quiet --upgrade pip
+  "$venv/bin/pip" install --quiet torch transformers numpy
+fi
+"$venv/bin/python" -c "import torch, transformers; print('bench_env: torch', torch.__version__, 'transformers', transformers.__version__)" >&2
+echo "$venv/bin/python"
