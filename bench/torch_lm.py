@@ -91,7 +91,7 @@ class MoE(torch.nn.Module):
         for e, expert in enumerate(self.experts):
             tok, slot = (idx == e).nonzero(as_tuple=True)
             if tok.numel():
-                y.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None])
+                y.index_add_(0, tok, (expert(x[tok]) * w[tok, slot, None]).to(y.dtype))
         # Switch balance loss and z-loss, as in the Switchyard config.
         E = probs.shape[-1]
         frac = F.one_hot(idx, E).float().sum((0, 1)) / idx.numel()

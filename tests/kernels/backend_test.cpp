@@ -180,6 +180,29 @@ TEST_P(BackendKernels, GroupedGemmWithBf16Weights) {
   expect_within(ys, ysr, bound, u + double(K + 2) * std::ldexp(1.0, -24), 1e-6, be.name);
 }
 
+// Decode: every row count the streaming kernels take (1..16), odd and even K, column counts
+// that leave partial register blocks; bf16 backends use bf16 dot products here.
+TEST_P(BackendKernels, SkinnyGroupsWithBf16WeightsEveryRowCount) {
+  const Backend& be = *GetParam();
+  for (int64_t K : {33, 64})
+    for (int64_t M = 1; M <= 16; ++M) {
+      const int64_t N = 300;
+      const std::vector<int32_t> off = {0, int32_t(M)};
+      Tensor xs = random_tensor({M, K}, DType::kF32, 60 + uint64_t(M));
+      Tensor w = convert(random_tensor({1, K, N}, DType::kF32, 61), DType::kBF16);
+      Tensor wf = convert(w, DType::kF32);
+      Tensor ys({M, N}, DType::kF32), ysr({M, N}, DType::kF32), bound({M, N}, DType::kF64);
+      be.grouped_gemm(xs.matrix<float>(), w.stacked<bf16>(), off, ys.matrix<float>());
+      ref::grouped_gemm<float>(xs.matrix<float>(), wf.stacked<float>(), off, ysr.matrix<float>());
+      Tensor axs = abs_of(xs), aw = abs_of(wf);
+      ref::grouped_gemm<double>(axs.matrix<double>(), aw.stacked<double>(), off,
+                                bound.matrix<double>());
+      const double u = be.precision == Precision::kBf16 ? std::ldexp(1.0, -8) : 0.0;
+      expect_within(ys, ysr, bound, u + double(K + 2) * std::ldexp(1.0, -24), 1e-6,
+                    fmt::format("{} M{} K{}", be.name, M, K));
+    }
+}
+
 // Each output element is reduced by one thread in a fixed order: 1 and 2 threads agree bit
 // for bit, for plain and grouped products.
 TEST_P(BackendKernels, SameBitsAtAnyThreadCount) {

@@ -9,6 +9,8 @@
 // Reference: ref::gemm / ref::grouped_gemm.
 #include "kernels/cpu/onednn_gemm.h"
 
+#include "kernels/cpu/skinny_bf16.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -283,8 +285,8 @@ void grouped_gemm(Compute compute, ConstMatrixView<float> xs, StackedView<const 
   for (int64_t g = 0; g < w.n; ++g) {
     const int64_t r0 = offsets[g], r1 = offsets[g + 1];
     if (r1 == r0) continue;
-    if (r1 - r0 <= kSkinnyRows) {
-      skinny_group<bf16>(xs, w[g], r0, r1, ys);
+    if (r1 - r0 <= kSkinnyRows) {  // decode: bf16 dot products straight from the weights
+      skinny_gemm_bf16_dot(xs.slice_rows(r0, r1), w[g], ys.slice_rows(r0, r1));
       continue;
     }
     add_tiles(false, false, sizeof(bf16), a + size_t(r0 * K) * sizeof(bf16), K,
