@@ -67,6 +67,18 @@ void Tensor::resize(std::span<const int64_t> shape, DType dtype) {
   *this = Tensor(shape, dtype);
 }
 
+void Tensor::resize_for_overwrite(std::initializer_list<int64_t> shape, DType dtype) {
+  const std::span<const int64_t> s(shape.begin(), shape.size());
+  const size_t bytes = static_cast<size_t>(checked_numel(s)) * dtype_size(dtype);
+  if (buf_ != nullptr && bytes <= capacity_) {
+    shape_.assign(s.begin(), s.end());
+    numel_ = checked_numel(s);
+    dtype_ = dtype;
+    return;
+  }
+  resize(s, dtype);
+}
+
 void Tensor::fill_zero() {
   if (nbytes() > 0) std::memset(buf_.get(), 0, nbytes());
 }

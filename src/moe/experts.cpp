@@ -14,9 +14,9 @@ void forward_impl(const Backend& be, StackedView<const W> w1, StackedView<const 
                   MatrixView<T> ys, ExpertsCache& c) {
   const int64_t n = xs.rows, f = w1.cols;
   const DType dt = dtype_of<T>();
-  c.h1.resize({n, f}, dt);
-  c.h3.resize({n, f}, dt);
-  c.act.resize({n, f}, dt);
+  c.h1.resize_for_overwrite({n, f}, dt);
+  c.h3.resize_for_overwrite({n, f}, dt);
+  c.act.resize_for_overwrite({n, f}, dt);
   if (n == 0) return;
   be.grouped_gemm(xs, w1, offsets, c.h1.matrix<T>());
   be.grouped_gemm(xs, w3, offsets, c.h3.matrix<T>());
@@ -47,9 +47,9 @@ void experts_backward(const Backend& be, StackedView<const T> w1, StackedView<co
   const int64_t n = xs.rows, f = w1.cols;
   if (n == 0) return;
   const DType dt = dtype_of<T>();
-  c.dact.resize({n, f}, dt);
-  c.dh1.resize({n, f}, dt);
-  c.dh3.resize({n, f}, dt);
+  c.dact.resize_for_overwrite({n, f}, dt);
+  c.dh1.resize_for_overwrite({n, f}, dt);
+  c.dh3.resize_for_overwrite({n, f}, dt);
   // ys = act w2:  dw2 += act^T dys,  dact = dys w2^T.
   be.grouped_gemm_at<T>(c.act.matrix<T>(), dys, offsets, dw2);
   be.grouped_gemm_bt<T>(dys, w2, offsets, T(0), c.dact.matrix<T>());

@@ -211,8 +211,8 @@ MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y
                         ranked ? std::span<const int32_t>(c.rank) : std::span<const int32_t>());
   });
   const int64_t n = c.plan.n_rows();
-  c.xs.resize({n, d}, dt);
-  c.ys.resize({n, d}, dt);
+  c.xs.resize_for_overwrite({n, d}, dt);  // gather writes every row
+  c.ys.resize_for_overwrite({n, d}, dt);  // the experts write every row
   timed(prof, &tm.gather, [&] { cpu::gather_rows<T>(xv, c.plan.row_token, c.xs.matrix<T>()); });
   timed(prof, &tm.experts, [&] {
     if (ctx.parallel != nullptr) return experts_forward_parallel<T, W>(p, c, *ctx.parallel, be);

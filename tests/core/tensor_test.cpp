@@ -81,6 +81,21 @@ TEST(Tensor, ConvertRoundTrips) {
     EXPECT_NEAR(hb.data<double>()[i], a.data<double>()[i], std::abs(a.data<double>()[i]) / 256);
 }
 
+TEST(Tensor, ResizeForOverwriteKeepsTheBufferAndSkipsZeroing) {
+  Tensor t({4, 8}, DType::kF32);
+  for (float& v : t.span<float>()) v = 7.0f;
+  const std::byte* buf = t.bytes();
+  t.resize_for_overwrite({3, 8}, DType::kF32);  // smaller: same buffer, old contents left
+  EXPECT_EQ(t.bytes(), buf);
+  EXPECT_EQ(t.shape(), (std::vector<int64_t>{3, 8}));
+  EXPECT_EQ(t.data<float>()[0], 7.0f);
+  t.resize({2, 8}, DType::kF32);  // plain resize zeroes
+  EXPECT_EQ(t.data<float>()[0], 0.0f);
+  t.resize_for_overwrite({16, 8}, DType::kF32);  // larger: a new zeroed buffer
+  EXPECT_EQ(t.numel(), 128);
+  for (float v : t.span<float>()) ASSERT_EQ(v, 0.0f);
+}
+
 TEST(Bf16, RoundsToNearestEven) {
   EXPECT_EQ(to_bf16(1.0f).bits, 0x3f80);
   // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1.0).

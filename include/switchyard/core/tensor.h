@@ -44,6 +44,10 @@ class Tensor {
   void resize(std::initializer_list<int64_t> shape, DType dtype) {
     resize(std::span<const int64_t>(shape.begin(), shape.size()), dtype);
   }
+  // The same for a tensor that the caller overwrites whole (a GEMM's output with beta = 0): a
+  // reused buffer is not zeroed first. Expert scratch of varying row count then costs neither
+  // allocation nor a pass over memory per step.
+  void resize_for_overwrite(std::initializer_list<int64_t> shape, DType dtype);
   void fill_zero();
 
   DType dtype() const { return dtype_; }
