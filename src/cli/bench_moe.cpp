@@ -125,18 +125,7 @@ nlohmann::json bench_shape(const MoeShape& s, const BenchMoeOptions& opt, double
     }
     return q;
   };
-  // Decode reads the experts' weights from DRAM, as in serving: enough copies of the layer are
-  // cycled through to exceed twice the last-level cache.
-  const int64_t weight_bytes = 3 * s.n_experts * s.d_model * s.d_ff *
-                               int64_t(dtype_size(bf16_weights ? DType::kBF16 : DType::kF32));
-  const int64_t n_copies =
-      s.decode
-          ? std::max<int64_t>(1, (2 * cpu_features().llc_bytes + weight_bytes - 1) / weight_bytes)
-          : 1;
-  std::vector<MoeParams> copies;
-  copies.reserve(size_t(n_copies));
-  for (int64_t i = 0; i < n_copies; ++i) copies.push_back(make_params(opt.seed + uint64_t(i)));
-  const MoeParams& p = copies.front();
+  const MoeParams p = make_params(opt.seed);
   Tensor x({s.n_tokens, s.d_model}, DType::kF32), y, dx;
   fill_normal(x.span<float>(), Philox(opt.seed, 100), 1.0f);
   MoeCache cache;
@@ -158,9 +147,22 @@ nlohmann::json bench_shape(const MoeShape& s, const BenchMoeOptions& opt, double
   }
   const double dense_rate = ceilings.best(be.precision);
 
+  // Decode reads the experts' weights from DRAM, as in serving: copies of the layer (each with
+  // its own router, so each touches about as many experts) are cycled through until the
+  // experts they touch exceed twice the last-level cache.
+  int64_t used = 0;
+  for (int64_t e = 0; e < s.n_experts; ++e) used += cache.plan.rows_of(e) > 0;
+  std::vector<MoeParams> extra;
+  if (s.decode && used > 0) {
+    const int64_t touched = used * 3 * s.d_model * s.d_ff * int64_t(dtype_size(p.w1.dtype()));
+    const int64_t copies = (2 * cpu_features().llc_bytes + touched - 1) / touched;
+    for (int64_t i = 1; i < copies; ++i) extra.push_back(make_params(opt.seed + uint64_t(i)));
+  }
   size_t turn = 0;
-  const double t_fwd = median_seconds(
-      iters, [&] { layer.forward(copies[turn++ % copies.size()], x, y, cache, ctx); });
+  const double t_fwd = median_seconds(iters, [&] {
+    const size_t i = turn++ % (extra.size() + 1);
+    layer.forward(i == 0 ? p : extra[i - 1], x, y, cache, ctx);
+  });
   nlohmann::json r = {
       {"shape", s.name},
       {"T", s.n_tokens},
@@ -207,12 +209,17 @@ nlohmann::json bench_shape(const MoeShape& s, const BenchMoeOptions& opt, double
   }
 
   if (s.decode) {
-    int64_t used = 0;
-    for (int64_t e = 0; e < s.n_experts; ++e) used += cache.plan.rows_of(e) > 0;
+    // Experts touched per forward, averaged over the copies cycled through.
+    double mean_used = 0;
+    for (size_t i = 0; i <= extra.size(); ++i) {
+      layer.forward(i == 0 ? p : extra[i - 1], x, y, cache, ctx);
+      for (int64_t e = 0; e < s.n_experts; ++e) mean_used += cache.plan.rows_of(e) > 0;
+    }
+    mean_used /= double(extra.size() + 1);
     const double bytes =
-        double(used) * 3.0 * double(s.d_model * s.d_ff) * double(dtype_size(p.w1.dtype()));
-    r["experts_touched"] = used;
-    r["layer_copies"] = int64_t(copies.size());
+        mean_used * 3.0 * double(s.d_model * s.d_ff) * double(dtype_size(p.w1.dtype()));
+    r["experts_touched"] = mean_used;
+    r["layer_copies"] = int64_t(extra.size() + 1);
     r["llc_mib"] = cpu_features().llc_bytes >> 20;
     r["weight_gbps"] = bytes / t_fwd / 1e9;
     r["copy_gbps"] = copy_bw / 1e9;

@@ -160,15 +160,15 @@ TEST_P(BackendKernels, GroupedGemmsAgainstReference) {
     }
 }
 
-// bf16 weights with f32 activations (inference): the weights are exact bf16 values, so only
-// the activations' rounding (bf16 compute) or none (f32 streaming for skinny groups) remains.
-TEST_P(BackendKernels, GroupedGemmWithBf16Weights) {
-  const Backend& be = *GetParam();
-  const std::vector<int32_t> rows = {3, 0, 16, 17, 300};
+// bf16 weights with f32 activations (inference), groups of the given row counts: the weights
+// are exact bf16 values, so only the activations' rounding remains (bf16 compute: u = 2^-8
+// relative; f32 compute: none) besides f32 accumulation.
+void check_bf16_weights(const Backend& be, const std::vector<int32_t>& rows, int64_t K, int64_t N,
+                        uint64_t seed) {
   const std::vector<int32_t> off = offsets_of(rows);
-  const int64_t G = int64_t(rows.size()), n = off.back(), K = 65, N = 129;
-  Tensor xs = random_tensor({n, K}, DType::kF32, 40);
-  Tensor w = convert(random_tensor({G, K, N}, DType::kF32, 41), DType::kBF16);
+  const int64_t G = int64_t(rows.size()), n = off.back();
+  Tensor xs = random_tensor({n, K}, DType::kF32, seed);
+  Tensor w = convert(random_tensor({G, K, N}, DType::kF32, seed + 1), DType::kBF16);
   Tensor wf = convert(w, DType::kF32);
   Tensor ys({n, N}, DType::kF32), ysr({n, N}, DType::kF32), bound({n, N}, DType::kF64);
   be.grouped_gemm(xs.matrix<float>(), w.stacked<bf16>(), off, ys.matrix<float>());
@@ -176,31 +176,21 @@ TEST_P(BackendKernels, GroupedGemmWithBf16Weights) {
   Tensor axs = abs_of(xs), aw = abs_of(wf);
   ref::grouped_gemm<double>(axs.matrix<double>(), aw.stacked<double>(), off,
                             bound.matrix<double>());
-  const double u = std::ldexp(1.0, -8);
-  expect_within(ys, ysr, bound, u + double(K + 2) * std::ldexp(1.0, -24), 1e-6, be.name);
+  const double u = be.precision == Precision::kBf16 ? std::ldexp(1.0, -8) : 0.0;
+  expect_within(ys, ysr, bound, u + double(K + 2) * std::ldexp(1.0, -24), 1e-6,
+                fmt::format("{} n{} K{} N{}", be.name, n, K, N));
 }
 
-// Decode: every row count the streaming kernels take (1..16), odd and even K, column counts
-// that leave partial register blocks; bf16 backends use bf16 dot products here.
+// Skinny (decode) and large groups together, an empty group, odd K and N.
+TEST_P(BackendKernels, GroupedGemmWithBf16Weights) {
+  check_bf16_weights(*GetParam(), {3, 0, 16, 17, 300}, 65, 129, 40);
+}
+
+// Decode: every row count the streaming kernel takes (1..16), odd and even K, column counts
+// that leave partial vectors and blocks.
 TEST_P(BackendKernels, SkinnyGroupsWithBf16WeightsEveryRowCount) {
-  const Backend& be = *GetParam();
   for (int64_t K : {33, 64})
-    for (int64_t M = 1; M <= 16; ++M) {
-      const int64_t N = 300;
-      const std::vector<int32_t> off = {0, int32_t(M)};
-      Tensor xs = random_tensor({M, K}, DType::kF32, 60 + uint64_t(M));
-      Tensor w = convert(random_tensor({1, K, N}, DType::kF32, 61), DType::kBF16);
-      Tensor wf = convert(w, DType::kF32);
-      Tensor ys({M, N}, DType::kF32), ysr({M, N}, DType::kF32), bound({M, N}, DType::kF64);
-      be.grouped_gemm(xs.matrix<float>(), w.stacked<bf16>(), off, ys.matrix<float>());
-      ref::grouped_gemm<float>(xs.matrix<float>(), wf.stacked<float>(), off, ysr.matrix<float>());
-      Tensor axs = abs_of(xs), aw = abs_of(wf);
-      ref::grouped_gemm<double>(axs.matrix<double>(), aw.stacked<double>(), off,
-                                bound.matrix<double>());
-      const double u = be.precision == Precision::kBf16 ? std::ldexp(1.0, -8) : 0.0;
-      expect_within(ys, ysr, bound, u + double(K + 2) * std::ldexp(1.0, -24), 1e-6,
-                    fmt::format("{} M{} K{}", be.name, M, K));
-    }
+    for (int32_t M = 1; M <= 16; ++M) check_bf16_weights(*GetParam(), {M}, K, 300, 60 + uint64_t(M));
 }
 
 // Each output element is reduced by one thread in a fixed order: 1 and 2 threads agree bit
