@@ -111,15 +111,45 @@ void run_tile(const dnnl::matmul& mm, PrimitiveKey key, const Tile& t, float alp
 
 // One product c = alpha op(a) op(b) (+ c) over element pointers of size `es` bytes, cut into tiles.
 // a: op(a) [M, K] with row stride lda, b: op(b) [K, N] with lda/ldb the stored row strides.
+struct TileShape {
+  int64_t m = kTileM, n = kTileN;
+};
+
+// The tile for n_products outputs of [M, N] each with reductions of length K: 256 x 1024,
+// made smaller (down to 64 x 64) while the call would have fewer than kMinTiles tiles and a tile
+// would still hold at least kMinTileMacs multiply-adds, so that a product with a small output
+// and a long reduction (a weight gradient x^T dy over thousands of tokens) spreads over the
+// threads, while small products (attention heads) stay whole. Shapes alone decide it, never
+// the thread count.
+constexpr int64_t kMinTiles = 8;
+constexpr int64_t kMinTileMacs = int64_t(1) << 24;
+TileShape tile_shape(int64_t M, int64_t N, int64_t K, int64_t n_products) {
+  TileShape t;
+  auto count = [&] { return n_products * ((M + t.m - 1) / t.m) * ((N + t.n - 1) / t.n); };
+  auto macs = [&] { return std::min(t.m, M) * std::min(t.n, N) * K; };
+  while (count() < kMinTiles && macs() >= 2 * kMinTileMacs) {
+    if (t.n > 256 && t.n / 2 >= std::min<int64_t>(N, 256))
+      t.n /= 2;
+    else if (t.m > 64 && t.m / 2 < M)
+      t.m /= 2;
+    else if (t.n > 64 && t.n / 2 < N)
+      t.n /= 2;
+    else
+      break;
+  }
+  return t;
+}
+
 void add_tiles(bool ta, bool tb, size_t es, const char* a, int64_t lda, const char* b, int64_t ldb,
-               float* c, int64_t ldc, int64_t M, int64_t N, int64_t K, std::vector<Tile>& tiles) {
-  for (int64_t i0 = 0; i0 < M; i0 += kTileM)
-    for (int64_t j0 = 0; j0 < N; j0 += kTileN) {
+               float* c, int64_t ldc, int64_t M, int64_t N, int64_t K, std::vector<Tile>& tiles,
+               TileShape shape = {}) {
+  for (int64_t i0 = 0; i0 < M; i0 += shape.m)
+    for (int64_t j0 = 0; j0 < N; j0 += shape.n) {
       // Element (i, k) of op(a) sits at a[i lda + k] or, transposed, a[k lda + i].
       const char* at = a + size_t(ta ? i0 : i0 * lda) * es;
       const char* bt = b + size_t(tb ? j0 * ldb : j0) * es;
-      tiles.push_back({at, bt, c + i0 * ldc + j0, std::min(kTileM, M - i0),
-                       std::min(kTileN, N - j0), K, lda, ldb, ldc});
+      tiles.push_back({at, bt, c + i0 * ldc + j0, std::min(shape.m, M - i0),
+                       std::min(shape.n, N - j0), K, lda, ldb, ldc});
     }
 }
 
@@ -219,7 +249,7 @@ void gemm(Compute compute, bool trans_a, bool trans_b, float alpha, ConstMatrixV
   const Operands op = prepare(compute, a.data, a.size(), b.data, b.size());
   std::vector<Tile> tiles;
   add_tiles(trans_a, trans_b, op.es, op.a, a.cols, op.b, b.cols, c.data, c.cols, c.rows, c.cols, K,
-            tiles);
+            tiles, tile_shape(c.rows, c.cols, K, 1));
   run_tiles({compute, trans_a, trans_b, accumulate}, tiles, alpha);
 }
 
@@ -328,13 +358,19 @@ void grouped_gemm_at(Compute compute, ConstMatrixView<float> xs, ConstMatrixView
            dys.cols, dw.n, K, N);
   if (xs.rows == 0) return;
   const Operands op = prepare(compute, xs.data, xs.size(), dys.data, dys.size());
+  int64_t used = 0, rows = 0;
+  for (int64_t g = 0; g < dw.n; ++g) {
+    used += offsets[g + 1] > offsets[g];
+    rows = std::max<int64_t>(rows, offsets[g + 1] - offsets[g]);
+  }
+  const TileShape shape = tile_shape(K, N, rows, used);
   std::vector<Tile> tiles;
   for (int64_t g = 0; g < dw.n; ++g) {
     const int64_t r0 = offsets[g], r1 = offsets[g + 1];
     if (r1 == r0) continue;
     // dw_g [K, N] += xs_g^T [K, rows] dys_g [rows, N]: xs_g stored [rows, K], row stride K.
     add_tiles(true, false, op.es, op.a + size_t(r0 * K) * op.es, K, op.b + size_t(r0 * N) * op.es,
-              N, dw.data + g * K * N, N, K, N, r1 - r0, tiles);
+              N, dw.data + g * K * N, N, K, N, r1 - r0, tiles, shape);
   }
   run_tiles({compute, true, false, true}, tiles, 1.0f);
 }
