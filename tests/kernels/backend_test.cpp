@@ -190,7 +190,8 @@ TEST_P(BackendKernels, GroupedGemmWithBf16Weights) {
 // that leave partial vectors and blocks.
 TEST_P(BackendKernels, SkinnyGroupsWithBf16WeightsEveryRowCount) {
   for (int64_t K : {33, 64})
-    for (int32_t M = 1; M <= 16; ++M) check_bf16_weights(*GetParam(), {M}, K, 300, 60 + uint64_t(M));
+    for (int32_t M = 1; M <= 16; ++M)
+      check_bf16_weights(*GetParam(), {M}, K, 300, 60 + uint64_t(M));
 }
 
 // Each output element is reduced by one thread in a fixed order: 1 and 2 threads agree bit

@@ -1,12 +1,12 @@
 // GEMMs on oneDNN's matmul primitive, the fastest f32 and bf16 GEMM measured on the machines
 // here (bench/README.md). One primitive per (compute, transposes, accumulate) with every
 // dimension and stride given at run time, so experts of any row count share it and nothing is
-// created in the steady state. As in gemm.cpp, the output is cut into fixed tiles, each one
-// single-threaded oneDNN call inside our parallel region (oneDNN runs one thread when called
-// from inside one): each output element is reduced in one fixed order, so results do not
-// depend on the thread count. bf16 compute rounds each operand to bf16 once per call, before
-// tiling. Groups of at most kSkinnyRows rows (decode) take the memory-bound kernel of gemm.cpp.
-// Reference: ref::gemm / ref::grouped_gemm.
+// created in the steady state. As in gemm.cpp, the output is cut into tiles fixed by the shapes
+// (tile_shape), each one single-threaded oneDNN call inside our parallel region (oneDNN runs one
+// thread when called from inside one): each output element is reduced in one fixed order, so
+// results do not depend on the thread count. bf16 compute rounds each operand to bf16 once per
+// call, before tiling. Groups of at most kSkinnyRows rows (decode) take the memory-bound
+// kernel of gemm.cpp. Reference: ref::gemm / ref::grouped_gemm.
 #include "kernels/cpu/onednn_gemm.h"
 
 #include <omp.h>
