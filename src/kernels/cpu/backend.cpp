@@ -365,8 +365,8 @@ const Backend& pick_backend(const CpuFeatures& cpu, Precision precision) {
   if (precision == Precision::kBf16) {
     if (!t.has_bf16)
       throw ConfigError(fmt::format(
-          "model.precision = bf16: this CPU offers isa {} ({}); bf16 compute needs AVX512-BF16 "
-          "(use f32 or auto)",
+          "precision bf16 (model.precision or --precision): this CPU offers isa {} ({}); bf16 "
+          "compute needs AVX512-BF16 (use f32 or auto)",
           isa_name(cpu.isa), cpu.brand));
     return t.bf16;
   }
