@@ -253,23 +253,24 @@ void gemm(Compute compute, bool trans_a, bool trans_b, float alpha, ConstMatrixV
   run_tiles({compute, trans_a, trans_b, accumulate}, tiles, alpha);
 }
 
-void grouped_gemm(Compute compute, ConstMatrixView<float> xs, StackedView<const float> w,
-                  std::span<const int32_t> offsets, MatrixView<float> ys) {
-  check_grouped(xs.rows, w.n, offsets);
+namespace {
+// ys_g = xs_g w_g over prepared operands (op: xs and the weights in the compute type): groups
+// past the skinny limit as oneDNN tiles, the others on the streaming kernel over the weights as
+// stored (W: f32 or bf16), which reads them once.
+template <class W>
+void grouped_forward(Compute compute, const Operands& op, ConstMatrixView<float> xs,
+                     StackedView<const W> w, std::span<const int32_t> offsets,
+                     MatrixView<float> ys) {
   const int64_t K = w.rows, N = w.cols;
-  if (xs.rows == 0) return;
-  // Only groups past the skinny limit go to oneDNN: when there are none (decode), nothing is
-  // rounded to bf16 and the weights are read once, by the streaming kernel.
-  bool any_large = false;
-  for (int64_t g = 0; g < w.n; ++g) any_large |= offsets[g + 1] - offsets[g] > kSkinnyRows;
-  const Operands op = any_large ? prepare(compute, xs.data, xs.size(), w.data, w.n * K * N)
-                                : prepare(Compute::kF32, xs.data, xs.size(), w.data, w.n * K * N);
   std::vector<Tile> tiles;
   for (int64_t g = 0; g < w.n; ++g) {
     const int64_t r0 = offsets[g], r1 = offsets[g + 1];
     if (r1 == r0) continue;
     if (r1 - r0 <= kSkinnyRows) {
-      skinny_group<float>(xs, w[g], r0, r1, ys);
+      // Decode. For bf16 weights the streaming kernel widens them in registers; a vdpbf16ps
+      // kernel was measured against it (Intel Xeon 6/207): equal at one row per expert, 1.4x
+      // slower at about five, so this is the one kept.
+      skinny_group<W>(xs, w[g], r0, r1, ys);
       continue;
     }
     add_tiles(false, false, op.es, op.a + size_t(r0 * K) * op.es, K,
@@ -278,57 +279,49 @@ void grouped_gemm(Compute compute, ConstMatrixView<float> xs, StackedView<const 
   run_tiles({compute, false, false, false}, tiles, 1.0f);
 }
 
+bool any_large_group(std::span<const int32_t> offsets) {
+  for (size_t g = 0; g + 1 < offsets.size(); ++g)
+    if (offsets[g + 1] - offsets[g] > kSkinnyRows) return true;
+  return false;
+}
+}  // namespace
+
+void grouped_gemm(Compute compute, ConstMatrixView<float> xs, StackedView<const float> w,
+                  std::span<const int32_t> offsets, MatrixView<float> ys) {
+  check_grouped(xs.rows, w.n, offsets);
+  if (xs.rows == 0) return;
+  // When every group is skinny (decode) nothing is rounded to bf16: the weights are read once,
+  // by the streaming kernel.
+  if (!any_large_group(offsets)) compute = Compute::kF32;
+  const Operands op = prepare(compute, xs.data, xs.size(), w.data, w.n * w.rows * w.cols);
+  grouped_forward<float>(compute, op, xs, w, offsets, ys);
+}
+
 void grouped_gemm(Compute compute, ConstMatrixView<float> xs, StackedView<const bf16> w,
                   std::span<const int32_t> offsets, MatrixView<float> ys) {
   check_grouped(xs.rows, w.n, offsets);
-  if (compute == Compute::kF32) {
-    // f32 compute on the widened weights; skinny groups stream the bf16 weights directly.
-    std::vector<float>& wide = buffers().wide;
-    wide.resize(size_t(w.n * w.rows * w.cols));
-    const int64_t per = w.rows * w.cols;
-    for (int64_t g = 0; g < w.n; ++g) {
-      const int64_t rows = offsets[g + 1] - offsets[g];
-      if (rows <= kSkinnyRows) continue;
-      const bf16* src = w.data + g * per;
-      float* dst = wide.data() + g * per;
-#pragma omp parallel for schedule(static) if (per > (1 << 16) && !omp_in_parallel())
-      for (int64_t i = 0; i < per; ++i) dst[i] = to_float(src[i]);
-    }
-    std::vector<Tile> tiles;
-    const int64_t K = w.rows, N = w.cols;
-    for (int64_t g = 0; g < w.n; ++g) {
-      const int64_t r0 = offsets[g], r1 = offsets[g + 1];
-      if (r1 == r0) continue;
-      if (r1 - r0 <= kSkinnyRows) {
-        skinny_group<bf16>(xs, w[g], r0, r1, ys);
-        continue;
-      }
-      add_tiles(false, false, sizeof(float), reinterpret_cast<const char*>(xs.data + r0 * K), K,
-                reinterpret_cast<const char*>(wide.data() + g * per), N, ys.data + r0 * N, N,
-                r1 - r0, N, K, tiles);
-    }
-    run_tiles({Compute::kF32, false, false, false}, tiles, 1.0f);
+  if (xs.rows == 0) return;
+  const int64_t per = w.rows * w.cols;
+  if (compute == Compute::kBf16) {
+    const bf16* a = to_bf16_buffer(xs.data, xs.size(), buffers().a);
+    const Operands op{reinterpret_cast<const char*>(a), reinterpret_cast<const char*>(w.data),
+                      sizeof(bf16)};
+    grouped_forward<bf16>(compute, op, xs, w, offsets, ys);
     return;
   }
-  const int64_t K = w.rows, N = w.cols;
-  if (xs.rows == 0) return;
-  const char* a = reinterpret_cast<const char*>(to_bf16_buffer(xs.data, xs.size(), buffers().a));
-  const char* b = reinterpret_cast<const char*>(w.data);
-  std::vector<Tile> tiles;
+  // f32 compute on the widened weights of the groups oneDNN takes.
+  std::vector<float>& wide = buffers().wide;
+  wide.resize(size_t(w.n * per));
   for (int64_t g = 0; g < w.n; ++g) {
-    const int64_t r0 = offsets[g], r1 = offsets[g + 1];
-    if (r1 == r0) continue;
-    if (r1 - r0 <= kSkinnyRows) {
-      // Decode: the streaming kernel reads the bf16 weights once and widens them in registers.
-      // A vdpbf16ps kernel was measured against it (Intel Xeon 6/207): equal at one row per
-      // expert, 1.4x slower at about five, so this is the one kept.
-      skinny_group<bf16>(xs, w[g], r0, r1, ys);
-      continue;
-    }
-    add_tiles(false, false, sizeof(bf16), a + size_t(r0 * K) * sizeof(bf16), K,
-              b + size_t(g * K * N) * sizeof(bf16), N, ys.data + r0 * N, N, r1 - r0, N, K, tiles);
+    if (offsets[g + 1] - offsets[g] <= kSkinnyRows) continue;
+    const bf16* src = w.data + g * per;
+    float* dst = wide.data() + g * per;
+#pragma omp parallel for schedule(static) if (per > (1 << 16) && !omp_in_parallel())
+    for (int64_t i = 0; i < per; ++i) dst[i] = to_float(src[i]);
   }
-  run_tiles({Compute::kBf16, false, false, false}, tiles, 1.0f);
+  const Operands op{reinterpret_cast<const char*>(xs.data),
+                    reinterpret_cast<const char*>(wide.data()), sizeof(float)};
+  grouped_forward<bf16>(compute, op, xs, w, offsets, ys);
 }
 
 void grouped_gemm_bt(Compute compute, ConstMatrixView<float> dys, StackedView<const float> w,
