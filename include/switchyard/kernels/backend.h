@@ -46,7 +46,7 @@ struct CpuFeatures {
   Isa isa = Isa::kBaseline;       // detected, lowered to SY_MAX_ISA when that is set
   std::string cap;                // SY_MAX_ISA as given, empty when unset
   int64_t l2_bytes = 0;           // per core
-  int64_t llc_bytes = 0;          // last-level cache, all of it
+  int64_t llc_bytes = 0;          // the last-level cache a core sees (one CCX on AMD)
   // "Intel(R) Xeon(R) Processor (family 6 model 207), isa avx512_bf16, L3 260 MiB"
   std::string describe() const;
 };
@@ -126,7 +126,9 @@ struct Backend {
 };
 
 // Every backend this CPU can run (fastest library first, then the OpenBLAS one), for tests and
-// benchmarks that compare them.
+// benchmarks that compare them. Here and in pick_backend, cpu must be cpu_features(): the
+// backends are built once per process for its ISA level (another level is an invariant failure;
+// set SY_MAX_ISA before start to get another).
 std::span<const Backend* const> available_backends(const CpuFeatures& cpu);
 
 // The backend for a precision on this CPU. kAuto resolves to resolve_precision(cpu). kBf16 on a

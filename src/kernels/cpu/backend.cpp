@@ -70,8 +70,7 @@ void read_caches(bool amd, CpuFeatures& f) {
   }
 }
 
-Isa detect_isa(std::string_view vendor) {
-  (void)vendor;
+Isa detect_isa() {
   const unsigned max_leaf = cpuid(0).a;
   const Regs l1 = cpuid(1);
   const bool osxsave = bit(l1.c, 27);
@@ -300,7 +299,7 @@ CpuFeatures detect_cpu_features(std::string_view cap) {
     while (!b.empty() && (b.back() == ' ' || b.back() == '\0')) b.remove_suffix(1);
     f.brand = std::string(b);
   }
-  f.detected = detect_isa(f.vendor);
+  f.detected = detect_isa();
   f.isa = f.detected;
   if (!cap.empty()) {
     f.cap = std::string(cap);
