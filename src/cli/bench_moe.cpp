@@ -150,8 +150,12 @@ nlohmann::json bench_shape(const MoeShape& s, const BenchMoeOptions& opt, double
   // Decode reads the experts' weights from DRAM, as in serving: copies of the layer (each with
   // its own router, so each touches about as many experts) are cycled through until the
   // experts they touch exceed twice the last-level cache.
-  int64_t used = 0;
-  for (int64_t e = 0; e < s.n_experts; ++e) used += cache.plan.rows_of(e) > 0;
+  auto experts_touched = [&] {
+    int64_t used = 0;
+    for (int64_t e = 0; e < s.n_experts; ++e) used += cache.plan.rows_of(e) > 0;
+    return used;
+  };
+  const int64_t used = experts_touched();
   std::vector<MoeParams> extra;
   if (s.decode && used > 0) {
     const int64_t touched = used * 3 * s.d_model * s.d_ff * int64_t(dtype_size(p.w1.dtype()));
@@ -213,7 +217,7 @@ nlohmann::json bench_shape(const MoeShape& s, const BenchMoeOptions& opt, double
     double mean_used = 0;
     for (size_t i = 0; i <= extra.size(); ++i) {
       layer.forward(i == 0 ? p : extra[i - 1], x, y, cache, ctx);
-      for (int64_t e = 0; e < s.n_experts; ++e) mean_used += cache.plan.rows_of(e) > 0;
+      mean_used += double(experts_touched());
     }
     mean_used /= double(extra.size() + 1);
     const double bytes =

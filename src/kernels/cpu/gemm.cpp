@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "kernels/cpu/gemm_checks.h"
 #include "kernels/instantiate.h"
 #include "switchyard/kernels/cpu.h"
 
@@ -23,7 +24,9 @@ namespace sy::cpu {
 
 namespace {
 
-constexpr int64_t kSkinnyRows = 16;
+using detail::check_gemm;
+using detail::check_grouped;
+using detail::kSkinnyRows;
 constexpr int64_t kSkinnyMaxBlock = 1024;
 constexpr int64_t kTileK = 16;  // weight rows per register-blocked tile
 constexpr int64_t kTile = 384;  // rows and columns of one single-threaded BLAS tile
@@ -126,14 +129,6 @@ void skinny_gemm(ConstMatrixView<T> xs, ConstMatrixView<W> w, MatrixView<T> ys) 
   }
 }
 
-template <class T>
-void check_grouped(int64_t n_rows, StackedView<const T> w, std::span<const int32_t> offsets) {
-  SY_CHECK(int64_t(offsets.size()) == w.n + 1, "offsets size {} for {} groups", offsets.size(),
-           w.n);
-  SY_CHECK(offsets.front() == 0 && offsets.back() == n_rows, "offsets span [{}, {}] for {} rows",
-           offsets.front(), offsets.back(), n_rows);
-}
-
 // One tile of c = alpha op(a) op(b) + beta c: rows [i0, i1) and columns [j0, j1) of c.
 template <class T>
 struct GemmTile {
@@ -172,16 +167,6 @@ void run_tiles(const std::vector<GemmTile<T>>& tiles, T alpha, T beta) {
   for (int64_t i = 0; i < n; ++i) run_tile(tiles[i], alpha, beta);
 }
 
-template <class T>
-void check_gemm(bool trans_a, bool trans_b, ConstMatrixView<T> a, ConstMatrixView<T> b,
-                MatrixView<T> c) {
-  const int64_t K = trans_a ? a.rows : a.cols;
-  SY_CHECK((trans_a ? a.cols : a.rows) == c.rows && (trans_b ? b.cols : b.rows) == K &&
-               (trans_b ? b.rows : b.cols) == c.cols,
-           "gemm shapes a [{}, {}] b [{}, {}] c [{}, {}]", a.rows, a.cols, b.rows, b.cols, c.rows,
-           c.cols);
-}
-
 }  // namespace
 
 template <class T>
@@ -209,7 +194,7 @@ void blas_sgemm(ConstMatrixView<float> a, ConstMatrixView<float> b, MatrixView<f
 template <class T>
 void grouped_gemm(ConstMatrixView<T> xs, StackedView<const T> w, std::span<const int32_t> offsets,
                   MatrixView<T> ys) {
-  check_grouped(xs.rows, w, offsets);
+  check_grouped(xs.rows, w.n, offsets);
   std::vector<GemmTile<T>> tiles;
   for (int64_t g = 0; g < w.n; ++g) {
     const int64_t r0 = offsets[g], r1 = offsets[g + 1];
@@ -224,7 +209,7 @@ void grouped_gemm(ConstMatrixView<T> xs, StackedView<const T> w, std::span<const
 
 void grouped_gemm(ConstMatrixView<float> xs, StackedView<const bf16> w,
                   std::span<const int32_t> offsets, MatrixView<float> ys) {
-  check_grouped(xs.rows, w, offsets);
+  check_grouped(xs.rows, w.n, offsets);
   std::vector<float> wide;  // one expert's weight in f32, for the groups BLAS handles
   for (int64_t g = 0; g < w.n; ++g) {
     const int64_t r0 = offsets[g], r1 = offsets[g + 1];
@@ -245,7 +230,7 @@ void grouped_gemm(ConstMatrixView<float> xs, StackedView<const bf16> w,
 template <class T>
 void grouped_gemm_bt(ConstMatrixView<T> dys, StackedView<const T> w,
                      std::span<const int32_t> offsets, T beta, MatrixView<T> dxs) {
-  check_grouped(dys.rows, w, offsets);
+  check_grouped(dys.rows, w.n, offsets);
   std::vector<GemmTile<T>> tiles;
   for (int64_t g = 0; g < w.n; ++g) {
     const int64_t r0 = offsets[g], r1 = offsets[g + 1];
@@ -258,7 +243,7 @@ void grouped_gemm_bt(ConstMatrixView<T> dys, StackedView<const T> w,
 template <class T>
 void grouped_gemm_at(ConstMatrixView<T> xs, ConstMatrixView<T> dys,
                      std::span<const int32_t> offsets, StackedView<T> dw) {
-  check_grouped(xs.rows, StackedView<const T>(dw), offsets);
+  check_grouped(xs.rows, dw.n, offsets);
   std::vector<GemmTile<T>> tiles;
   for (int64_t g = 0; g < dw.n; ++g) {
     const int64_t r0 = offsets[g], r1 = offsets[g + 1];

@@ -18,6 +18,7 @@
 #include <string_view>
 #include <vector>
 
+#include "kernels/cpu/gemm_checks.h"
 #include "switchyard/core/error.h"
 #include "switchyard/kernels/cpu.h"
 
@@ -28,9 +29,12 @@ namespace {
 using dnnl::memory;
 using Dt = memory::data_type;
 
-constexpr int64_t kSkinnyRows = 16;  // as gemm.cpp: at most this many rows stream the weight
-constexpr int64_t kTileM = 256;      // output rows of one single-threaded call
-constexpr int64_t kTileN = 1024;     // output columns of one single-threaded call
+using detail::check_gemm;
+using detail::check_grouped;
+using detail::kSkinnyRows;
+
+constexpr int64_t kTileM = 256;   // output rows of one single-threaded call
+constexpr int64_t kTileN = 1024;  // output columns of one single-threaded call
 
 dnnl::engine& engine() {
   static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
@@ -109,8 +113,6 @@ void run_tile(const dnnl::matmul& mm, PrimitiveKey key, const Tile& t, float alp
   stream.wait();
 }
 
-// One product c = alpha op(a) op(b) (+ c) over element pointers of size `es` bytes, cut into tiles.
-// a: op(a) [M, K] with row stride lda, b: op(b) [K, N] with lda/ldb the stored row strides.
 struct TileShape {
   int64_t m = kTileM, n = kTileN;
 };
@@ -140,6 +142,8 @@ TileShape tile_shape(int64_t M, int64_t N, int64_t K, int64_t n_products) {
   return t;
 }
 
+// Appends the tiles of one product c = alpha op(a) op(b) (+ c) over elements of `es` bytes.
+// op(a): [M, K], op(b): [K, N]; lda and ldb are the row strides of a and b as stored.
 void add_tiles(bool ta, bool tb, size_t es, const char* a, int64_t lda, const char* b, int64_t ldb,
                float* c, int64_t ldc, int64_t M, int64_t N, int64_t K, std::vector<Tile>& tiles,
                TileShape shape = {}) {
@@ -195,13 +199,6 @@ Operands prepare(Compute compute, const float* a, int64_t na, const float* b, in
           reinterpret_cast<const char*>(to_bf16_buffer(b, nb, buf.b)), sizeof(bf16)};
 }
 
-void check_grouped(int64_t n_rows, int64_t n_groups, std::span<const int32_t> offsets) {
-  SY_CHECK(int64_t(offsets.size()) == n_groups + 1, "offsets size {} for {} groups", offsets.size(),
-           n_groups);
-  SY_CHECK(offsets.front() == 0 && offsets.back() == n_rows, "offsets span [{}, {}] for {} rows",
-           offsets.front(), offsets.back(), n_rows);
-}
-
 // beta other than 0 or 1 is applied to c first, then the product accumulates onto it.
 bool scale_for_beta(float beta, MatrixView<float> c) {
   if (beta == 0.0f) return false;
@@ -235,11 +232,7 @@ void set_max_isa(int isa_level) {
 
 void gemm(Compute compute, bool trans_a, bool trans_b, float alpha, ConstMatrixView<float> a,
           ConstMatrixView<float> b, float beta, MatrixView<float> c) {
-  const int64_t K = trans_a ? a.rows : a.cols;
-  SY_CHECK((trans_a ? a.cols : a.rows) == c.rows && (trans_b ? b.cols : b.rows) == K &&
-               (trans_b ? b.rows : b.cols) == c.cols,
-           "gemm shapes a [{}, {}] b [{}, {}] c [{}, {}]", a.rows, a.cols, b.rows, b.cols, c.rows,
-           c.cols);
+  const int64_t K = check_gemm(trans_a, trans_b, a, b, c);
   if (c.rows == 0 || c.cols == 0) return;
   const bool accumulate = scale_for_beta(beta, c);
   if (K == 0) {
