@@ -145,25 +145,18 @@ void blas_grouped_at(ConstMatrixView<float> xs, ConstMatrixView<float> dys,
   cpu::grouped_gemm_at<float>(xs, dys, offsets, dw);
 }
 
-Backend make_onednn(Isa isa, Precision p) {
+template <Compute C>
+Backend make_onednn(Isa isa) {
   Backend b;
   b.isa = isa;
   b.library = "onednn";
-  b.precision = p;
-  b.name = fmt::format("cpu-{}-onednn-{}", isa_name(isa), precision_name(p));
-  if (p == Precision::kBf16) {
-    b.grouped_gemm_bf16w = dnnl_grouped_bf16w<Compute::kBf16>;
-    b.gemm_f32 = dnnl_gemm<Compute::kBf16>;
-    b.grouped_gemm_f32 = dnnl_grouped<Compute::kBf16>;
-    b.grouped_gemm_bt_f32 = dnnl_grouped_bt<Compute::kBf16>;
-    b.grouped_gemm_at_f32 = dnnl_grouped_at<Compute::kBf16>;
-  } else {
-    b.grouped_gemm_bf16w = dnnl_grouped_bf16w<Compute::kF32>;
-    b.gemm_f32 = dnnl_gemm<Compute::kF32>;
-    b.grouped_gemm_f32 = dnnl_grouped<Compute::kF32>;
-    b.grouped_gemm_bt_f32 = dnnl_grouped_bt<Compute::kF32>;
-    b.grouped_gemm_at_f32 = dnnl_grouped_at<Compute::kF32>;
-  }
+  b.precision = C == Compute::kBf16 ? Precision::kBf16 : Precision::kF32;
+  b.name = fmt::format("cpu-{}-onednn-{}", isa_name(isa), precision_name(b.precision));
+  b.gemm_f32 = dnnl_gemm<C>;
+  b.grouped_gemm_f32 = dnnl_grouped<C>;
+  b.grouped_gemm_bf16w = dnnl_grouped_bf16w<C>;
+  b.grouped_gemm_bt_f32 = dnnl_grouped_bt<C>;
+  b.grouped_gemm_at_f32 = dnnl_grouped_at<C>;
   return b;
 }
 
@@ -188,14 +181,16 @@ struct BackendTable {
 };
 
 // Built once for the process's CPU (cpu_features(), cap included); oneDNN is capped to match.
+// Filled in place: the backends point at each other (their f32 twins) and `all` at them.
 const BackendTable& backend_table() {
-  static const BackendTable table = [] {
+  static BackendTable t;
+  static std::once_flag once;
+  std::call_once(once, [] {
     const CpuFeatures& cpu = cpu_features();
     onednn::set_max_isa(int(cpu.isa));
-    BackendTable t;
-    t.f32 = make_onednn(cpu.isa, Precision::kF32);
+    t.f32 = make_onednn<Compute::kF32>(cpu.isa);
     t.has_bf16 = cpu.isa >= Isa::kAvx512Bf16;
-    if (t.has_bf16) t.bf16 = make_onednn(cpu.isa, Precision::kBf16);
+    if (t.has_bf16) t.bf16 = make_onednn<Compute::kBf16>(cpu.isa);
     t.openblas = make_openblas(cpu.isa);
     t.f32.f32 = &t.f32;
     t.bf16.f32 = &t.f32;
@@ -203,9 +198,8 @@ const BackendTable& backend_table() {
     t.all.push_back(&t.f32);
     if (t.has_bf16) t.all.push_back(&t.bf16);
     t.all.push_back(&t.openblas);
-    return t;
-  }();
-  return table;
+  });
+  return t;
 }
 
 // Seconds of the best of a few single-threaded 256 x 1024 x 1024 products (one GEMM tile's
@@ -269,8 +263,10 @@ Precision parse_precision(std::string_view s, std::string_view what) {
 std::string CpuFeatures::describe() const {
   std::string s = fmt::format("{} ({} family {} model {}), isa {}", brand, vendor, family, model,
                               isa_name(isa));
-  if (!cap.empty())
+  if (!cap.empty() && isa < detected)
     s += fmt::format(" (capped by SY_MAX_ISA={}, detected {})", cap, isa_name(detected));
+  else if (!cap.empty())
+    s += fmt::format(" (SY_MAX_ISA={} is not below it)", cap);
   s += fmt::format(", L2 {} KiB, LLC {} MiB", l2_bytes >> 10, llc_bytes >> 20);
   return s;
 }
