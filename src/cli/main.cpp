@@ -92,8 +92,9 @@ int main(int argc, char** argv) {
   bench_train->add_option("--warmup", bt_opt.warmup, "Untimed steps first")->capture_default_str();
   bench_train->add_option("--threads", bt_opt.n_threads, "Threads (0: all cores)")
       ->capture_default_str();
-  bench_train->add_option("--precision", bt_opt.precision,
-                          "GEMM precision f32, bf16 or auto (default: the config's model.precision)");
+  bench_train->add_option(
+      "--precision", bt_opt.precision,
+      "GEMM precision f32, bf16 or auto (default: the config's model.precision)");
   bench_train->add_option("--json", bt_opt.json_path, "Also write JSON (- for stdout)");
 
 #ifdef SY_WITH_MPI

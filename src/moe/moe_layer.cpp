@@ -299,9 +299,10 @@ void MoeLayer::backward_impl(const MoeParams& p, MoeCache& c, const Tensor& dy, 
   });
   timed(prof, &tm.backward_experts, [&] {
     if (ctx.parallel != nullptr) return experts_backward_parallel<T>(p, c, g, *ctx.parallel, be);
-    experts_backward<T>(be, p.w1.stacked<T>(), p.w3.stacked<T>(), p.w2.stacked<T>(), c.xs.matrix<T>(),
-                        c.plan.offsets, c.dys.matrix<T>(), c.experts, g.w1.stacked<T>(),
-                        g.w3.stacked<T>(), g.w2.stacked<T>(), c.dxs.matrix<T>());
+    experts_backward<T>(be, p.w1.stacked<T>(), p.w3.stacked<T>(), p.w2.stacked<T>(),
+                        c.xs.matrix<T>(), c.plan.offsets, c.dys.matrix<T>(), c.experts,
+                        g.w1.stacked<T>(), g.w3.stacked<T>(), g.w2.stacked<T>(),
+                        c.dxs.matrix<T>());
   });
   // The router writes dx (=); the dispatched rows' gradients are then added onto it.
   timed(prof, &tm.backward_router, [&] {

@@ -281,6 +281,7 @@ LmStep LanguageModel::forward_impl(const LmParams& p, int64_t n_seq, LmCache& c,
   const int64_t n = int64_t(c.tokens.size()), d = cfg_.d_model, V = cfg_.vocab;
   const DType dt = dtype_of<T>();
   const T eps = T(cfg_.norm_eps);
+  const Backend& be = backend_of(ctx);
   c.layers.resize(size_t(cfg_.n_layers));
   Tensor& x = c.x_out;  // the residual stream, updated in place layer by layer
   x.resize({n, d}, dt);
@@ -310,7 +311,7 @@ LmStep LanguageModel::forward_impl(const LmParams& p, int64_t n_seq, LmCache& c,
     } else {
       lc.out.resize({n, d}, dt);
       const std::vector<int32_t> all = {0, int32_t(n)};
-      experts_forward<T>(backend_of(ctx), one<T>(l.w1), one<T>(l.w3), one<T>(l.w2), lc.h_ffn.matrix<T>(), all,
+      experts_forward<T>(be, one<T>(l.w1), one<T>(l.w3), one<T>(l.w2), lc.h_ffn.matrix<T>(), all,
                          lc.out.matrix<T>(), lc.ffn);
     }
     add_into<T>(x, lc.out);
@@ -321,7 +322,7 @@ LmStep LanguageModel::forward_impl(const LmParams& p, int64_t n_seq, LmCache& c,
   cpu::rmsnorm<T>(x.matrix<T>(), p.norm_out.span<T>(), eps, c.h_out.matrix<T>(),
                   c.rstd_out.span<T>());
   c.logits.resize({n, V}, dt);
-  backend_of(ctx).gemm<T>(false, false, T(1), c.h_out.matrix<T>(), p.lm_head.matrix<T>(), T(0),
+  be.gemm<T>(false, false, T(1), c.h_out.matrix<T>(), p.lm_head.matrix<T>(), T(0),
                c.logits.matrix<T>());
   c.n_targets = 0;
   for (int32_t y : c.targets) c.n_targets += y >= 0;
@@ -349,14 +350,15 @@ void LanguageModel::backward_impl(const LmParams& p, LmCache& c, LmParams& g,
                                   const ExecContext& ctx) const {
   const int64_t n = int64_t(c.tokens.size()), d = cfg_.d_model;
   const DType dt = dtype_of<T>();
+  const Backend& be = backend_of(ctx);
   Tensor& dx = c.dx;  // d loss / d residual stream, carried down the layers
   Tensor& dh = c.dh;
   dx.resize({n, d}, dt);
   dh.resize({n, d}, dt);
   // logits = h_out lm_head (c.logits holds dlogits).
-  backend_of(ctx).gemm<T>(true, false, T(1), c.h_out.matrix<T>(), c.logits.matrix<T>(), T(1),
+  be.gemm<T>(true, false, T(1), c.h_out.matrix<T>(), c.logits.matrix<T>(), T(1),
                g.lm_head.matrix<T>());
-  backend_of(ctx).gemm<T>(false, true, T(1), c.logits.matrix<T>(), p.lm_head.matrix<T>(), T(0),
+  be.gemm<T>(false, true, T(1), c.logits.matrix<T>(), p.lm_head.matrix<T>(), T(0),
                dh.matrix<T>());
   cpu::rmsnorm_backward<T>(c.x_out.matrix<T>(), p.norm_out.span<T>(), c.rstd_out.span<T>(),
                            dh.matrix<T>(), dx.matrix<T>(), g.norm_out.span<T>());
@@ -372,7 +374,7 @@ void LanguageModel::backward_impl(const LmParams& p, LmCache& c, LmParams& g,
     } else {
       dh.resize({n, d}, dt);
       const std::vector<int32_t> all = {0, int32_t(n)};
-      experts_backward<T>(backend_of(ctx), one<T>(l.w1), one<T>(l.w3), one<T>(l.w2), lc.h_ffn.matrix<T>(), all,
+      experts_backward<T>(be, one<T>(l.w1), one<T>(l.w3), one<T>(l.w2), lc.h_ffn.matrix<T>(), all,
                           dx.matrix<T>(), lc.ffn, one<T>(gl.w1), one<T>(gl.w3), one<T>(gl.w2),
                           dh.matrix<T>());
     }
@@ -438,8 +440,8 @@ void LanguageModel::decode(const LmParams& p, std::span<const int32_t> tokens, D
   MatrixView<const float> last{x.data<float>() + (n - 1) * d, 1, d};
   Tensor hl({1, d}, DType::kF32), rl({1}, DType::kF32), lg({1, V}, DType::kF32);
   cpu::rmsnorm<float>(last, p.norm_out.span<float>(), eps, hl.matrix<float>(), rl.span<float>());
-  backend_of(eval).gemm<float>(false, false, 1.0f, hl.matrix<float>(), p.lm_head.matrix<float>(), 0.0f,
-                   lg.matrix<float>());
+  backend_of(eval).gemm<float>(false, false, 1.0f, hl.matrix<float>(),
+                               p.lm_head.matrix<float>(), 0.0f, lg.matrix<float>());
   logits.assign(lg.data<float>(), lg.data<float>() + V);
 }
 

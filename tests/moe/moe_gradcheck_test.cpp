@@ -77,18 +77,20 @@ TEST(ExpertsGrad, MatchesFiniteDifferences) {
   Tensor w2 = random_tensor({E, f, d}, DType::kF64, 3), xs = random_tensor({n, d}, DType::kF64, 4);
   Tensor r = random_tensor({n, d}, DType::kF64, 5), ys({n, d}, DType::kF64);
   ExpertsCache c;
+  const Backend& be = backend_of(ExecContext{});
   auto loss = [&] {
-    experts_forward<double>(backend_of(ExecContext{}), w1.stacked<double>(), w3.stacked<double>(), w2.stacked<double>(),
-                            xs.matrix<double>(), offsets, ys.matrix<double>(), c);
+    experts_forward<double>(be, w1.stacked<double>(), w3.stacked<double>(),
+                            w2.stacked<double>(), xs.matrix<double>(), offsets,
+                            ys.matrix<double>(), c);
     return dot(ys.span<double>(), r.span<double>());
   };
   loss();
   Tensor dw1({E, d, f}, DType::kF64), dw3({E, d, f}, DType::kF64), dw2({E, f, d}, DType::kF64);
   Tensor dxs({n, d}, DType::kF64);
-  experts_backward<double>(backend_of(ExecContext{}), w1.stacked<double>(), w3.stacked<double>(), w2.stacked<double>(),
-                           xs.matrix<double>(), offsets, r.matrix<double>(), c,
-                           dw1.stacked<double>(), dw3.stacked<double>(), dw2.stacked<double>(),
-                           dxs.matrix<double>());
+  experts_backward<double>(be, w1.stacked<double>(), w3.stacked<double>(),
+                           w2.stacked<double>(), xs.matrix<double>(), offsets,
+                           r.matrix<double>(), c, dw1.stacked<double>(), dw3.stacked<double>(),
+                           dw2.stacked<double>(), dxs.matrix<double>());
   expect_grad_close(loss, w1.span<double>(), dw1.span<double>(), "dw1");
   expect_grad_close(loss, w3.span<double>(), dw3.span<double>(), "dw3");
   expect_grad_close(loss, w2.span<double>(), dw2.span<double>(), "dw2");

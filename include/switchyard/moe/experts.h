@@ -19,9 +19,9 @@ struct ExpertsCache {
 
 // be: the GEMM kernels (kernels/backend.h). xs: [n, d] -> ys: [n, d] (=)
 template <class T>
-void experts_forward(const Backend& be, StackedView<const T> w1, StackedView<const T> w3, StackedView<const T> w2,
-                     ConstMatrixView<T> xs, std::span<const int32_t> offsets, MatrixView<T> ys,
-                     ExpertsCache& cache);
+void experts_forward(const Backend& be, StackedView<const T> w1, StackedView<const T> w3,
+                     StackedView<const T> w2, ConstMatrixView<T> xs,
+                     std::span<const int32_t> offsets, MatrixView<T> ys, ExpertsCache& cache);
 
 // The same with bf16 weights and f32 activations, for inference (backward needs f32 or f64).
 void experts_forward(const Backend& be, StackedView<const bf16> w1, StackedView<const bf16> w3,
@@ -30,9 +30,10 @@ void experts_forward(const Backend& be, StackedView<const bf16> w1, StackedView<
 
 // dys: [n, d] -> dw1, dw3, dw2 (+=), dxs: [n, d] (=)
 template <class T>
-void experts_backward(const Backend& be, StackedView<const T> w1, StackedView<const T> w3, StackedView<const T> w2,
-                      ConstMatrixView<T> xs, std::span<const int32_t> offsets,
-                      ConstMatrixView<T> dys, ExpertsCache& cache, StackedView<T> dw1,
-                      StackedView<T> dw3, StackedView<T> dw2, MatrixView<T> dxs);
+void experts_backward(const Backend& be, StackedView<const T> w1, StackedView<const T> w3,
+                      StackedView<const T> w2, ConstMatrixView<T> xs,
+                      std::span<const int32_t> offsets, ConstMatrixView<T> dys,
+                      ExpertsCache& cache, StackedView<T> dw1, StackedView<T> dw3,
+                      StackedView<T> dw2, MatrixView<T> dxs);
 
 }  // namespace sy
