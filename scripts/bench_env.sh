@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the peers the benchmarks compare against (current PyTorch and transformers from PyPI)
+# Installs the peers the benchmarks compare against and the fixture tools run on (PyTorch,
+# transformers and tokenizers from PyPI, pinned so that tests/fixtures/hf/ can be remade alike)
 # into a git-ignored virtual environment, .venv-bench/. Not needed by the build, the tests, CI
 # or the quick start; only by bench/torch_*.py. Safe to run again: an existing environment is
 # only checked. Prints the path of its python.
@@ -14,9 +15,9 @@ fi
 if [[ ! -x $venv/bin/python ]]; then
   python3 -m venv "$venv"
 fi
-if ! "$venv/bin/python" -c "import torch, transformers" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import torch, transformers, tokenizers, safetensors" 2>/dev/null; then
   "$venv/bin/pip" install --quiet --upgrade pip
-  "$venv/bin/pip" install --quiet torch transformers numpy
+  "$venv/bin/pip" install --quiet torch==2.15.0 transformers==5.24.0 tokenizers==0.23.3 safetensors numpy
 fi
 "$venv/bin/python" -c "import torch, transformers; print('bench_env: torch', torch.__version__, 'transformers', transformers.__version__)" >&2
 echo "$venv/bin/python"

@@ -10,6 +10,8 @@ packages=(
   libfmt-dev libcli11-dev nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   zlib1g-dev               # reads the gzip'd corpus in data/
+  libpcre2-dev             # tokenizer.json split regexes (\p{L} classes, lookahead)
+  libutf8proc-dev          # tokenizer.json normalizers (NFC, NFKC)
   libopenmpi-dev openmpi-bin  # expert parallelism across processes (mpirun)
 )
 
