@@ -1,10 +1,14 @@
-// safetensors read/write with nlohmann::json for the header. Dtypes: F32, F64, BF16.
+// safetensors read/write with nlohmann::json for the header; reading maps the file (mmap).
 #include "switchyard/io/safetensors.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <bit>
+#include <cerrno>
 #include <cstring>
-#include <fstream>
-#include <iterator>
 #include <nlohmann/json.hpp>
 
 #include "switchyard/core/file.h"
@@ -25,6 +29,154 @@ const char* st_dtype(DType t) {
 }
 
 }  // namespace
+
+size_t safetensors_dtype_size(const std::string& dtype) {
+  static const std::map<std::string, size_t> sizes = {
+      {"F64", 8}, {"F32", 4}, {"F16", 2}, {"BF16", 2}, {"I64", 8}, {"U64", 8},
+      {"I32", 4}, {"U32", 4}, {"I16", 2}, {"U16", 2}, {"I8", 1},   {"U8", 1},
+      {"BOOL", 1}, {"F8_E4M3", 1}, {"F8_E5M2", 1}};
+  const auto it = sizes.find(dtype);
+  return it == sizes.end() ? 0 : it->second;
+}
+
+int64_t MappedSafetensors::Entry::numel() const {
+  int64_t n = 1;
+  for (int64_t s : shape) n *= s;  // checked against overflow when the header was read
+  return n;
+}
+
+MappedSafetensors::MappedSafetensors(const std::string& path) : path_(path) {
+  auto bad = [&](const std::string& what) {
+    return IoError(fmt::format("{}: not a valid safetensors file: {}", path, what));
+  };
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw IoError(fmt::format("{}: cannot open: {}", path, std::strerror(errno)));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw IoError(fmt::format("{}: not a regular file", path));
+  }
+  const size_t size = size_t(st.st_size);
+  if (size < 8) {
+    ::close(fd);
+    throw bad(fmt::format("{} bytes, expected at least 8", size));
+  }
+  void* m = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (m == MAP_FAILED) throw IoError(fmt::format("{}: cannot map: {}", path, std::strerror(errno)));
+  map_ = static_cast<const std::byte*>(m);
+  map_size_ = size;
+  try {
+    uint64_t n = 0;
+    std::memcpy(&n, map_, 8);
+    if (n > size - 8)
+      throw bad(fmt::format("header length {} but only {} bytes follow (truncated?)", n,
+                            size - 8));
+    nlohmann::json header;
+    try {
+      const char* h = reinterpret_cast<const char*>(map_) + 8;
+      header = nlohmann::json::parse(h, h + n);
+    } catch (const nlohmann::json::exception& e) {
+      throw bad(fmt::format("header is not JSON ({})", e.what()));
+    }
+    if (!header.is_object()) throw bad("header is not a JSON object");
+    data_begin_ = 8 + size_t(n);
+    const size_t data_size = size - data_begin_;
+    for (const auto& [name, item] : header.items()) {
+      if (name == "__metadata__") {
+        if (!item.is_object()) throw bad("__metadata__ is not an object");
+        for (const auto& [k, v] : item.items()) {
+          if (!v.is_string()) throw bad(fmt::format("__metadata__.{} is not a string", k));
+          metadata_[k] = v.get<std::string>();
+        }
+        continue;
+      }
+      if (!item.is_object() || !item.contains("dtype") || !item.contains("shape") ||
+          !item.contains("data_offsets"))
+        throw bad(fmt::format("tensor {}: expected dtype, shape and data_offsets", name));
+      Entry e;
+      e.name = name;
+      e.dtype = item["dtype"].is_string() ? item["dtype"].get<std::string>() : "";
+      const size_t esize = safetensors_dtype_size(e.dtype);
+      if (esize == 0)
+        throw bad(fmt::format("tensor {}: dtype {} is not a safetensors dtype", name,
+                              item["dtype"].dump()));
+      const auto& offs = item["data_offsets"];
+      uint64_t b = 0, end = 0;
+      try {
+        e.shape = item["shape"].get<std::vector<int64_t>>();
+        if (!offs.is_array() || offs.size() != 2) throw std::runtime_error("");
+        b = offs[0].get<uint64_t>();
+        end = offs[1].get<uint64_t>();
+      } catch (...) {
+        throw bad(fmt::format("tensor {}: shape or data_offsets malformed", name));
+      }
+      if (e.shape.size() > size_t(Tensor::kMaxRank))
+        throw bad(fmt::format("tensor {}: rank {} above {}", name, e.shape.size(),
+                              Tensor::kMaxRank));
+      uint64_t bytes = esize;
+      for (int64_t s : e.shape) {
+        if (s < 0) throw bad(fmt::format("tensor {}: dim {}", name, s));
+        if (__builtin_mul_overflow(bytes, uint64_t(s), &bytes))
+          throw bad(fmt::format("tensor {}: shape {} overflows 64 bits", name,
+                                item["shape"].dump()));
+      }
+      if (end < b || end > data_size || end - b != bytes)
+        throw bad(fmt::format("tensor {}: bytes [{}, {}) for a {} tensor of shape {} ({} bytes), "
+                              "with {} data bytes in the file (truncated?)",
+                              name, b, end, e.dtype, item["shape"].dump(), bytes, data_size));
+      e.offset = size_t(b);
+      e.nbytes = size_t(bytes);
+      entries_.emplace(name, std::move(e));
+    }
+  } catch (...) {
+    ::munmap(const_cast<std::byte*>(map_), map_size_);
+    map_ = nullptr;
+    throw;
+  }
+}
+
+MappedSafetensors::~MappedSafetensors() {
+  if (map_) ::munmap(const_cast<std::byte*>(map_), map_size_);
+}
+
+MappedSafetensors::MappedSafetensors(MappedSafetensors&& o) noexcept
+    : path_(std::move(o.path_)),
+      map_(std::exchange(o.map_, nullptr)),
+      map_size_(o.map_size_),
+      data_begin_(o.data_begin_),
+      entries_(std::move(o.entries_)),
+      metadata_(std::move(o.metadata_)) {}
+
+MappedSafetensors& MappedSafetensors::operator=(MappedSafetensors&& o) noexcept {
+  if (this != &o) {
+    if (map_) ::munmap(const_cast<std::byte*>(map_), map_size_);
+    path_ = std::move(o.path_);
+    map_ = std::exchange(o.map_, nullptr);
+    map_size_ = o.map_size_;
+    data_begin_ = o.data_begin_;
+    entries_ = std::move(o.entries_);
+    metadata_ = std::move(o.metadata_);
+  }
+  return *this;
+}
+
+const MappedSafetensors::Entry& MappedSafetensors::entry(const std::string& name) const {
+  const auto it = entries_.find(name);
+  if (it == entries_.end()) throw IoError(fmt::format("{}: no tensor named {}", path_, name));
+  return it->second;
+}
+
+std::span<const std::byte> MappedSafetensors::bytes(const Entry& e) const {
+  return {map_ + data_begin_ + e.offset, e.nbytes};
+}
+
+void MappedSafetensors::release(const Entry& e) const {
+  const size_t page = size_t(::sysconf(_SC_PAGESIZE));
+  const size_t begin = (data_begin_ + e.offset + page - 1) / page * page;
+  const size_t end = (data_begin_ + e.offset + e.nbytes) / page * page;
+  if (end > begin) ::madvise(const_cast<std::byte*>(map_) + begin, end - begin, MADV_DONTNEED);
+}
 
 void write_safetensors(const std::string& path,
                        const std::vector<std::pair<std::string, const Tensor*>>& tensors,
@@ -52,65 +204,21 @@ void write_safetensors(const std::string& path,
 }
 
 SafetensorsFile read_safetensors(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw IoError(fmt::format("{}: cannot open: {}", path, std::strerror(errno)));
-  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  auto bad = [&](const std::string& what) {
-    return IoError(fmt::format("{}: not a valid safetensors file: {}", path, what));
-  };
-  if (bytes.size() < 8) throw bad(fmt::format("{} bytes, expected at least 8", bytes.size()));
-  uint64_t n = 0;
-  std::memcpy(&n, bytes.data(), 8);
-  if (n > bytes.size() - 8)
-    throw bad(fmt::format("header length {} but only {} bytes follow (truncated?)", n,
-                          bytes.size() - 8));
-  nlohmann::json header;
-  try {
-    header = nlohmann::json::parse(bytes.data() + 8, bytes.data() + 8 + n);
-  } catch (const nlohmann::json::exception& e) {
-    throw bad(fmt::format("header is not JSON ({})", e.what()));
-  }
-  if (!header.is_object()) throw bad("header is not a JSON object");
-  const size_t data_begin = 8 + n, data_size = bytes.size() - data_begin;
+  const MappedSafetensors mapped(path);
   SafetensorsFile file;
-  for (const auto& [name, entry] : header.items()) {
-    if (name == "__metadata__") {
-      if (!entry.is_object()) throw bad("__metadata__ is not an object");
-      for (const auto& [k, v] : entry.items()) {
-        if (!v.is_string()) throw bad(fmt::format("__metadata__.{} is not a string", k));
-        file.metadata[k] = v.get<std::string>();
-      }
-      continue;
-    }
-    if (!entry.is_object() || !entry.contains("dtype") || !entry.contains("shape") ||
-        !entry.contains("data_offsets"))
-      throw bad(fmt::format("tensor {}: expected dtype, shape and data_offsets", name));
-    const std::string dt = entry["dtype"].is_string() ? entry["dtype"].get<std::string>() : "";
+  file.metadata = mapped.metadata();
+  for (const auto& [name, e] : mapped.entries()) {
     DType dtype;
-    if (dt == "F32") dtype = DType::kF32;
-    else if (dt == "F64") dtype = DType::kF64;
-    else if (dt == "BF16") dtype = DType::kBF16;
-    else throw bad(fmt::format("tensor {}: dtype {}: expected F32, F64 or BF16", name, entry["dtype"].dump()));
-    std::vector<int64_t> shape;
-    const auto& offs = entry["data_offsets"];
-    try {
-      shape = entry["shape"].get<std::vector<int64_t>>();
-      if (!offs.is_array() || offs.size() != 2) throw std::runtime_error("");
-      (void)offs[0].get<uint64_t>();
-    } catch (...) {
-      throw bad(fmt::format("tensor {}: shape or data_offsets malformed", name));
-    }
-    const uint64_t b = offs[0].get<uint64_t>(), e = offs[1].get<uint64_t>();
-    if (shape.size() > size_t(Tensor::kMaxRank))
-      throw bad(fmt::format("tensor {}: rank {} above {}", name, shape.size(), Tensor::kMaxRank));
-    for (int64_t s : shape)
-      if (s < 0 || s > (int64_t(1) << 40)) throw bad(fmt::format("tensor {}: dim {}", name, s));
-    Tensor t(shape, dtype);
-    if (e < b || e > data_size || e - b != t.nbytes())
-      throw bad(fmt::format("tensor {}: bytes [{}, {}) for a {} tensor of {} bytes, with {} data "
-                            "bytes in the file (truncated?)",
-                            name, b, e, t.shape_str(), t.nbytes(), data_size));
-    std::memcpy(t.bytes(), bytes.data() + data_begin + b, t.nbytes());
+    if (e.dtype == "F32") dtype = DType::kF32;
+    else if (e.dtype == "F64") dtype = DType::kF64;
+    else if (e.dtype == "BF16") dtype = DType::kBF16;
+    else
+      throw IoError(fmt::format("{}: not a valid safetensors file: tensor {}: dtype \"{}\": "
+                                "expected F32, F64 or BF16",
+                                path, name, e.dtype));
+    Tensor t(e.shape, dtype);
+    const auto raw = mapped.bytes(e);
+    std::memcpy(t.bytes(), raw.data(), raw.size());
     file.tensors.emplace(name, std::move(t));
   }
   return file;

@@ -10,9 +10,9 @@ namespace sy {
 //   kSoftmaxTopK: top-k of softmax(logits); weights the chosen probabilities (see renormalize).
 //     With top_k = 1, renormalize = false and jitter_eps > 0 it is the Switch Transformer router.
 //   kSigmoidBias: scores s = sigmoid(logits); top-k of s + expert_bias chooses, the weights are
-//     the chosen s normalised to sum to 1; the bias never enters the weights or the gradient,
-//     and MoeLayer::update_bias moves it against the observed load (DeepSeek-V3's
-//     auxiliary-loss-free balancing).
+//     the chosen s, normalised to sum to 1 when renormalize (DeepSeek-V3's norm_topk_prob);
+//     the bias never enters the weights or the gradient, and MoeLayer::update_bias moves it
+//     against the observed load (DeepSeek-V3's auxiliary-loss-free balancing).
 //   kExpertChoice: each expert takes the C tokens with the highest softmax probability for it
 //     (Zhou et al. 2022), C = capacity(T); a token may get several experts or none; weights are
 //     the probabilities. Balanced by construction, but a token's routing depends on the other
@@ -32,8 +32,8 @@ struct MoeConfig {
   int64_t n_experts = 0;  // E
   int64_t top_k = 2;      // experts per token, 1..E
   Gating gating = Gating::kSoftmaxTopK;
-  // Rescale the k chosen probabilities to sum to 1 (Mixtral); off: the raw softmax values
-  // (Switch, GShard's first expert).
+  // Rescale the k chosen probabilities (or sigmoid scores) to sum to 1 (Mixtral, DeepSeek-V3);
+  // off: the raw values (Switch, GShard's first expert, OLMoE).
   bool renormalize = true;
   // Rows an expert takes: ceil(factor * T * k / E). Train and eval differ as in Switch
   // Transformer: a larger eval factor drops fewer tokens at inference.

@@ -81,10 +81,10 @@ class Router {
                 ConstMatrixView<T> w_noise = {}, MatrixView<T> dw_noise = {}) const;
 
  private:
-  // Sigmoid gating always normalises the chosen scores; softmax top-k when cfg.renormalize.
+  // Sigmoid gating and softmax top-k normalise the chosen scores when cfg.renormalize.
   bool normalises_weights() const {
-    return cfg_.gating == Gating::kSigmoidBias ||
-           (cfg_.gating == Gating::kSoftmaxTopK && cfg_.renormalize);
+    return (cfg_.gating == Gating::kSigmoidBias || cfg_.gating == Gating::kSoftmaxTopK) &&
+           cfg_.renormalize;
   }
   bool uses_balance_loss() const {
     return cfg_.gating == Gating::kSoftmaxTopK || cfg_.gating == Gating::kSigmoidBias;

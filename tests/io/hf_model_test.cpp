@@ -1,0 +1,234 @@
+// Hugging Face model directories against transformers: the logits of every prompt position and
+// 32 greedy tokens (tests/fixtures/hf/models/*, made by transformers itself), and the errors a
+// malformed directory gets.
+#include "switchyard/io/hf_model.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "switchyard/io/safetensors.h"
+#include "switchyard/kernels/backend.h"
+
+namespace sy {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string fixture(const std::string& rel) { return std::string(SY_FIXTURES) + "/" + rel; }
+
+std::string read(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+void write(const fs::path& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary);
+  out << text;
+}
+
+ExecContext f32_context() {
+  ExecContext ctx;
+  ctx.backend = &pick_backend(cpu_features(), Precision::kF32);
+  ctx.training = false;
+  return ctx;
+}
+
+int32_t argmax(const float* row, int64_t n) {
+  return int32_t(std::max_element(row, row + n) - row);
+}
+
+class HfFixture : public ::testing::TestWithParam<std::string> {};
+
+// Tolerance: transformers' own float32 logits differ from its float64 run by `f32_vs_f64_max_abs`
+// (about 1e-6 here); ours and theirs are two float32 computations in different summation
+// orders, so each is that far from the exact answer and the two at most twice as far apart.
+// We allow 8x that gap (floor 1e-5): loose enough for any reordering, tight enough that a
+// wrong norm, scale, rope angle or routing decision (errors of 1e-3 and up) cannot pass.
+TEST_P(HfFixture, LogitsAndGreedyTokensEqualTransformers) {
+  const std::string dir = fixture("models/" + GetParam());
+  const HfModel m = load_hf_model(dir);
+  const auto want = nlohmann::json::parse(read(dir + "/expected.json"));
+  const auto ids = want["input_ids"].get<std::vector<int32_t>>();
+  ASSERT_TRUE(m.tokenizer.has_value());
+  EXPECT_EQ(m.tokenizer->encode(want["prompt"].get<std::string>()), ids);
+
+  const DecoderModel model(m.config);
+  const ExecContext ctx = f32_context();
+  DecoderState s = model.start();
+  Tensor logits;
+  model.forward(m.params, ids, s, logits, ctx);
+  const SafetensorsFile ref = read_safetensors(dir + "/logits.safetensors");
+  const Tensor& r = ref.tensors.at("logits");
+  ASSERT_EQ(logits.shape(), r.shape());
+  double worst = 0;
+  for (int64_t i = 0; i < r.numel(); ++i)
+    worst = std::max(worst, double(std::abs(logits.data<float>()[i] - r.data<float>()[i])));
+  const double tol = std::max(1e-5, 8 * want["f32_vs_f64_max_abs"].get<double>());
+  EXPECT_LE(worst, tol) << GetParam() << ": largest logit difference";
+  RecordProperty("max_abs_logit_diff", fmt::format("{:.3g}", worst));
+
+  const int64_t V = m.config.vocab;
+  std::vector<int32_t> greedy;
+  int32_t next = argmax(logits.data<float>() + (int64_t(ids.size()) - 1) * V, V);
+  for (int i = 0; i < 32; ++i) {
+    greedy.push_back(next);
+    if (i == 31) break;
+    const int32_t tok[1] = {next};
+    model.forward(m.params, tok, s, logits, ctx);
+    next = argmax(logits.data<float>(), V);
+  }
+  EXPECT_EQ(greedy, want["greedy"].get<std::vector<int32_t>>()) << GetParam();
+}
+
+INSTANTIATE_TEST_SUITE_P(Architectures, HfFixture,
+                         ::testing::Values("llama", "qwen2", "qwen3", "mixtral", "qwen2_moe",
+                                           "qwen3_moe", "olmoe", "deepseek_v3"));
+
+TEST(HfModel, Bf16WeightsStayBf16) {
+  const HfModel m = load_hf_model(fixture("models/qwen3_moe"));
+  EXPECT_EQ(m.weights_dtype, "bf16");
+  EXPECT_EQ(m.params.layers[1].moe.w1.dtype(), DType::kBF16);
+  EXPECT_EQ(m.params.layers[0].wq.dtype(), DType::kBF16);
+}
+
+// A scratch copy of a fixture directory to break.
+struct Scratch {
+  fs::path dir;
+  explicit Scratch(const std::string& name) {
+    dir = fs::temp_directory_path() / fmt::format("sy_hf_{}_{}", name, ::getpid());
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+    for (const auto& e : fs::directory_iterator(fixture("models/mixtral")))
+      fs::copy_file(e.path(), dir / e.path().filename());
+  }
+  ~Scratch() { fs::remove_all(dir); }
+  void set_config(const std::string& key, const nlohmann::json& v) const {
+    auto j = nlohmann::json::parse(read((dir / "config.json").string()));
+    j[key] = v;
+    write(dir / "config.json", j.dump());
+  }
+  // Rewrites model.safetensors with `edit` applied to its tensors.
+  template <class Fn>
+  void edit_weights(Fn&& edit) const {
+    SafetensorsFile f = read_safetensors((dir / "model.safetensors").string());
+    edit(f.tensors);
+    std::vector<std::pair<std::string, const Tensor*>> list;
+    for (auto& [name, t] : f.tensors) list.emplace_back(name, &t);
+    write_safetensors((dir / "model.safetensors").string(), list, f.metadata);
+  }
+};
+
+std::string load_error(const fs::path& dir) {
+  try {
+    load_hf_model(dir.string());
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(loaded)";
+}
+
+TEST(HfModel, UnknownModelTypeListsTheSupported) {
+  Scratch s("type");
+  s.set_config("model_type", "gpt_oss");
+  const std::string e = load_error(s.dir);
+  EXPECT_NE(e.find("model_type \"gpt_oss\" is not supported; supported: mixtral, qwen2_moe"),
+            std::string::npos) << e;
+}
+
+TEST(HfModel, MissingExtraAndMisshapenTensorsAreNamed) {
+  {
+    Scratch s("missing");
+    s.edit_weights([](auto& t) { t.erase("model.layers.1.block_sparse_moe.experts.2.w3.weight"); });
+    const std::string e = load_error(s.dir);
+    EXPECT_NE(e.find("missing tensor model.layers.1.block_sparse_moe.experts.2.w3.weight"),
+              std::string::npos) << e;
+  }
+  {
+    Scratch s("extra");
+    s.edit_weights([](auto& t) { t.emplace("model.layers.0.mlp.surprise.weight", Tensor({2, 2}, DType::kF32)); });
+    const std::string e = load_error(s.dir);
+    EXPECT_NE(e.find("not part of a mixtral model with this config.json, first "
+                     "model.layers.0.mlp.surprise.weight"),
+              std::string::npos) << e;
+  }
+  {
+    Scratch s("shape");
+    s.set_config("intermediate_size", 40);
+    const std::string e = load_error(s.dir);
+    EXPECT_NE(e.find("has shape [48, 48], expected [40, 48] from config.json"), std::string::npos) << e;
+  }
+}
+
+TEST(HfModel, ShardMissingFromTheIndexIsNamed) {
+  Scratch s("shards");
+  const MappedSafetensors f((s.dir / "model.safetensors").string());
+  nlohmann::json index;
+  for (const auto& [name, e] : f.entries())
+    index["weight_map"][name] =
+        name.find("layers.1.") != std::string::npos ? "model-00002-of-00002.safetensors"
+                                                    : "model.safetensors";
+  write(s.dir / "model.safetensors.index.json", index.dump());
+  const std::string e = load_error(s.dir);
+  EXPECT_NE(e.find("shard model-00002-of-00002.safetensors (holding model.layers.1."),
+            std::string::npos) << e;
+}
+
+TEST(HfModel, ShardedDirectoryLoadsAsTheSingleFile) {
+  Scratch s("sharded_ok");
+  SafetensorsFile all = read_safetensors((s.dir / "model.safetensors").string());
+  std::vector<std::pair<std::string, const Tensor*>> a, b;
+  nlohmann::json index;
+  for (auto& [name, t] : all.tensors) {
+    const bool second = name.find("layers.1.") != std::string::npos;
+    (second ? b : a).emplace_back(name, &t);
+    index["weight_map"][name] = second ? "model-2.safetensors" : "model-1.safetensors";
+  }
+  write_safetensors((s.dir / "model-1.safetensors").string(), a, {});
+  write_safetensors((s.dir / "model-2.safetensors").string(), b, {});
+  fs::remove(s.dir / "model.safetensors");
+  write(s.dir / "model.safetensors.index.json", index.dump());
+  const HfModel sharded = load_hf_model(s.dir.string());
+  const HfModel single = load_hf_model(fixture("models/mixtral"));
+  const ExecContext ctx = f32_context();
+  const DecoderModel model(single.config);
+  const std::vector<int32_t> ids = {1, 40, 41, 42, 43};
+  Tensor la, lb;
+  DecoderState sa = model.start(), sb = model.start();
+  model.forward(single.params, ids, sa, la, ctx);
+  model.forward(sharded.params, ids, sb, lb, ctx);
+  ASSERT_EQ(la.numel(), lb.numel());
+  for (int64_t i = 0; i < la.numel(); ++i) ASSERT_EQ(la.data<float>()[i], lb.data<float>()[i]);
+}
+
+TEST(HfModel, HubStyleRopeFieldsReadAsRopeParameters) {
+  Scratch s("legacy_rope");
+  auto j = nlohmann::json::parse(read((s.dir / "config.json").string()));
+  const double theta = j["rope_parameters"]["rope_theta"].get<double>();
+  j.erase("rope_parameters");
+  j["rope_theta"] = theta;
+  write(s.dir / "config.json", j.dump());
+  const HfModel m = load_hf_model(s.dir.string());
+  EXPECT_EQ(m.config.rope.theta, theta);
+  EXPECT_EQ(m.config.rope.type, "default");
+}
+
+TEST(HfModel, PastTheContextIsAShapeError) {
+  const HfModel m = load_hf_model(fixture("models/olmoe"));
+  const DecoderModel model(m.config);
+  DecoderState s = model.start();
+  Tensor logits;
+  std::vector<int32_t> ids(size_t(m.config.max_context + 1), 3);
+  EXPECT_THROW(model.forward(m.params, ids, s, logits, f32_context()), ShapeError);
+  const int32_t bad[1] = {int32_t(m.config.vocab)};
+  EXPECT_THROW(model.forward(m.params, bad, s, logits, f32_context()), ShapeError);
+}
+
+}  // namespace
+}  // namespace sy
