@@ -14,6 +14,9 @@
 #include "switchyard/core/exec_context.h"
 #include "switchyard/core/file.h"
 #include "switchyard/core/rng.h"
+#include "switchyard/io/hf_export.h"
+#include "switchyard/io/hf_model.h"
+#include "switchyard/train/data.h"
 #include "switchyard/train/routes.h"
 #include "switchyard/train/trainer.h"
 #ifdef SY_WITH_MPI
@@ -130,7 +133,14 @@ int run_train(const TrainCliOptions& o) {
 #endif
 }
 
+namespace {
+int eval_hf(const EvalCliOptions& o);
+}  // namespace
+
 int run_eval(const EvalCliOptions& o) {
+  if (o.checkpoint.empty() == o.model.empty())
+    throw ConfigError("eval: expected one of --checkpoint or --model");
+  if (!o.model.empty()) return eval_hf(o);
   const Checkpoint ck = load_checkpoint(o.checkpoint, /*with_optimizer=*/false);
   const std::string data = resolve_data_path(o.data.empty() ? ck.cfg.data.path : o.data);
   const Corpus corpus = load_corpus(data, ck.cfg.data.val_fraction, ck.cfg.model.context);
@@ -150,13 +160,157 @@ int run_eval(const EvalCliOptions& o) {
   return 0;
 }
 
-int run_generate(const GenerateCliOptions& o) {
+namespace {
+
+// Softmax at the temperature, then keep the top-k and the smallest set whose mass reaches top-p,
+// renormalised; temperature 0 is greedy. Draw i of the stream rng.
+int32_t sample_next(std::span<const float> logits, const GenerateCliOptions& o, const Philox& rng,
+                    int64_t i, std::vector<int32_t>& order, std::vector<double>& prob) {
+  if (o.temperature == 0)
+    return int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  order.resize(logits.size());
+  prob.resize(logits.size());
+  const float mx = *std::max_element(logits.begin(), logits.end());
+  for (size_t v = 0; v < logits.size(); ++v)
+    prob[v] = std::exp((double(logits[v]) - mx) / o.temperature);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return prob[a] > prob[b]; });
+  const double total = std::accumulate(prob.begin(), prob.end(), 0.0);
+  size_t keep = o.top_k > 0 ? std::min<size_t>(size_t(o.top_k), order.size()) : order.size();
+  double mass = 0;
+  for (size_t j = 0; j < keep; ++j) {
+    mass += prob[order[j]] / total;
+    if (mass >= o.top_p) {
+      keep = j + 1;
+      break;
+    }
+  }
+  double kept = 0;
+  for (size_t j = 0; j < keep; ++j) kept += prob[order[j]];
+  double u = double(rng.uniform(uint64_t(i))) * kept;
+  for (size_t j = 0; j < keep; ++j) {
+    u -= prob[order[j]];
+    if (u < 0) return order[j];
+  }
+  return order[keep - 1];
+}
+
+void check_sampling(const GenerateCliOptions& o) {
   if (!(o.temperature >= 0) || !std::isfinite(o.temperature))
     throw ConfigError(fmt::format("--temperature {}: expected >= 0", o.temperature));
   if (!(o.top_p > 0 && o.top_p <= 1))
     throw ConfigError(fmt::format("--top-p {}: expected in (0, 1]", o.top_p));
   if (o.top_k < 0) throw ConfigError(fmt::format("--top-k {}: expected >= 0", o.top_k));
   if (o.prompt.empty()) throw ConfigError("--prompt is empty: expected at least one byte");
+  if (o.checkpoint.empty() == o.model.empty())
+    throw ConfigError("generate: expected one of --checkpoint or --model");
+}
+
+void print_hf_model(const HfModel& m) {
+  const DecoderConfig& c = m.config;
+  fmt::print(stderr, "{} ({}): {:.2f} M parameters ({:.2f} M active per token), {} layers ({} MoE), "
+                     "{} weights, tokenizer: {}\n",
+             m.dir, m.model_type, double(c.total_params()) / 1e6, double(c.active_params()) / 1e6,
+             c.n_layers, c.n_moe_layers(), m.weights_dtype,
+             m.tokenizer ? m.tokenizer->kind() : std::string("none"));
+}
+
+// Generation from a Hugging Face model directory: its tokenizer, BOS template and EOS ids.
+int generate_hf(const GenerateCliOptions& o) {
+  const HfModel m = load_hf_model(o.model);
+  if (!m.tokenizer) throw IoError(fmt::format("{}: no tokenizer.json to encode the prompt", o.model));
+  print_hf_model(m);
+  const DecoderModel model(m.config);
+  ExecContext ctx;
+  ctx.n_threads = o.threads;
+  ctx.training = false;
+  ctx.backend = &pick_backend(cpu_features(), Precision::kF32);
+  fmt::print(stderr, "{}\n", describe_kernels(Precision::kF32));
+  std::vector<int32_t> ids = m.tokenizer->encode(o.prompt);
+  DecoderState state = model.start();
+  Tensor logits;
+  model.forward(m.params, ids, state, logits, ctx);
+  const int64_t V = m.config.vocab;
+  const Philox rng(o.seed, 0x6E4);
+  std::vector<int32_t> order, out;
+  std::vector<double> prob;
+  std::string shown;
+  fmt::print("{}", o.prompt);
+  const double t0 = wall_seconds();
+  int64_t made = 0;
+  for (; made < o.tokens; ++made) {
+    const float* last = logits.data<float>() + (logits.dim(0) - 1) * V;
+    const int32_t next = sample_next({last, size_t(V)}, o, rng, made, order, prob);
+    if (std::find(m.eos_ids.begin(), m.eos_ids.end(), next) != m.eos_ids.end()) break;
+    out.push_back(next);
+    // Print what the decoded text gained; a piece that ends inside a character waits.
+    const std::string text = m.tokenizer->decode(out, /*skip_special_tokens=*/true);
+    if (text.starts_with(shown) && !text.ends_with("\xef\xbf\xbd")) {
+      fmt::print("{}", text.substr(shown.size()));
+      std::fflush(stdout);
+      shown = text;
+    }
+    if (state.n_pos >= m.config.max_context) break;
+    const int32_t tok[1] = {next};
+    model.forward(m.params, tok, state, logits, ctx);
+  }
+  const std::string text = m.tokenizer->decode(out, true);
+  if (text.starts_with(shown)) fmt::print("{}", text.substr(shown.size()));
+  fmt::print(stderr, "\n[{} tokens in {:.2f} s: {:.0f} tokens/s]\n", made, wall_seconds() - t0,
+             double(made) / (wall_seconds() - t0));
+  return 0;
+}
+
+// Cross-entropy of a Hugging Face model on the validation split of a text: windows of up to 256
+// tokens of the text as its tokenizer cuts it, each scored from its second token on.
+int eval_hf(const EvalCliOptions& o) {
+  const HfModel m = load_hf_model(o.model);
+  if (!m.tokenizer) throw IoError(fmt::format("{}: no tokenizer.json to encode the text", o.model));
+  print_hf_model(m);
+  const std::string data = resolve_data_path(o.data.empty() ? "data/austen.txt.gz" : o.data);
+  const Corpus corpus = load_corpus(data, 0.05, 2);
+  const std::string text(corpus.val.begin(), corpus.val.end());
+  const std::vector<int32_t> ids = m.tokenizer->encode(text, /*add_special_tokens=*/false);
+  const DecoderModel model(m.config);
+  ExecContext ctx;
+  ctx.n_threads = o.threads;
+  ctx.training = false;
+  ctx.backend = &pick_backend(cpu_features(), Precision::kF32);
+  fmt::print(stderr, "{}\n", describe_kernels(Precision::kF32));
+  const int64_t window = std::min<int64_t>(256, m.config.max_context), V = m.config.vocab;
+  const int64_t limit = o.max_tokens > 0 ? std::min<int64_t>(o.max_tokens, int64_t(ids.size()))
+                                         : int64_t(ids.size());
+  double nats = 0;
+  int64_t scored = 0;
+  const double t0 = wall_seconds();
+  Tensor logits;
+  for (int64_t at = 0; at + 1 < limit; at += window) {
+    const int64_t n = std::min(window, limit - at);
+    if (n < 2) break;
+    DecoderState s = model.start();
+    model.forward(m.params, std::span(ids).subspan(size_t(at), size_t(n)), s, logits, ctx);
+    for (int64_t i = 0; i + 1 < n; ++i) {
+      const float* row = logits.data<float>() + i * V;
+      const float mx = *std::max_element(row, row + V);
+      double z = 0;
+      for (int64_t v = 0; v < V; ++v) z += std::exp(double(row[v]) - mx);
+      nats += std::log(z) + mx - row[ids[size_t(at + i + 1)]];
+      ++scored;
+    }
+  }
+  const double bytes = double(text.size()) * double(limit) / double(ids.size());
+  fmt::print("{} on {} validation split: {} tokens, loss {:.4f} nats/token, {:.4f} bits per "
+             "byte ({:.1f} s)\n",
+             o.model, data, scored, nats / double(scored), nats / std::log(2.0) / bytes,
+             wall_seconds() - t0);
+  return 0;
+}
+
+}  // namespace
+
+int run_generate(const GenerateCliOptions& o) {
+  check_sampling(o);
+  if (!o.model.empty()) return generate_hf(o);
   const Checkpoint ck = load_checkpoint(o.checkpoint, /*with_optimizer=*/false);
   const LmConfig& m = ck.cfg.model;
   const LanguageModel model(m);
@@ -172,43 +326,11 @@ int run_generate(const GenerateCliOptions& o) {
   model.decode(ck.params, text, state, logits, ctx);
   fmt::print("{}", o.prompt);
   const Philox rng(o.seed, 0x6E4);
-  std::vector<int32_t> order(size_t(m.vocab));
-  std::vector<double> prob(size_t(m.vocab));
+  std::vector<int32_t> order;
+  std::vector<double> prob;
   const double t0 = wall_seconds();
   for (int64_t i = 0; i < o.tokens; ++i) {
-    int32_t next;
-    if (o.temperature == 0) {
-      next = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
-    } else {
-      // Softmax at the temperature, then keep the top-k and the smallest set whose mass
-      // reaches top-p, renormalised.
-      const float mx = *std::max_element(logits.begin(), logits.end());
-      for (size_t v = 0; v < logits.size(); ++v)
-        prob[v] = std::exp((double(logits[v]) - mx) / o.temperature);
-      std::iota(order.begin(), order.end(), 0);
-      std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return prob[a] > prob[b]; });
-      const double total = std::accumulate(prob.begin(), prob.end(), 0.0);
-      size_t keep = o.top_k > 0 ? std::min<size_t>(size_t(o.top_k), order.size()) : order.size();
-      double mass = 0;
-      for (size_t j = 0; j < keep; ++j) {
-        mass += prob[order[j]] / total;
-        if (mass >= o.top_p) {
-          keep = j + 1;
-          break;
-        }
-      }
-      double kept = 0;
-      for (size_t j = 0; j < keep; ++j) kept += prob[order[j]];
-      double u = double(rng.uniform(uint64_t(i))) * kept;
-      next = order[keep - 1];
-      for (size_t j = 0; j < keep; ++j) {
-        u -= prob[order[j]];
-        if (u < 0) {
-          next = order[j];
-          break;
-        }
-      }
-    }
+    const int32_t next = sample_next(logits, o, rng, i, order, prob);
     std::fputc(next, stdout);
     std::fflush(stdout);
     text.push_back(next);
@@ -223,6 +345,17 @@ int run_generate(const GenerateCliOptions& o) {
   }
   fmt::print(stderr, "\n[{} tokens in {:.2f} s: {:.0f} tokens/s]\n", o.tokens,
              wall_seconds() - t0, double(o.tokens) / (wall_seconds() - t0));
+  return 0;
+}
+
+int run_export(const ExportCliOptions& o) {
+  std::string path = o.checkpoint;
+  if (std::filesystem::is_directory(path)) path = (std::filesystem::path(path) / "checkpoint.safetensors").string();
+  const Checkpoint ck = load_checkpoint(path, /*with_optimizer=*/false);
+  const auto notes = export_hf_model(ck.cfg.model, ck.params, o.out);
+  fmt::print("{} (step {}) -> {} as {}: config.json, model.safetensors, tokenizer.json (bytes)\n",
+             path, ck.step, o.out, ck.cfg.model.moe_every > 0 ? "mixtral" : "llama");
+  for (const std::string& n : notes) fmt::print("note: {}\n", n);
   return 0;
 }
 

@@ -1,4 +1,5 @@
-// `switchyard train`, `eval`, `generate` and `compare`: the language-model subcommands.
+// `switchyard train`, `eval`, `generate`, `export` and `compare`: the language-model
+// subcommands.
 #pragma once
 
 #include <cstdint>
@@ -21,6 +22,7 @@ int run_train(const TrainCliOptions& o);
 
 struct EvalCliOptions {
   std::string checkpoint;
+  std::string model;       // a Hugging Face model directory instead of a checkpoint
   std::string data;        // default: the checkpoint's data.path
   int64_t max_tokens = 0;  // 0: the whole validation split
   int threads = 0;
@@ -29,6 +31,7 @@ int run_eval(const EvalCliOptions& o);
 
 struct GenerateCliOptions {
   std::string checkpoint;
+  std::string model;  // a Hugging Face model directory instead of a checkpoint
   std::string prompt = "\n";
   int64_t tokens = 300;
   double temperature = 0.8;
@@ -38,6 +41,12 @@ struct GenerateCliOptions {
   int threads = 1;
 };
 int run_generate(const GenerateCliOptions& o);
+
+struct ExportCliOptions {
+  std::string checkpoint;  // a run directory or its checkpoint.safetensors
+  std::string out;         // the Hugging Face model directory to write
+};
+int run_export(const ExportCliOptions& o);
 
 struct CompareCliOptions {
   std::string moe = "austen-moe", dense = "austen-dense";

@@ -15,6 +15,7 @@
 #include "cli/bench_train.h"
 #include "cli/lm_commands.h"
 #include "switchyard/core/error.h"
+#include "switchyard/io/hf_model.h"
 
 namespace {
 
@@ -139,7 +140,8 @@ int main(int argc, char** argv) {
 
   sy::cli::EvalCliOptions eval_opt;
   CLI::App* eval = app.add_subcommand("eval", "Validation loss and bits per byte of a checkpoint");
-  eval->add_option("--checkpoint", eval_opt.checkpoint, "Checkpoint file")->required();
+  eval->add_option("--checkpoint", eval_opt.checkpoint, "Checkpoint file");
+  eval->add_option("--model", eval_opt.model, "Hugging Face model directory (" + sy::supported_hf_architectures() + ")");
   eval->add_option("--data", eval_opt.data, "Text file (default: the checkpoint's data.path)");
   eval->add_option("--max-tokens", eval_opt.max_tokens, "Tokens to score (0: whole split)")
       ->capture_default_str();
@@ -147,7 +149,8 @@ int main(int argc, char** argv) {
 
   sy::cli::GenerateCliOptions gen_opt;
   CLI::App* generate = app.add_subcommand("generate", "Sample text from a checkpoint");
-  generate->add_option("--checkpoint", gen_opt.checkpoint, "Checkpoint file")->required();
+  generate->add_option("--checkpoint", gen_opt.checkpoint, "Checkpoint file");
+  generate->add_option("--model", gen_opt.model, "Hugging Face model directory (" + sy::supported_hf_architectures() + ")");
   generate->add_option("--prompt", gen_opt.prompt, "Text to continue");
   generate->add_option("--tokens", gen_opt.tokens, "Bytes to generate")->capture_default_str();
   generate->add_option("--temperature", gen_opt.temperature, "0: greedy")->capture_default_str();
@@ -156,6 +159,13 @@ int main(int argc, char** argv) {
   generate->add_option("--top-p", gen_opt.top_p, "Nucleus mass (1: off)")->capture_default_str();
   generate->add_option("--seed", gen_opt.seed, "Sampling seed")->capture_default_str();
   generate->add_option("--threads", gen_opt.threads, "Threads")->capture_default_str();
+
+  sy::cli::ExportCliOptions export_opt;
+  CLI::App* export_cmd = app.add_subcommand(
+      "export", "Write a trained model as a Hugging Face directory (mixtral, or llama if dense)");
+  export_cmd->add_option("--checkpoint", export_opt.checkpoint, "Run directory or checkpoint file")
+      ->required();
+  export_cmd->add_option("--out", export_opt.out, "Directory to write")->required();
 
   sy::cli::CompareCliOptions cmp_opt;
   CLI::App* compare = app.add_subcommand(
@@ -219,6 +229,7 @@ int main(int argc, char** argv) {
     if (train->parsed()) return sy::cli::run_train(train_opt);
     if (eval->parsed()) return sy::cli::run_eval(eval_opt);
     if (generate->parsed()) return sy::cli::run_generate(gen_opt);
+    if (export_cmd->parsed()) return sy::cli::run_export(export_opt);
     if (compare->parsed()) return sy::cli::run_compare(cmp_opt);
     if (routes->parsed()) return sy::cli::run_routes(routes_opt);
     if (compare_routers->parsed()) return sy::cli::run_compare_routers(cr_opt);

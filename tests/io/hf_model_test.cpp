@@ -3,6 +3,9 @@
 // malformed directory gets.
 #include "switchyard/io/hf_model.h"
 
+#include "switchyard/io/hf_export.h"
+#include "switchyard/nn/model.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -228,6 +231,79 @@ TEST(HfModel, PastTheContextIsAShapeError) {
   EXPECT_THROW(model.forward(m.params, ids, s, logits, f32_context()), ShapeError);
   const int32_t bad[1] = {int32_t(m.config.vocab)};
   EXPECT_THROW(model.forward(m.params, bad, s, logits, f32_context()), ShapeError);
+}
+
+}  // namespace
+}  // namespace sy
+
+namespace sy {
+namespace {
+
+LmConfig small_lm(int64_t moe_every) {
+  LmConfig c;
+  c.vocab = 256, c.context = 64, c.d_model = 32, c.n_layers = 2, c.n_heads = 2;
+  c.moe_every = moe_every, c.d_ff = 40;
+  c.moe.n_experts = 4, c.moe.top_k = 2, c.moe.d_ff = 24, c.moe.dropless = true;
+  return c;
+}
+
+// Switchyard -> Hugging Face directory -> the loader that matches transformers: equal logits.
+// Tolerance 1e-4: Switchyard's own attention takes RoPE angles in double, transformers' (and the
+// loader's) in float32, which moves logits by ~1e-5 at these positions.
+void expect_export_round_trip(int64_t moe_every) {
+  const LmConfig cfg = small_lm(moe_every);
+  const LmParams p = init_lm_params(cfg, DType::kF32, 7);
+  const fs::path dir = fs::temp_directory_path() / fmt::format("sy_export_{}_{}", moe_every, ::getpid());
+  fs::remove_all(dir);
+  const auto notes = export_hf_model(cfg, p, dir.string());
+  const HfModel m = load_hf_model(dir.string());
+  EXPECT_EQ(m.model_type, moe_every ? "mixtral" : "llama");
+  ASSERT_TRUE(m.tokenizer.has_value());
+  EXPECT_EQ(m.tokenizer->encode("Emma, h\xc3\xa9"),
+            (std::vector<int32_t>{'E', 'm', 'm', 'a', ',', ' ', 'h', 0xc3, 0xa9}));
+  EXPECT_EQ(m.tokenizer->decode(std::vector<int32_t>{'h', 0xc3, 0xa9}), "h\xc3\xa9");
+
+  const ExecContext ctx = f32_context();
+  const LanguageModel ours(cfg);
+  const DecoderModel theirs(m.config);
+  const std::vector<int32_t> ids = {69, 109, 109, 97, 32, 87, 111, 111, 100, 104, 111, 117, 115, 101};
+  DecodeState s1 = ours.start(DType::kF32);
+  DecoderState s2 = theirs.start();
+  Tensor logits;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    std::vector<float> a;
+    ours.decode(p, std::span(ids).subspan(i, 1), s1, a, ctx);
+    theirs.forward(m.params, std::span(ids).subspan(i, 1), s2, logits, ctx);
+    ASSERT_EQ(int64_t(a.size()), logits.numel());
+    for (size_t v = 0; v < a.size(); ++v)
+      ASSERT_NEAR(a[v], logits.data<float>()[v], 1e-4) << "position " << i << " token " << v;
+  }
+  fs::remove_all(dir);
+}
+
+TEST(HfExport, MoeModelAsMixtralHasEqualLogits) { expect_export_round_trip(1); }
+TEST(HfExport, DenseModelAsLlamaHasEqualLogits) { expect_export_round_trip(0); }
+
+TEST(HfExport, RefusesWhatTransformersCannotExpress) {
+  auto error = [](LmConfig c) {
+    try {
+      export_hf_model(c, init_lm_params(c, DType::kF32, 1),
+                      (fs::temp_directory_path() / "sy_export_refused").string());
+    } catch (const ConfigError& e) {
+      return std::string(e.what());
+    }
+    return std::string("(exported)");
+  };
+  LmConfig c = small_lm(2);
+  EXPECT_NE(error(c).find("model.moe_every = 2"), std::string::npos);
+  c = small_lm(1);
+  c.moe.gating = Gating::kExpertChoice;
+  c.moe.dropless = false;
+  EXPECT_NE(error(c).find("model.moe.router"), std::string::npos);
+  c = small_lm(1);
+  c.moe.renormalize = false;
+  EXPECT_NE(error(c).find("model.moe.renormalize = false"), std::string::npos);
+  EXPECT_FALSE(fs::exists(fs::temp_directory_path() / "sy_export_refused"));
 }
 
 }  // namespace
