@@ -38,29 +38,41 @@ std::string byte_tokenizer_json() {
     const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE);
     const uint32_t cp = printable ? uint32_t(b) : uint32_t(256 + extra++);
     std::string s;
-    if (cp < 0x80) s += char(cp);
+    if (cp < 0x80)
+      s += char(cp);
     else {
       s += char(0xC0 | (cp >> 6));
       s += char(0x80 | (cp & 0x3F));
     }
     vocab[s] = b;
   }
-  ordered_json j = {
-      {"version", "1.0"},
-      {"truncation", nullptr},
-      {"padding", nullptr},
-      {"added_tokens", ordered_json::array()},
-      {"normalizer", nullptr},
-      {"pre_tokenizer",
-       {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", false}, {"use_regex", false}}},
-      {"post_processor", nullptr},
-      {"decoder",
-       {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", false}, {"use_regex", false}}},
-      {"model",
-       {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr},
-        {"continuing_subword_prefix", nullptr}, {"end_of_word_suffix", nullptr},
-        {"fuse_unk", false}, {"byte_fallback", false}, {"ignore_merges", false},
-        {"vocab", vocab}, {"merges", ordered_json::array()}}}};
+  ordered_json j = {{"version", "1.0"},
+                    {"truncation", nullptr},
+                    {"padding", nullptr},
+                    {"added_tokens", ordered_json::array()},
+                    {"normalizer", nullptr},
+                    {"pre_tokenizer",
+                     {{"type", "ByteLevel"},
+                      {"add_prefix_space", false},
+                      {"trim_offsets", false},
+                      {"use_regex", false}}},
+                    {"post_processor", nullptr},
+                    {"decoder",
+                     {{"type", "ByteLevel"},
+                      {"add_prefix_space", false},
+                      {"trim_offsets", false},
+                      {"use_regex", false}}},
+                    {"model",
+                     {{"type", "BPE"},
+                      {"dropout", nullptr},
+                      {"unk_token", nullptr},
+                      {"continuing_subword_prefix", nullptr},
+                      {"end_of_word_suffix", nullptr},
+                      {"fuse_unk", false},
+                      {"byte_fallback", false},
+                      {"ignore_merges", false},
+                      {"vocab", vocab},
+                      {"merges", ordered_json::array()}}}};
   return j.dump(1);
 }
 
@@ -68,18 +80,18 @@ std::vector<std::string> export_hf_model(const LmConfig& cfg, const LmParams& p,
                                          const std::string& out_dir) {
   const MoeConfig& m = cfg.moe;
   const bool moe = cfg.moe_every > 0;
-  auto refuse = [](const std::string& what) {
-    throw ConfigError(fmt::format("export: {}", what));
-  };
+  auto refuse = [](const std::string& what) { throw ConfigError(fmt::format("export: {}", what)); };
   if (cfg.moe_every > 1)
-    refuse(fmt::format("model.moe_every = {}: dense layers between MoE layers have no "
-                       "transformers architecture without other differences (mixtral: every "
-                       "layer MoE; llama: none)",
-                       cfg.moe_every));
+    refuse(
+        fmt::format("model.moe_every = {}: dense layers between MoE layers have no "
+                    "transformers architecture without other differences (mixtral: every "
+                    "layer MoE; llama: none)",
+                    cfg.moe_every));
   if (moe) {
     if (m.gating != Gating::kSoftmaxTopK)
-      refuse("model.moe.router: only softmax_topk has a transformers equivalent (mixtral); "
-             "expert choice, hash, random, noisy top-k and sigmoid-bias routing do not");
+      refuse(
+          "model.moe.router: only softmax_topk has a transformers equivalent (mixtral); "
+          "expert choice, hash, random, noisy top-k and sigmoid-bias routing do not");
     if (!m.renormalize)
       refuse("model.moe.renormalize = false: mixtral always renormalises the top-k weights");
     if (m.n_groups > 0) refuse("model.moe.n_groups: group-limited routing is not in mixtral");
@@ -94,9 +106,10 @@ std::vector<std::string> export_hf_model(const LmConfig& cfg, const LmParams& p,
         "evaluation",
         m.capacity_factor_eval));
   if (cfg.precision != Precision::kF32)
-    notes.push_back(fmt::format("weights are written in f32; model.precision = {} is a compute "
-                                "choice transformers does not record",
-                                precision_name(cfg.precision)));
+    notes.push_back(
+        fmt::format("weights are written in f32; model.precision = {} is a compute "
+                    "choice transformers does not record",
+                    precision_name(cfg.precision)));
 
   const int64_t d = cfg.d_model, V = cfg.vocab, H = cfg.n_heads;
   std::vector<std::pair<std::string, Tensor>> out;
@@ -131,27 +144,26 @@ std::vector<std::string> export_hf_model(const LmConfig& cfg, const LmParams& p,
     }
   }
 
-  ordered_json config = {
-      {"architectures", {moe ? "MixtralForCausalLM" : "LlamaForCausalLM"}},
-      {"model_type", moe ? "mixtral" : "llama"},
-      {"vocab_size", V},
-      {"hidden_size", d},
-      {"intermediate_size", moe ? m.d_ff : cfg.d_ff},
-      {"num_hidden_layers", cfg.n_layers},
-      {"num_attention_heads", H},
-      {"num_key_value_heads", H},
-      {"head_dim", d / H},
-      {"hidden_act", "silu"},
-      {"max_position_embeddings", cfg.context},
-      {"rms_norm_eps", cfg.norm_eps},
-      {"rope_theta", cfg.rope_theta},
-      {"tie_word_embeddings", false},
-      {"attention_bias", false},
-      {"attention_dropout", 0.0},
-      {"bos_token_id", nullptr},
-      {"eos_token_id", nullptr},
-      {"torch_dtype", "float32"},
-      {"use_cache", true}};
+  ordered_json config = {{"architectures", {moe ? "MixtralForCausalLM" : "LlamaForCausalLM"}},
+                         {"model_type", moe ? "mixtral" : "llama"},
+                         {"vocab_size", V},
+                         {"hidden_size", d},
+                         {"intermediate_size", moe ? m.d_ff : cfg.d_ff},
+                         {"num_hidden_layers", cfg.n_layers},
+                         {"num_attention_heads", H},
+                         {"num_key_value_heads", H},
+                         {"head_dim", d / H},
+                         {"hidden_act", "silu"},
+                         {"max_position_embeddings", cfg.context},
+                         {"rms_norm_eps", cfg.norm_eps},
+                         {"rope_theta", cfg.rope_theta},
+                         {"tie_word_embeddings", false},
+                         {"attention_bias", false},
+                         {"attention_dropout", 0.0},
+                         {"bos_token_id", nullptr},
+                         {"eos_token_id", nullptr},
+                         {"torch_dtype", "float32"},
+                         {"use_cache", true}};
   if (moe) {
     config["num_local_experts"] = m.n_experts;
     config["num_experts_per_tok"] = m.top_k;
@@ -176,7 +188,8 @@ std::vector<std::string> export_hf_model(const LmConfig& cfg, const LmParams& p,
   write_file_atomic((dir / "tokenizer_config.json").string(),
                     ordered_json{{"tokenizer_class", "PreTrainedTokenizerFast"},
                                  {"model_max_length", cfg.context}}
-                            .dump(2) + "\n");
+                            .dump(2) +
+                        "\n");
   return notes;
 }
 

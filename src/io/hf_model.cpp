@@ -20,8 +20,8 @@ using nlohmann::json;
 
 namespace {
 
-const std::vector<std::string> kArchitectures = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-                                                 "deepseek_v3", "llama", "qwen2", "qwen3"};
+const std::vector<std::string> kArchitectures = {"mixtral",     "qwen2_moe", "qwen3_moe", "olmoe",
+                                                 "deepseek_v3", "llama",     "qwen2",     "qwen3"};
 
 std::string read_text(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -67,9 +67,12 @@ RopeConfig parse_rope(const Fields& f, const std::string& model_type) {
   RopeConfig r;
   // transformers 5 writes rope_parameters; the Hub's configs have rope_theta and rope_scaling.
   json p = json::object();
-  if (f.has("rope_parameters")) p = f.j["rope_parameters"];
-  else if (f.has("rope_scaling")) p = f.j["rope_scaling"];
-  if (!p.is_object()) throw ConfigError(fmt::format("{}: rope_parameters: expected an object", f.what));
+  if (f.has("rope_parameters"))
+    p = f.j["rope_parameters"];
+  else if (f.has("rope_scaling"))
+    p = f.j["rope_scaling"];
+  if (!p.is_object())
+    throw ConfigError(fmt::format("{}: rope_parameters: expected an object", f.what));
   const Fields rp{p, f.what + ": rope_parameters"};
   r.theta = rp.get<double>("rope_theta", f.get<double>("rope_theta", 10000.0));
   r.type = rp.get<std::string>("rope_type", rp.get<std::string>("type", "default"));
@@ -89,9 +92,10 @@ RopeConfig parse_rope(const Fields& f, const std::string& model_type) {
     if (rp.has(k) || f.has(k))
       throw ConfigError(fmt::format("{}: {} is not implemented for {}", f.what, k, model_type));
   if (r.type == "dynamic" || r.type == "longrope")
-    throw ConfigError(fmt::format("{}: rope_type {} is not implemented (supported: default, "
-                                  "linear, llama3, yarn)",
-                                  f.what, r.type));
+    throw ConfigError(
+        fmt::format("{}: rope_type {} is not implemented (supported: default, "
+                    "linear, llama3, yarn)",
+                    f.what, r.type));
   return r;
 }
 
@@ -114,13 +118,13 @@ DecoderConfig parse_hf_config(const std::string& json_text, const std::string& w
   const Fields f{j, what};
   const std::string mt = f.get<std::string>("model_type", "");
   if (std::find(kArchitectures.begin(), kArchitectures.end(), mt) == kArchitectures.end())
-    throw ConfigError(fmt::format("{}: model_type \"{}\" is not supported; supported: {}", what,
-                                  mt, supported_hf_architectures()));
+    throw ConfigError(fmt::format("{}: model_type \"{}\" is not supported; supported: {}", what, mt,
+                                  supported_hf_architectures()));
   if (model_type_out) *model_type_out = mt;
   const std::string act = f.get<std::string>("hidden_act", "silu");
   if (act != "silu")
-    throw ConfigError(fmt::format("{}: hidden_act \"{}\": only silu (SwiGLU) is implemented",
-                                  what, act));
+    throw ConfigError(
+        fmt::format("{}: hidden_act \"{}\": only silu (SwiGLU) is implemented", what, act));
   if (f.get<bool>("mlp_bias", false))
     throw ConfigError(fmt::format("{}: mlp_bias = true is not implemented", what));
 
@@ -135,9 +139,10 @@ DecoderConfig parse_hf_config(const std::string& json_text, const std::string& w
   c.norm_eps = f.get<double>("rms_norm_eps", 1e-6);
   c.tie_embeddings = f.get<bool>("tie_word_embeddings", false);
   if (c.n_heads <= 0 || c.d_model <= 0 || c.n_layers <= 0)
-    throw ConfigError(fmt::format("{}: hidden_size, num_attention_heads and num_hidden_layers "
-                                  "must be positive",
-                                  what));
+    throw ConfigError(
+        fmt::format("{}: hidden_size, num_attention_heads and num_hidden_layers "
+                    "must be positive",
+                    what));
   c.head_dim = f.get<int64_t>("head_dim", 0);
   if (c.head_dim == 0 || mt == "deepseek_v3") c.head_dim = c.d_model / c.n_heads;
   c.v_head_dim = c.head_dim;
@@ -156,8 +161,8 @@ DecoderConfig parse_hf_config(const std::string& json_text, const std::string& w
   m.loss_balance_weight = 0;
   m.loss_z_weight = 0;
   auto experts = [&](const char* count_key, const char* width_key) {
-    m.n_experts = f.has(count_key) ? f.get<int64_t>(count_key, 0)
-                                   : f.get<int64_t>("num_local_experts", 0);
+    m.n_experts =
+        f.has(count_key) ? f.get<int64_t>(count_key, 0) : f.get<int64_t>("num_local_experts", 0);
     m.top_k = f.need<int64_t>("num_experts_per_tok");
     m.d_ff = f.need<int64_t>(width_key);
   };
@@ -165,7 +170,8 @@ DecoderConfig parse_hf_config(const std::string& json_text, const std::string& w
   auto qwen_sparse = [&] {
     const auto only = f.get<std::vector<int64_t>>("mlp_only_layers", {});
     const int64_t step = f.get<int64_t>("decoder_sparse_step", 1);
-    if (step <= 0) throw ConfigError(fmt::format("{}: decoder_sparse_step = {}: expected > 0", what, step));
+    if (step <= 0)
+      throw ConfigError(fmt::format("{}: decoder_sparse_step = {}: expected > 0", what, step));
     for (int64_t l = 0; l < c.n_layers; ++l)
       c.moe_layer[l] = std::find(only.begin(), only.end(), l) == only.end() && m.n_experts > 0 &&
                        (l + 1) % step == 0;
@@ -177,20 +183,23 @@ DecoderConfig parse_hf_config(const std::string& json_text, const std::string& w
     if (!f.has("layer_types")) return false;
     const auto types = f.get<std::vector<std::string>>("layer_types", {});
     if (int64_t(types.size()) != c.n_layers)
-      throw ConfigError(fmt::format("{}: layer_types has {} entries, expected num_hidden_layers "
-                                    "= {}",
-                                    what, types.size(), c.n_layers));
+      throw ConfigError(
+          fmt::format("{}: layer_types has {} entries, expected num_hidden_layers "
+                      "= {}",
+                      what, types.size(), c.n_layers));
     for (int64_t l = 0; l < c.n_layers; ++l) {
       if (types[l] == "sliding_attention") {
         if (window <= 0)
-          throw ConfigError(fmt::format("{}: layer {} is sliding_attention but sliding_window = "
-                                        "{}",
-                                        what, l, window));
+          throw ConfigError(
+              fmt::format("{}: layer {} is sliding_attention but sliding_window = "
+                          "{}",
+                          what, l, window));
         c.window[l] = window;
       } else if (types[l] != "full_attention") {
-        throw ConfigError(fmt::format("{}: layer_types[{}] = \"{}\": expected full_attention or "
-                                      "sliding_attention",
-                                      what, l, types[l]));
+        throw ConfigError(
+            fmt::format("{}: layer_types[{}] = \"{}\": expected full_attention or "
+                        "sliding_attention",
+                        what, l, types[l]));
       }
     }
     return true;
@@ -239,9 +248,10 @@ DecoderConfig parse_hf_config(const std::string& json_text, const std::string& w
     std::fill(c.moe_layer.begin(), c.moe_layer.end(), 1);
   } else if (mt == "deepseek_v3") {
     if (attention_bias)
-      throw ConfigError(fmt::format("{}: attention_bias = true is not implemented for "
-                                    "deepseek_v3",
-                                    what));
+      throw ConfigError(
+          fmt::format("{}: attention_bias = true is not implemented for "
+                      "deepseek_v3",
+                      what));
     c.qkv_bias = c.o_bias = false;
     c.q_lora_rank = f.get<int64_t>("q_lora_rank", 0);
     c.kv_lora_rank = f.need<int64_t>("kv_lora_rank");
@@ -254,16 +264,18 @@ DecoderConfig parse_hf_config(const std::string& json_text, const std::string& w
     c.rope.interleaved = f.get<bool>("rope_interleave", true);
     c.attn_scale = 1.0 / std::sqrt(double(c.head_dim));
     if (c.rope.type != "default" && c.rope.mscale_all_dim > 0) {
-      const double s = c.rope.factor <= 1 ? 1.0 : 0.1 * c.rope.mscale_all_dim * std::log(c.rope.factor) + 1.0;
+      const double s =
+          c.rope.factor <= 1 ? 1.0 : 0.1 * c.rope.mscale_all_dim * std::log(c.rope.factor) + 1.0;
       c.attn_scale *= s * s;
     }
     experts("n_routed_experts", "moe_intermediate_size");
     const std::string scoring = f.get<std::string>("scoring_func", "sigmoid");
     const std::string topk_method = f.get<std::string>("topk_method", "noaux_tc");
     if (scoring != "sigmoid" || topk_method != "noaux_tc")
-      throw ConfigError(fmt::format("{}: scoring_func \"{}\" / topk_method \"{}\": only sigmoid / "
-                                    "noaux_tc (DeepSeek-V3's router) is implemented",
-                                    what, scoring, topk_method));
+      throw ConfigError(
+          fmt::format("{}: scoring_func \"{}\" / topk_method \"{}\": only sigmoid / "
+                      "noaux_tc (DeepSeek-V3's router) is implemented",
+                      what, scoring, topk_method));
     m.gating = Gating::kSigmoidBias;
     m.renormalize = f.get<bool>("norm_topk_prob", true);
     const int64_t groups = f.get<int64_t>("n_group", 1);
@@ -305,8 +317,8 @@ class TensorSource {
         if (!file_of_shard.count(s)) {
           const fs::path p = fs::path(dir) / s;
           if (!fs::is_regular_file(p, ec))
-            throw IoError(fmt::format("{}: shard {} (holding {}) is missing", index.string(), s,
-                                      name));
+            throw IoError(
+                fmt::format("{}: shard {} (holding {}) is missing", index.string(), s, name));
           file_of_shard[s] = int(files_.size());
           files_.push_back(std::make_unique<MappedSafetensors>(p.string()));
         }
@@ -320,15 +332,17 @@ class TensorSource {
       files_.push_back(std::make_unique<MappedSafetensors>(single.string()));
       for (const auto& [name, e] : files_[0]->entries()) where_[name] = 0;
     } else {
-      throw IoError(fmt::format("{}: neither model.safetensors nor model.safetensors.index.json "
-                                "(only safetensors weights are read)",
-                                dir));
+      throw IoError(
+          fmt::format("{}: neither model.safetensors nor model.safetensors.index.json "
+                      "(only safetensors weights are read)",
+                      dir));
     }
   }
 
   bool has(const std::string& name) const { return where_.count(name) > 0; }
 
-  const MappedSafetensors::Entry& entry(const std::string& name, std::initializer_list<int64_t> shape) {
+  const MappedSafetensors::Entry& entry(const std::string& name,
+                                        std::initializer_list<int64_t> shape) {
     const auto it = where_.find(name);
     if (it == where_.end())
       throw IoError(fmt::format("{}: missing tensor {} (a {} model with this config.json has it)",
@@ -338,8 +352,8 @@ class TensorSource {
       throw ShapeError(fmt::format("{}: tensor {} has shape [{}], expected [{}] from config.json",
                                    dir_, name, fmt::join(e.shape, ", "), fmt::join(shape, ", ")));
     if (e.dtype != "F32" && e.dtype != "BF16" && e.dtype != "F16")
-      throw IoError(fmt::format("{}: tensor {} has dtype {}: expected F32, BF16 or F16", dir_,
-                                name, e.dtype));
+      throw IoError(fmt::format("{}: tensor {} has dtype {}: expected F32, BF16 or F16", dir_, name,
+                                e.dtype));
     used_.insert(name);
     return e;
   }
@@ -428,7 +442,8 @@ class TensorSource {
   }
   static void convert(const std::byte* src, const std::string& dt, int64_t rows, int64_t cols,
                       bool transpose, std::byte* out, DType to) {
-    const bool raw_copy = (to == DType::kBF16 && dt == "BF16") || (to == DType::kF32 && dt == "F32");
+    const bool raw_copy =
+        (to == DType::kBF16 && dt == "BF16") || (to == DType::kF32 && dt == "F32");
     const size_t es = to == DType::kBF16 ? 2 : 4;
     if (!transpose && raw_copy) {
       std::memcpy(out, src, size_t(rows * cols) * es);
@@ -541,10 +556,9 @@ HfModel load_hf_model(const std::string& dir) {
     }
     auto swiglu = [&](const std::string& base, int64_t f, Tensor& w1, Tensor& w3, Tensor& w2) {
       // [1, d, f] stacks of one, so dense and shared experts run on the experts' kernels.
-      for (auto [name, out, in, t] :
-           {std::tuple{base + "gate_proj.weight", f, d, &w1},
-            std::tuple{base + "up_proj.weight", f, d, &w3},
-            std::tuple{base + "down_proj.weight", d, f, &w2}}) {
+      for (auto [name, out, in, t] : {std::tuple{base + "gate_proj.weight", f, d, &w1},
+                                      std::tuple{base + "up_proj.weight", f, d, &w3},
+                                      std::tuple{base + "down_proj.weight", d, f, &w2}}) {
         *t = Tensor({1, in, out}, src.dtype_of_file(name));
         src.matrix_into(name, out, in, true, t->bytes(), t->dtype());
       }
@@ -571,7 +585,8 @@ HfModel load_hf_model(const std::string& dir) {
         Tensor t({E, in, out}, src.dtype_of_file(names[0]));
         const size_t es = dtype_size(t.dtype());
         for (int64_t e = 0; e < E; ++e)
-          src.matrix_into(names[e], out, in, true, t.bytes() + size_t(e * in * out) * es, t.dtype());
+          src.matrix_into(names[e], out, in, true, t.bytes() + size_t(e * in * out) * es,
+                          t.dtype());
         return t;
       };
       lp.moe.w1 = stack(gate_names, f, d);
@@ -582,7 +597,8 @@ HfModel load_hf_model(const std::string& dir) {
       // [E, d, f]; each expert's block is a [rows, in] matrix of the mapped file.
       const std::string gu = mp + "experts.gate_up_proj", dn = mp + "experts.down_proj";
       if (!src.has(gu))
-        throw IoError(fmt::format("{}: missing tensor {} (or the fused {})", dir, gate_names[0], gu));
+        throw IoError(
+            fmt::format("{}: missing tensor {} (or the fused {})", dir, gate_names[0], gu));
       const DType dt = src.dtype_of_file(gu);
       Tensor gate_up({E, 2 * f, d}, dt), down({E, d, f}, src.dtype_of_file(dn));
       src.matrix_into3(gu, E, 2 * f, d, gate_up.bytes(), dt);
@@ -595,7 +611,8 @@ HfModel load_hf_model(const std::string& dir) {
       transpose_experts(down, 0, d, lp.moe.w2);
     }
     if (c.shared_ff > 0) {
-      const std::string sh = mp + (m.model_type == "qwen2_moe" ? "shared_expert." : "shared_experts.");
+      const std::string sh =
+          mp + (m.model_type == "qwen2_moe" ? "shared_expert." : "shared_experts.");
       swiglu(sh, c.shared_ff, lp.shared_w1, lp.shared_w3, lp.shared_w2);
       if (c.shared_gate) lp.shared_gate = src.linear_f32(mp + "shared_expert_gate.weight", 1, d);
     }
@@ -611,16 +628,18 @@ HfModel load_hf_model(const std::string& dir) {
     if (!skip) extra.push_back(name);
   }
   if (!extra.empty())
-    throw IoError(fmt::format("{}: {} tensor(s) not part of a {} model with this config.json, "
-                              "first {}",
-                              dir, extra.size(), m.model_type, extra.front()));
+    throw IoError(
+        fmt::format("{}: {} tensor(s) not part of a {} model with this config.json, "
+                    "first {}",
+                    dir, extra.size(), m.model_type, extra.front()));
   m.weights_dtype = src.all_bf16() ? "bf16" : src.all_f32() ? "f32" : "mixed";
   DecoderModel(m.config).check_params(m.params);
 
   // Token ids that end generation, and the tokenizer.
   auto ids_of = [](const json& v) {
     std::vector<int32_t> out;
-    if (v.is_number_integer()) out.push_back(v.get<int32_t>());
+    if (v.is_number_integer())
+      out.push_back(v.get<int32_t>());
     else if (v.is_array())
       for (const auto& x : v)
         if (x.is_number_integer()) out.push_back(x.get<int32_t>());
@@ -628,9 +647,12 @@ HfModel load_hf_model(const std::string& dir) {
   };
   const fs::path gen = fs::path(dir) / "generation_config.json";
   std::error_code ec;
-  json gj = fs::is_regular_file(gen, ec) ? parse_json(read_text(gen.string()), gen.string()) : json::object();
-  m.eos_ids = ids_of(gj.contains("eos_token_id") ? gj["eos_token_id"] : cj.value("eos_token_id", json()));
-  const json bos = gj.contains("bos_token_id") ? gj["bos_token_id"] : cj.value("bos_token_id", json());
+  json gj = fs::is_regular_file(gen, ec) ? parse_json(read_text(gen.string()), gen.string())
+                                         : json::object();
+  m.eos_ids =
+      ids_of(gj.contains("eos_token_id") ? gj["eos_token_id"] : cj.value("eos_token_id", json()));
+  const json bos =
+      gj.contains("bos_token_id") ? gj["bos_token_id"] : cj.value("bos_token_id", json());
   if (bos.is_number_integer()) m.bos_id = bos.get<int32_t>();
   const fs::path tok = fs::path(dir) / "tokenizer.json";
   if (fs::is_regular_file(tok, ec)) m.tokenizer.emplace(Tokenizer::from_file(tok.string()));

@@ -21,9 +21,12 @@ namespace {
 
 const char* st_dtype(DType t) {
   switch (t) {
-    case DType::kF32: return "F32";
-    case DType::kF64: return "F64";
-    case DType::kBF16: return "BF16";
+    case DType::kF32:
+      return "F32";
+    case DType::kF64:
+      return "F64";
+    case DType::kBF16:
+      return "BF16";
   }
   return "?";
 }
@@ -32,9 +35,9 @@ const char* st_dtype(DType t) {
 
 size_t safetensors_dtype_size(const std::string& dtype) {
   static const std::map<std::string, size_t> sizes = {
-      {"F64", 8}, {"F32", 4}, {"F16", 2}, {"BF16", 2}, {"I64", 8}, {"U64", 8},
-      {"I32", 4}, {"U32", 4}, {"I16", 2}, {"U16", 2}, {"I8", 1},   {"U8", 1},
-      {"BOOL", 1}, {"F8_E4M3", 1}, {"F8_E5M2", 1}};
+      {"F64", 8}, {"F32", 4}, {"F16", 2},  {"BF16", 2},    {"I64", 8},
+      {"U64", 8}, {"I32", 4}, {"U32", 4},  {"I16", 2},     {"U16", 2},
+      {"I8", 1},  {"U8", 1},  {"BOOL", 1}, {"F8_E4M3", 1}, {"F8_E5M2", 1}};
   const auto it = sizes.find(dtype);
   return it == sizes.end() ? 0 : it->second;
 }
@@ -70,8 +73,7 @@ MappedSafetensors::MappedSafetensors(const std::string& path) : path_(path) {
     uint64_t n = 0;
     std::memcpy(&n, map_, 8);
     if (n > size - 8)
-      throw bad(fmt::format("header length {} but only {} bytes follow (truncated?)", n,
-                            size - 8));
+      throw bad(fmt::format("header length {} but only {} bytes follow (truncated?)", n, size - 8));
     nlohmann::json header;
     try {
       const char* h = reinterpret_cast<const char*>(map_) + 8;
@@ -112,19 +114,20 @@ MappedSafetensors::MappedSafetensors(const std::string& path) : path_(path) {
         throw bad(fmt::format("tensor {}: shape or data_offsets malformed", name));
       }
       if (e.shape.size() > size_t(Tensor::kMaxRank))
-        throw bad(fmt::format("tensor {}: rank {} above {}", name, e.shape.size(),
-                              Tensor::kMaxRank));
+        throw bad(
+            fmt::format("tensor {}: rank {} above {}", name, e.shape.size(), Tensor::kMaxRank));
       uint64_t bytes = esize;
       for (int64_t s : e.shape) {
         if (s < 0) throw bad(fmt::format("tensor {}: dim {}", name, s));
         if (__builtin_mul_overflow(bytes, uint64_t(s), &bytes))
-          throw bad(fmt::format("tensor {}: shape {} overflows 64 bits", name,
-                                item["shape"].dump()));
+          throw bad(
+              fmt::format("tensor {}: shape {} overflows 64 bits", name, item["shape"].dump()));
       }
       if (end < b || end > data_size || end - b != bytes)
-        throw bad(fmt::format("tensor {}: bytes [{}, {}) for a {} tensor of shape {} ({} bytes), "
-                              "with {} data bytes in the file (truncated?)",
-                              name, b, end, e.dtype, item["shape"].dump(), bytes, data_size));
+        throw bad(
+            fmt::format("tensor {}: bytes [{}, {}) for a {} tensor of shape {} ({} bytes), "
+                        "with {} data bytes in the file (truncated?)",
+                        name, b, end, e.dtype, item["shape"].dump(), bytes, data_size));
       e.offset = size_t(b);
       e.nbytes = size_t(bytes);
       entries_.emplace(name, std::move(e));
@@ -209,13 +212,17 @@ SafetensorsFile read_safetensors(const std::string& path) {
   file.metadata = mapped.metadata();
   for (const auto& [name, e] : mapped.entries()) {
     DType dtype;
-    if (e.dtype == "F32") dtype = DType::kF32;
-    else if (e.dtype == "F64") dtype = DType::kF64;
-    else if (e.dtype == "BF16") dtype = DType::kBF16;
+    if (e.dtype == "F32")
+      dtype = DType::kF32;
+    else if (e.dtype == "F64")
+      dtype = DType::kF64;
+    else if (e.dtype == "BF16")
+      dtype = DType::kBF16;
     else
-      throw IoError(fmt::format("{}: not a valid safetensors file: tensor {}: dtype \"{}\": "
-                                "expected F32, F64 or BF16",
-                                path, name, e.dtype));
+      throw IoError(
+          fmt::format("{}: not a valid safetensors file: tensor {}: dtype \"{}\": "
+                      "expected F32, F64 or BF16",
+                      path, name, e.dtype));
     Tensor t(e.shape, dtype);
     const auto raw = mapped.bytes(e);
     std::memcpy(t.bytes(), raw.data(), raw.size());

@@ -25,7 +25,8 @@ namespace {
 
 void append_utf8(std::string& out, uint32_t cp) {
   char buf[4];
-  const auto n = utf8proc_encode_char(utf8proc_int32_t(cp), reinterpret_cast<utf8proc_uint8_t*>(buf));
+  const auto n =
+      utf8proc_encode_char(utf8proc_int32_t(cp), reinterpret_cast<utf8proc_uint8_t*>(buf));
   out.append(buf, size_t(n));
 }
 
@@ -164,8 +165,8 @@ std::string where(const std::string& what, const std::string& part) {
 
 [[noreturn]] void unsupported(const std::string& what, const std::string& part,
                               const std::string& value, const std::string& supported) {
-  throw ConfigError(fmt::format("{}: {} {} is not implemented (supported: {})", what, part,
-                                value, supported));
+  throw ConfigError(
+      fmt::format("{}: {} {} is not implemented (supported: {})", what, part, value, supported));
 }
 
 std::string pattern_of(const json& p, const std::string& what, bool* is_regex) {
@@ -201,7 +202,8 @@ Normalizer make_normalizer(const json& n, const std::string& what) {
   if (type == "Lowercase")
     return {[](std::string& s) {
       std::string out;
-      for (uint32_t cp : code_points(s)) append_utf8(out, uint32_t(utf8proc_tolower(utf8proc_int32_t(cp))));
+      for (uint32_t cp : code_points(s))
+        append_utf8(out, uint32_t(utf8proc_tolower(utf8proc_int32_t(cp))));
       s = std::move(out);
     }};
   if (type == "Prepend") {
@@ -236,10 +238,13 @@ Normalizer make_normalizer(const json& n, const std::string& what) {
       auto space = [](uint32_t c) {
         const auto cat = utf8proc_category(utf8proc_int32_t(c));
         return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == 0x0b || c == 0x0c ||
-               cat == UTF8PROC_CATEGORY_ZS || cat == UTF8PROC_CATEGORY_ZL || cat == UTF8PROC_CATEGORY_ZP;
+               cat == UTF8PROC_CATEGORY_ZS || cat == UTF8PROC_CATEGORY_ZL ||
+               cat == UTF8PROC_CATEGORY_ZP;
       };
-      if (left) while (b < e && space(cps[b])) ++b;
-      if (right) while (e > b && space(cps[e - 1])) --e;
+      if (left)
+        while (b < e && space(cps[b])) ++b;
+      if (right)
+        while (e > b && space(cps[e - 1])) --e;
       std::string out;
       for (size_t i = b; i < e; ++i) append_utf8(out, cps[i]);
       s = std::move(out);
@@ -271,9 +276,12 @@ Pieces split_by(const Regex& re, const std::string& s, const std::string& behavi
     } else if (behavior == "Removed") {
       if (!gap.empty()) out.push_back(gap);
     } else if (behavior == "MergedWithPrevious") {
-      if (!gap.empty()) out.push_back(gap + m);
-      else if (!out.empty() && b == at && i > 0 && matches[i - 1].second == b) out.back() += m;
-      else out.push_back(m);
+      if (!gap.empty())
+        out.push_back(gap + m);
+      else if (!out.empty() && b == at && i > 0 && matches[i - 1].second == b)
+        out.back() += m;
+      else
+        out.push_back(m);
     } else if (behavior == "MergedWithNext") {
       if (!gap.empty()) {
         out.push_back(pending + gap);
@@ -282,8 +290,10 @@ Pieces split_by(const Regex& re, const std::string& s, const std::string& behavi
       pending += m;
     } else {  // Contiguous
       if (!gap.empty()) out.push_back(gap);
-      if (!out.empty() && gap.empty() && i > 0 && matches[i - 1].second == b) out.back() += m;
-      else out.push_back(m);
+      if (!out.empty() && gap.empty() && i > 0 && matches[i - 1].second == b)
+        out.back() += m;
+      else
+        out.push_back(m);
     }
     at = e;
   }
@@ -303,7 +313,8 @@ PreTokenizer make_pre_tokenizer(const json& p, const std::string& what, bool* by
   const std::string type = p.value("type", "");
   if (type == "Sequence") {
     std::vector<PreTokenizer> parts;
-    for (const json& x : p.at("pretokenizers")) parts.push_back(make_pre_tokenizer(x, what, byte_level));
+    for (const json& x : p.at("pretokenizers"))
+      parts.push_back(make_pre_tokenizer(x, what, byte_level));
     return {[parts](const std::string& s, bool first) {
       Pieces cur{s};
       for (const auto& part : parts) {
@@ -353,7 +364,8 @@ PreTokenizer make_pre_tokenizer(const json& p, const std::string& what, bool* by
   }
   if (type == "Metaspace") {
     const std::string rep = p.value("replacement", "\xe2\x96\x81");
-    const std::string scheme = p.value("prepend_scheme", p.value("add_prefix_space", true) ? "always" : "never");
+    const std::string scheme =
+        p.value("prepend_scheme", p.value("add_prefix_space", true) ? "always" : "never");
     const bool split = p.value("split", true);
     return {[rep, scheme, split](const std::string& s, bool first) {
       std::string text = s;
@@ -424,7 +436,8 @@ DecodeStep make_decoder(const json& d, const std::string& what) {
       std::string pending;
       auto flush = [&] {
         if (pending.empty()) return;
-        if (sanitize_utf8(pending) == pending) out.push_back(pending);
+        if (sanitize_utf8(pending) == pending)
+          out.push_back(pending);
         else
           for (size_t i = 0; i < pending.size(); ++i) out.push_back("\xef\xbf\xbd");
         pending.clear();
@@ -465,7 +478,8 @@ DecodeStep make_decoder(const json& d, const std::string& what) {
   }
   if (type == "Metaspace") {
     const std::string rep = d.value("replacement", "\xe2\x96\x81");
-    const std::string scheme = d.value("prepend_scheme", d.value("add_prefix_space", true) ? "always" : "never");
+    const std::string scheme =
+        d.value("prepend_scheme", d.value("add_prefix_space", true) ? "always" : "never");
     return {[rep, scheme](std::vector<std::string> t) {
       for (size_t i = 0; i < t.size(); ++i) {
         replace_all(t[i], rep, " ");
@@ -492,8 +506,8 @@ struct Tokenizer::Impl {
   std::unordered_map<std::string, int32_t> vocab;
   std::vector<std::string> tokens;  // id -> token string (vocab and added)
   std::map<std::pair<int32_t, int32_t>, std::pair<int32_t, int32_t>> merges;  // -> (rank, id)
-  std::vector<AddedToken> added;    // longest first
-  std::vector<char> special;        // [vocab_size]
+  std::vector<AddedToken> added;                                              // longest first
+  std::vector<char> special;                                                  // [vocab_size]
   std::optional<Normalizer> normalizer;
   std::optional<PreTokenizer> pre_tokenizer;
   std::optional<DecodeStep> decoder;
@@ -532,9 +546,10 @@ void Tokenizer::Impl::bpe(const std::string& word, std::vector<int32_t>& out) co
       }
     }
     if (unk < 0)
-      throw ConfigError(fmt::format("tokenizer: character {} is not in the vocabulary and the "
-                                    "model has no unk_token",
-                                    json(ch).dump()));
+      throw ConfigError(
+          fmt::format("tokenizer: character {} is not in the vocabulary and the "
+                      "model has no unk_token",
+                      json(ch).dump()));
     if (fuse_unk && !syms.empty() && syms.back() == unk) continue;
     syms.push_back(unk);
   }
@@ -571,14 +586,22 @@ std::string sanitize_utf8(std::string_view s) {
     }
     int len = 0;
     uint8_t lo = 0x80, hi = 0xBF;  // the valid range of the second byte
-    if (b >= 0xC2 && b <= 0xDF) len = 2;
-    else if (b == 0xE0) len = 3, lo = 0xA0;
-    else if (b >= 0xE1 && b <= 0xEC) len = 3;
-    else if (b == 0xED) len = 3, hi = 0x9F;
-    else if (b >= 0xEE && b <= 0xEF) len = 3;
-    else if (b == 0xF0) len = 4, lo = 0x90;
-    else if (b >= 0xF1 && b <= 0xF3) len = 4;
-    else if (b == 0xF4) len = 4, hi = 0x8F;
+    if (b >= 0xC2 && b <= 0xDF)
+      len = 2;
+    else if (b == 0xE0)
+      len = 3, lo = 0xA0;
+    else if (b >= 0xE1 && b <= 0xEC)
+      len = 3;
+    else if (b == 0xED)
+      len = 3, hi = 0x9F;
+    else if (b >= 0xEE && b <= 0xEF)
+      len = 3;
+    else if (b == 0xF0)
+      len = 4, lo = 0x90;
+    else if (b >= 0xF1 && b <= 0xF3)
+      len = 4;
+    else if (b == 0xF4)
+      len = 4, hi = 0x8F;
     if (len == 0) {
       out += "\xef\xbf\xbd";
       ++i;
@@ -591,8 +614,10 @@ std::string sanitize_utf8(std::string_view s) {
       const uint8_t l = k == 1 ? lo : 0x80, h = k == 1 ? hi : 0xBF;
       if (c < l || c > h) break;
     }
-    if (k == len) out.append(s.substr(i, size_t(len)));
-    else out += "\xef\xbf\xbd";
+    if (k == len)
+      out.append(s.substr(i, size_t(len)));
+    else
+      out += "\xef\xbf\xbd";
     i = j;
   }
   return out;
@@ -627,7 +652,8 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& what)
     const json& model = j.at("model");
     const std::string mtype = model.value("type", "BPE");
     if (mtype != "BPE") unsupported(what, "model", json(mtype).dump(), "BPE");
-    if (model.contains("dropout") && !model["dropout"].is_null() && model["dropout"].get<double>() > 0)
+    if (model.contains("dropout") && !model["dropout"].is_null() &&
+        model["dropout"].get<double>() > 0)
       unsupported(what, "BPE", "dropout", "dropout null");
     for (const char* k : {"continuing_subword_prefix", "end_of_word_suffix"})
       if (model.contains(k) && !model[k].is_null() && !model[k].get<std::string>().empty())
@@ -642,7 +668,8 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& what)
     }
     std::vector<AddedToken> added;
     for (const json& a : j.value("added_tokens", json::array())) {
-      AddedToken at{a.at("id").get<int32_t>(), a.at("content").get<std::string>(), a.value("special", false)};
+      AddedToken at{a.at("id").get<int32_t>(), a.at("content").get<std::string>(),
+                    a.value("special", false)};
       for (const char* k : {"lstrip", "rstrip", "single_word"})
         if (a.value(k, false))
           unsupported(what, fmt::format("added token {}", json(at.content).dump()),
@@ -660,8 +687,9 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& what)
       t.tokens[a.id] = a.content;
       t.special[a.id] = a.special;
     }
-    std::sort(added.begin(), added.end(),
-              [](const AddedToken& a, const AddedToken& b) { return a.content.size() > b.content.size(); });
+    std::sort(added.begin(), added.end(), [](const AddedToken& a, const AddedToken& b) {
+      return a.content.size() > b.content.size();
+    });
     t.added = std::move(added);
     if (model.contains("unk_token") && !model["unk_token"].is_null()) {
       const auto it = t.vocab.find(model["unk_token"].get<std::string>());
@@ -684,15 +712,16 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& what)
       }
       const auto ia = t.vocab.find(a), ib = t.vocab.find(b), iab = t.vocab.find(a + b);
       if (ia == t.vocab.end() || ib == t.vocab.end() || iab == t.vocab.end())
-        throw ConfigError(fmt::format("{}: merge {} names a token outside the vocabulary", what,
-                                      m.dump()));
+        throw ConfigError(
+            fmt::format("{}: merge {} names a token outside the vocabulary", what, m.dump()));
       t.merges.emplace(std::pair{ia->second, ib->second}, std::pair{rank++, iab->second});
     }
     if (j.contains("normalizer") && !j["normalizer"].is_null())
       t.normalizer = make_normalizer(j["normalizer"], what);
     if (j.contains("pre_tokenizer") && !j["pre_tokenizer"].is_null())
       t.pre_tokenizer = make_pre_tokenizer(j["pre_tokenizer"], what, &t.byte_level);
-    if (j.contains("decoder") && !j["decoder"].is_null()) t.decoder = make_decoder(j["decoder"], what);
+    if (j.contains("decoder") && !j["decoder"].is_null())
+      t.decoder = make_decoder(j["decoder"], what);
     if (j.contains("post_processor") && !j["post_processor"].is_null()) {
       std::function<void(const json&)> post = [&](const json& p) {
         const std::string type = p.value("type", "");
@@ -713,9 +742,10 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& what)
           }
           const std::string name = item.at("SpecialToken").at("id").get<std::string>();
           if (!specials.contains(name))
-            throw ConfigError(fmt::format("{}: post_processor names special token {} it does "
-                                          "not define",
-                                          what, json(name).dump()));
+            throw ConfigError(
+                fmt::format("{}: post_processor names special token {} it does "
+                            "not define",
+                            what, json(name).dump()));
           for (const json& id : specials[name].at("ids"))
             (after ? t.suffix_ids : t.prefix_ids).push_back(id.get<int32_t>());
         }
@@ -796,9 +826,7 @@ std::string Tokenizer::decode(std::span<const int32_t> ids, bool skip_special_to
   return s;
 }
 
-int64_t Tokenizer::vocab_size() const {
-  return impl_->bytes ? 256 : int64_t(impl_->tokens.size());
-}
+int64_t Tokenizer::vocab_size() const { return impl_->bytes ? 256 : int64_t(impl_->tokens.size()); }
 
 std::optional<int32_t> Tokenizer::token_to_id(std::string_view token) const {
   const Impl& t = *impl_;

@@ -61,8 +61,8 @@ void experts(const Backend& be, const Tensor& w1, const Tensor& w3, const Tensor
     experts_forward<float>(be, w1.stacked<float>(), w3.stacked<float>(), w2.stacked<float>(), xs,
                            offsets, ys, cache);
   else
-    experts_forward(be, w1.stacked<bf16>(), w3.stacked<bf16>(), w2.stacked<bf16>(), xs, offsets,
-                    ys, cache);
+    experts_forward(be, w1.stacked<bf16>(), w3.stacked<bf16>(), w2.stacked<bf16>(), xs, offsets, ys,
+                    cache);
 }
 
 double yarn_mscale(double scale, double mscale) {
@@ -108,7 +108,8 @@ std::vector<float> RopeConfig::inv_freq() const {
     }
   } else if (type == "yarn") {
     auto correction_dim = [&](double rotations) {
-      return double(dim) * std::log(double(original_max_position) / (rotations * 2 * std::numbers::pi)) /
+      return double(dim) *
+             std::log(double(original_max_position) / (rotations * 2 * std::numbers::pi)) /
              (2 * std::log(theta));
     };
     double low = correction_dim(beta_fast), high = correction_dim(beta_slow);
@@ -118,7 +119,8 @@ std::vector<float> RopeConfig::inv_freq() const {
     if (low == high) high += 0.001;
     for (int64_t i = 0; i < half; ++i) {
       const float pos_freq = float(std::pow(theta, double(2 * i) / double(dim)));
-      const float extrapolation = 1.0f / pos_freq, interpolation = 1.0f / (float(factor) * pos_freq);
+      const float extrapolation = 1.0f / pos_freq,
+                  interpolation = 1.0f / (float(factor) * pos_freq);
       const float ramp = float(std::clamp((double(i) - low) / (high - low), 0.0, 1.0));
       const float extra_factor = 1.0f - ramp;
       inv[i] = interpolation * (1 - extra_factor) + extrapolation * extra_factor;
@@ -180,7 +182,8 @@ void DecoderConfig::validate() const {
       throw bad("moe.n_shared_experts", std::to_string(m.n_shared_experts),
                 "0 (a decoder's shared expert is shared_ff)");
   }
-  if (shared_ff < 0) throw bad("shared_expert_intermediate_size", std::to_string(shared_ff), ">= 0");
+  if (shared_ff < 0)
+    throw bad("shared_expert_intermediate_size", std::to_string(shared_ff), ">= 0");
   if (shared_gate && shared_ff == 0)
     throw bad("shared_expert_gate", "true", "a shared expert (shared_ff > 0)");
 }
@@ -193,8 +196,8 @@ namespace {
 int64_t attention_params(const DecoderConfig& c) {
   const int64_t d = c.d_model, H = c.n_heads;
   if (c.mla()) {
-    const int64_t q = c.q_lora_rank > 0 ? d * c.q_lora_rank + c.q_lora_rank * H * c.head_dim
-                                        : d * H * c.head_dim;
+    const int64_t q =
+        c.q_lora_rank > 0 ? d * c.q_lora_rank + c.q_lora_rank * H * c.head_dim : d * H * c.head_dim;
     return q + d * (c.kv_lora_rank + c.qk_rope_dim) +
            c.kv_lora_rank * H * (c.qk_nope_dim + c.v_head_dim) + H * c.v_head_dim * d;
   }
@@ -232,11 +235,21 @@ int64_t DecoderConfig::total_params() const {
 int64_t DecoderParams::bytes() const {
   int64_t n = int64_t(embed.nbytes() + norm_out.nbytes() + lm_head.nbytes());
   for (const DecoderLayerParams& l : layers) {
-    for (const Tensor* t :
-         {&l.norm_attn, &l.norm_ffn, &l.wq, &l.wk, &l.wv, &l.wo, &l.bq, &l.bk, &l.bv, &l.bo,
-          &l.q_norm, &l.k_norm, &l.wq_a, &l.q_a_norm, &l.wq_b, &l.wkv_a, &l.kv_a_norm, &l.wkv_b,
-          &l.w1, &l.w3, &l.w2, &l.moe.w_gate, &l.moe.w1, &l.moe.w3, &l.moe.w2,
-          &l.moe.expert_bias, &l.shared_w1, &l.shared_w3, &l.shared_w2, &l.shared_gate})
+    for (const Tensor* t : {&l.norm_attn, &l.norm_ffn,
+                            &l.wq,        &l.wk,
+                            &l.wv,        &l.wo,
+                            &l.bq,        &l.bk,
+                            &l.bv,        &l.bo,
+                            &l.q_norm,    &l.k_norm,
+                            &l.wq_a,      &l.q_a_norm,
+                            &l.wq_b,      &l.wkv_a,
+                            &l.kv_a_norm, &l.wkv_b,
+                            &l.w1,        &l.w3,
+                            &l.w2,        &l.moe.w_gate,
+                            &l.moe.w1,    &l.moe.w3,
+                            &l.moe.w2,    &l.moe.expert_bias,
+                            &l.shared_w1, &l.shared_w3,
+                            &l.shared_w2, &l.shared_gate})
       n += int64_t(t->nbytes());
   }
   return n;
@@ -264,7 +277,8 @@ void DecoderModel::check_params(const DecoderParams& p) const {
   auto mat = [](const Tensor& t, std::initializer_list<int64_t> shape, const std::string& what) {
     expect_shape(t, shape, what);
     if (t.dtype() != DType::kF32 && t.dtype() != DType::kBF16)
-      throw ShapeError(fmt::format("{}: dtype {}, expected f32 or bf16", what, dtype_name(t.dtype())));
+      throw ShapeError(
+          fmt::format("{}: dtype {}, expected f32 or bf16", what, dtype_name(t.dtype())));
   };
   auto f32 = [](const Tensor& t, std::initializer_list<int64_t> shape, const std::string& what) {
     expect_shape(t, shape, what);
@@ -392,8 +406,8 @@ void DecoderModel::attention(const DecoderLayerParams& lp, int64_t layer, Decode
     if (c.q_lora_rank > 0) {
       linear(be, h, lp.wq_a, {}, sc.a);
       // transformers' DeepseekV3RMSNorm on the low-rank parts keeps its default eps of 1e-6.
-      rms_norm(sc.a.data<float>(), sc.a.data<float>(), n, c.q_lora_rank,
-               lp.q_a_norm.data<float>(), 1e-6);
+      rms_norm(sc.a.data<float>(), sc.a.data<float>(), n, c.q_lora_rank, lp.q_a_norm.data<float>(),
+               1e-6);
       linear(be, sc.a.matrix<float>(), lp.wq_b, {}, sc.q);
     } else {
       linear(be, h, lp.wq, {}, sc.q);
@@ -533,15 +547,16 @@ void DecoderModel::feed_forward(const DecoderLayerParams& lp, int64_t layer, int
   }
 }
 
-void DecoderModel::forward(const DecoderParams& p, std::span<const int32_t> tokens,
-                           DecoderState& s, Tensor& logits, const ExecContext& ctx) const {
+void DecoderModel::forward(const DecoderParams& p, std::span<const int32_t> tokens, DecoderState& s,
+                           Tensor& logits, const ExecContext& ctx) const {
   const DecoderConfig& c = cfg_;
   const int64_t n = int64_t(tokens.size()), d = c.d_model;
   if (n == 0) throw ShapeError("decoder forward: no tokens");
   if (s.n_pos + n > c.max_context)
-    throw ShapeError(fmt::format("{} positions after {}: past the context of {} "
-                                 "(max_position_embeddings)",
-                                 n, s.n_pos, c.max_context));
+    throw ShapeError(
+        fmt::format("{} positions after {}: past the context of {} "
+                    "(max_position_embeddings)",
+                    n, s.n_pos, c.max_context));
   if (int64_t(s.layers.size()) != c.n_layers)
     throw ShapeError("decoder state: not from this model's start()");
   for (int32_t t : tokens)

@@ -3,9 +3,6 @@
 // malformed directory gets.
 #include "switchyard/io/hf_model.h"
 
-#include "switchyard/io/hf_export.h"
-#include "switchyard/nn/model.h"
-
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -14,8 +11,10 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "switchyard/io/hf_export.h"
 #include "switchyard/io/safetensors.h"
 #include "switchyard/kernels/backend.h"
+#include "switchyard/nn/model.h"
 
 namespace sy {
 namespace {
@@ -142,7 +141,8 @@ TEST(HfModel, UnknownModelTypeListsTheSupported) {
   s.set_config("model_type", "gpt_oss");
   const std::string e = load_error(s.dir);
   EXPECT_NE(e.find("model_type \"gpt_oss\" is not supported; supported: mixtral, qwen2_moe"),
-            std::string::npos) << e;
+            std::string::npos)
+      << e;
 }
 
 TEST(HfModel, MissingExtraAndMisshapenTensorsAreNamed) {
@@ -151,21 +151,26 @@ TEST(HfModel, MissingExtraAndMisshapenTensorsAreNamed) {
     s.edit_weights([](auto& t) { t.erase("model.layers.1.block_sparse_moe.experts.2.w3.weight"); });
     const std::string e = load_error(s.dir);
     EXPECT_NE(e.find("missing tensor model.layers.1.block_sparse_moe.experts.2.w3.weight"),
-              std::string::npos) << e;
+              std::string::npos)
+        << e;
   }
   {
     Scratch s("extra");
-    s.edit_weights([](auto& t) { t.emplace("model.layers.0.mlp.surprise.weight", Tensor({2, 2}, DType::kF32)); });
+    s.edit_weights([](auto& t) {
+      t.emplace("model.layers.0.mlp.surprise.weight", Tensor({2, 2}, DType::kF32));
+    });
     const std::string e = load_error(s.dir);
     EXPECT_NE(e.find("not part of a mixtral model with this config.json, first "
                      "model.layers.0.mlp.surprise.weight"),
-              std::string::npos) << e;
+              std::string::npos)
+        << e;
   }
   {
     Scratch s("shape");
     s.set_config("intermediate_size", 40);
     const std::string e = load_error(s.dir);
-    EXPECT_NE(e.find("has shape [48, 48], expected [40, 48] from config.json"), std::string::npos) << e;
+    EXPECT_NE(e.find("has shape [48, 48], expected [40, 48] from config.json"), std::string::npos)
+        << e;
   }
 }
 
@@ -174,13 +179,14 @@ TEST(HfModel, ShardMissingFromTheIndexIsNamed) {
   const MappedSafetensors f((s.dir / "model.safetensors").string());
   nlohmann::json index;
   for (const auto& [name, e] : f.entries())
-    index["weight_map"][name] =
-        name.find("layers.1.") != std::string::npos ? "model-00002-of-00002.safetensors"
-                                                    : "model.safetensors";
+    index["weight_map"][name] = name.find("layers.1.") != std::string::npos
+                                    ? "model-00002-of-00002.safetensors"
+                                    : "model.safetensors";
   write(s.dir / "model.safetensors.index.json", index.dump());
   const std::string e = load_error(s.dir);
   EXPECT_NE(e.find("shard model-00002-of-00002.safetensors (holding model.layers.1."),
-            std::string::npos) << e;
+            std::string::npos)
+      << e;
 }
 
 TEST(HfModel, ShardedDirectoryLoadsAsTheSingleFile) {
@@ -253,7 +259,8 @@ LmConfig small_lm(int64_t moe_every) {
 void expect_export_round_trip(int64_t moe_every) {
   const LmConfig cfg = small_lm(moe_every);
   const LmParams p = init_lm_params(cfg, DType::kF32, 7);
-  const fs::path dir = fs::temp_directory_path() / fmt::format("sy_export_{}_{}", moe_every, ::getpid());
+  const fs::path dir =
+      fs::temp_directory_path() / fmt::format("sy_export_{}_{}", moe_every, ::getpid());
   fs::remove_all(dir);
   const auto notes = export_hf_model(cfg, p, dir.string());
   const HfModel m = load_hf_model(dir.string());
@@ -266,7 +273,8 @@ void expect_export_round_trip(int64_t moe_every) {
   const ExecContext ctx = f32_context();
   const LanguageModel ours(cfg);
   const DecoderModel theirs(m.config);
-  const std::vector<int32_t> ids = {69, 109, 109, 97, 32, 87, 111, 111, 100, 104, 111, 117, 115, 101};
+  const std::vector<int32_t> ids = {69,  109, 109, 97,  32,  87,  111,
+                                    111, 100, 104, 111, 117, 115, 101};
   DecodeState s1 = ours.start(DType::kF32);
   DecoderState s2 = theirs.start();
   Tensor logits;

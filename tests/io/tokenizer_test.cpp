@@ -37,9 +37,10 @@ TEST_P(TokenizerFixture, IdsAndDecodeEqualTokenizers) {
   for (const auto& c : cases) {
     const std::string text = unhex(c["hex"].get<std::string>());
     const auto want = c["ids"].get<std::vector<int32_t>>();
-    EXPECT_EQ(tok.encode(text), want) << GetParam() << ": " << nlohmann::json(sanitize_utf8(text)).dump();
-    EXPECT_EQ(tok.decode(want), c["decoded"].get<std::string>()) << GetParam() << ": ids of "
-                                                                 << nlohmann::json(sanitize_utf8(text)).dump();
+    EXPECT_EQ(tok.encode(text), want)
+        << GetParam() << ": " << nlohmann::json(sanitize_utf8(text)).dump();
+    EXPECT_EQ(tok.decode(want), c["decoded"].get<std::string>())
+        << GetParam() << ": ids of " << nlohmann::json(sanitize_utf8(text)).dump();
   }
 }
 
@@ -47,10 +48,13 @@ INSTANTIATE_TEST_SUITE_P(Families, TokenizerFixture,
                          ::testing::Values("sp", "qwen", "gpt2", "deepseek"));
 
 TEST(Utf8, InvalidSequencesBecomeReplacementCharacters) {
-  EXPECT_EQ(sanitize_utf8("a\xff" "b"), "a\xef\xbf\xbd" "b");
-  EXPECT_EQ(sanitize_utf8("\xe2\x82"), "\xef\xbf\xbd");                // one maximal subpart
+  EXPECT_EQ(sanitize_utf8("a\xff"
+                          "b"),
+            "a\xef\xbf\xbd"
+            "b");
+  EXPECT_EQ(sanitize_utf8("\xe2\x82"), "\xef\xbf\xbd");  // one maximal subpart
   EXPECT_EQ(sanitize_utf8("\xed\xa0\x80"), "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd");  // surrogate
-  EXPECT_EQ(sanitize_utf8("\xc0\xaf"), "\xef\xbf\xbd\xef\xbf\xbd");   // overlong
+  EXPECT_EQ(sanitize_utf8("\xc0\xaf"), "\xef\xbf\xbd\xef\xbf\xbd");                  // overlong
   EXPECT_EQ(sanitize_utf8("caf\xc3\xa9 \xf0\x9f\x98\x80"), "caf\xc3\xa9 \xf0\x9f\x98\x80");
 }
 
@@ -79,9 +83,15 @@ TEST(Tokenizer, UnimplementedFeaturesAreNamed) {
     j[key] = v;
     return j.dump();
   };
-  EXPECT_NE(error_of(with("normalizer", {{"type", "BertNormalizer"}})).find("normalizer \"BertNormalizer\" is not implemented"), std::string::npos);
-  EXPECT_NE(error_of(with("pre_tokenizer", {{"type", "Whitespace"}})).find("pre_tokenizer \"Whitespace\""), std::string::npos);
-  EXPECT_NE(error_of(with("post_processor", {{"type", "BertProcessing"}})).find("post_processor \"BertProcessing\""), std::string::npos);
+  EXPECT_NE(error_of(with("normalizer", {{"type", "BertNormalizer"}}))
+                .find("normalizer \"BertNormalizer\" is not implemented"),
+            std::string::npos);
+  EXPECT_NE(error_of(with("pre_tokenizer", {{"type", "Whitespace"}}))
+                .find("pre_tokenizer \"Whitespace\""),
+            std::string::npos);
+  EXPECT_NE(error_of(with("post_processor", {{"type", "BertProcessing"}}))
+                .find("post_processor \"BertProcessing\""),
+            std::string::npos);
   auto j = nlohmann::json::parse(base);
   j["model"]["type"] = "Unigram";
   EXPECT_NE(error_of(j.dump()).find("model \"Unigram\" is not implemented"), std::string::npos);

@@ -33,7 +33,7 @@ struct HfModel {
   std::optional<Tokenizer> tokenizer;  // from tokenizer.json, when the directory has one
   std::vector<int32_t> eos_ids;        // generation_config.json, else config.json
   int32_t bos_id = -1;
-  std::string weights_dtype;           // "bf16", "f32" or "mixed"
+  std::string weights_dtype;  // "bf16", "f32" or "mixed"
 };
 
 // The architectures load_hf_model reads, comma-separated, for messages and --help.

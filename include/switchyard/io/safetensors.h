@@ -43,7 +43,7 @@ class MappedSafetensors {
  public:
   struct Entry {
     std::string name;
-    std::string dtype;            // as in the file: "F32", "BF16", "F16", "I64", ...
+    std::string dtype;  // as in the file: "F32", "BF16", "F16", "I64", ...
     std::vector<int64_t> shape;
     size_t offset = 0, nbytes = 0;  // within the data section
     int64_t numel() const;

@@ -36,14 +36,14 @@ namespace sy {
 struct RopeConfig {
   std::string type = "default";  // default | linear | llama3 | yarn
   double theta = 10000.0;
-  int64_t dim = 0;               // rotated dims of each head (even); 0: the whole qk head
-  double factor = 1.0;           // linear, llama3, yarn
+  int64_t dim = 0;      // rotated dims of each head (even); 0: the whole qk head
+  double factor = 1.0;  // linear, llama3, yarn
   double low_freq_factor = 1.0, high_freq_factor = 4.0;  // llama3
-  int64_t original_max_position = 0;                    // llama3, yarn
-  double beta_fast = 32.0, beta_slow = 1.0;             // yarn
-  double mscale = 0.0, mscale_all_dim = 0.0;            // yarn (DeepSeek)
-  double attention_factor = 0.0;                        // yarn; 0: from factor and mscale
-  bool truncate = true;                                 // yarn
+  int64_t original_max_position = 0;                     // llama3, yarn
+  double beta_fast = 32.0, beta_slow = 1.0;              // yarn
+  double mscale = 0.0, mscale_all_dim = 0.0;             // yarn (DeepSeek)
+  double attention_factor = 0.0;                         // yarn; 0: from factor and mscale
+  bool truncate = true;                                  // yarn
   // Pairs (2i, 2i+1) rotated together (DeepSeek's rope_interleave) instead of (i, i + dim/2).
   bool interleaved = false;
 
@@ -66,8 +66,8 @@ struct DecoderConfig {
   RopeConfig rope;
   bool qkv_bias = false, o_bias = false;
   QkNorm qk_norm = QkNorm::kNone;
-  double clip_qkv = 0;      // OLMoE: q, k, v clamped to [-clip, clip]; 0: off
-  double attn_scale = 0;    // softmax scale of q.k; 0: 1/sqrt(head_dim)
+  double clip_qkv = 0;    // OLMoE: q, k, v clamped to [-clip, clip]; 0: off
+  double attn_scale = 0;  // softmax scale of q.k; 0: 1/sqrt(head_dim)
   // Multi-head latent attention (DeepSeek-V2/V3) when kv_lora_rank > 0:
   //   q = q_b(norm(q_a(x))) (or q_proj(x) with q_lora_rank 0), per head [nope | rope];
   //   [c | k_rope] = kv_a(x); [k_nope | v] per head = kv_b(norm(c)); k = [k_nope | k_rope].
@@ -100,17 +100,17 @@ struct DecoderLayerParams {
   // MLA: wq_a [d, rq], q_a_norm [rq], wq_b [rq, H*dh] (or wq [d, H*dh] when rq = 0),
   // wkv_a [d, rkv + dr], kv_a_norm [rkv], wkv_b [rkv, H*(dn + dv)]; wo as above.
   Tensor wq_a, q_a_norm, wq_b, wkv_a, kv_a_norm, wkv_b;
-  Tensor w1, w3, w2;              // dense SwiGLU: [1, d, f], [1, d, f], [1, f, d]
-  MoeParams moe;                  // w_gate [d, E], w1/w3/w2 [E, ...], expert_bias [E]
+  Tensor w1, w3, w2;                       // dense SwiGLU: [1, d, f], [1, d, f], [1, f, d]
+  MoeParams moe;                           // w_gate [d, E], w1/w3/w2 [E, ...], expert_bias [E]
   Tensor shared_w1, shared_w3, shared_w2;  // [1, d, g], [1, d, g], [1, g, d]
-  Tensor shared_gate;             // [d, 1]
+  Tensor shared_gate;                      // [d, 1]
 };
 
 struct DecoderParams {
   Tensor embed;  // [V, d]
   std::vector<DecoderLayerParams> layers;
-  Tensor norm_out;  // [d]
-  Tensor lm_head;   // [d, V]
+  Tensor norm_out;        // [d]
+  Tensor lm_head;         // [d, V]
   int64_t bytes() const;  // of every tensor
 };
 
