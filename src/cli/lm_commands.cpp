@@ -215,17 +215,23 @@ void print_hf_model(const HfModel& m) {
              m.tokenizer ? m.tokenizer->kind() : std::string("none"));
 }
 
+// Published models run in f32 compute (bf16 weights stay bf16), as their fixtures were checked.
+ExecContext hf_context(int threads) {
+  ExecContext ctx;
+  ctx.n_threads = threads;
+  ctx.training = false;
+  ctx.backend = &pick_backend(cpu_features(), Precision::kF32);
+  fmt::print(stderr, "{}\n", describe_kernels(Precision::kF32));
+  return ctx;
+}
+
 // Generation from a Hugging Face model directory: its tokenizer, BOS template and EOS ids.
 int generate_hf(const GenerateCliOptions& o) {
   const HfModel m = load_hf_model(o.model);
   if (!m.tokenizer) throw IoError(fmt::format("{}: no tokenizer.json to encode the prompt", o.model));
   print_hf_model(m);
   const DecoderModel model(m.config);
-  ExecContext ctx;
-  ctx.n_threads = o.threads;
-  ctx.training = false;
-  ctx.backend = &pick_backend(cpu_features(), Precision::kF32);
-  fmt::print(stderr, "{}\n", describe_kernels(Precision::kF32));
+  const ExecContext ctx = hf_context(o.threads);
   std::vector<int32_t> ids = m.tokenizer->encode(o.prompt);
   DecoderState state = model.start();
   Tensor logits;
@@ -272,11 +278,7 @@ int eval_hf(const EvalCliOptions& o) {
   const std::string text(corpus.val.begin(), corpus.val.end());
   const std::vector<int32_t> ids = m.tokenizer->encode(text, /*add_special_tokens=*/false);
   const DecoderModel model(m.config);
-  ExecContext ctx;
-  ctx.n_threads = o.threads;
-  ctx.training = false;
-  ctx.backend = &pick_backend(cpu_features(), Precision::kF32);
-  fmt::print(stderr, "{}\n", describe_kernels(Precision::kF32));
+  const ExecContext ctx = hf_context(o.threads);
   const int64_t window = std::min<int64_t>(256, m.config.max_context), V = m.config.vocab;
   const int64_t limit = o.max_tokens > 0 ? std::min<int64_t>(o.max_tokens, int64_t(ids.size()))
                                          : int64_t(ids.size());

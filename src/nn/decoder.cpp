@@ -206,31 +206,25 @@ int64_t attention_params(const DecoderConfig& c) {
 }
 }  // namespace
 
-int64_t DecoderConfig::active_params() const {
-  const int64_t d = d_model;
-  int64_t n = d * vocab;  // lm_head
-  for (int64_t l = 0; l < n_layers; ++l) {
-    n += attention_params(*this);
-    if (moe_layer[l])
-      n += d * moe.n_experts + moe.top_k * 3 * d * moe.d_ff + 3 * d * shared_ff;
+namespace {
+// Weights of the model when each MoE layer uses `experts` of its experts per token; the
+// embedding counts when `embedding` (it is a lookup, not a product).
+int64_t count_params(const DecoderConfig& c, int64_t experts, bool embedding) {
+  const int64_t d = c.d_model;
+  int64_t n = d * c.vocab * (embedding && !c.tie_embeddings ? 2 : 1);
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    n += attention_params(c);
+    if (c.moe_layer[l])
+      n += d * c.moe.n_experts + experts * 3 * d * c.moe.d_ff + 3 * d * c.shared_ff;
     else
-      n += 3 * d * d_ff;
+      n += 3 * d * c.d_ff;
   }
   return n;
 }
+}  // namespace
 
-int64_t DecoderConfig::total_params() const {
-  const int64_t d = d_model;
-  int64_t n = d * vocab * (tie_embeddings ? 1 : 2);
-  for (int64_t l = 0; l < n_layers; ++l) {
-    n += attention_params(*this);
-    if (moe_layer[l])
-      n += d * moe.n_experts + moe.n_experts * 3 * d * moe.d_ff + 3 * d * shared_ff;
-    else
-      n += 3 * d * d_ff;
-  }
-  return n;
-}
+int64_t DecoderConfig::active_params() const { return count_params(*this, moe.top_k, false); }
+int64_t DecoderConfig::total_params() const { return count_params(*this, moe.n_experts, true); }
 
 int64_t DecoderParams::bytes() const {
   int64_t n = int64_t(embed.nbytes() + norm_out.nbytes() + lm_head.nbytes());
