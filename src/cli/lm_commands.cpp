@@ -235,7 +235,10 @@ int generate_hf(const GenerateCliOptions& o) {
   std::vector<int32_t> ids = m.tokenizer->encode(o.prompt);
   DecoderState state = model.start();
   Tensor logits;
+  const double p0 = wall_seconds();
   model.forward(m.params, ids, state, logits, ctx);
+  fmt::print(stderr, "[prefill of {} tokens in {:.3f} s: {:.0f} tokens/s]\n", ids.size(),
+             wall_seconds() - p0, double(ids.size()) / (wall_seconds() - p0));
   const int64_t V = m.config.vocab;
   const Philox rng(o.seed, 0x6E4);
   std::vector<int32_t> order, out;
