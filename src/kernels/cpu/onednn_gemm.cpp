@@ -302,9 +302,13 @@ void grouped_gemm(Compute compute, ConstMatrixView<float> xs, StackedView<const 
     grouped_forward<bf16>(compute, op, xs, w, offsets, ys);
     return;
   }
-  // f32 compute on the widened weights of the groups oneDNN takes.
+  // f32 compute on the widened weights of the groups oneDNN takes. The buffer only grows (a
+  // resize down and up again would zero the regrown part on every call), and is not touched
+  // when every group is skinny (decode), so a step reads each weight byte once.
+  bool any_wide = false;
+  for (int64_t g = 0; g < w.n; ++g) any_wide = any_wide || offsets[g + 1] - offsets[g] > kSkinnyRows;
   std::vector<float>& wide = buffers().wide;
-  wide.resize(size_t(w.n * per));
+  if (any_wide && wide.size() < size_t(w.n * per)) wide.resize(size_t(w.n * per));
   for (int64_t g = 0; g < w.n; ++g) {
     if (offsets[g + 1] - offsets[g] <= kSkinnyRows) continue;
     const bf16* src = w.data + g * per;
