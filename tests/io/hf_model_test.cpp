@@ -11,6 +11,8 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "io/fixtures.h"
+
 #include "switchyard/io/hf_export.h"
 #include "switchyard/io/safetensors.h"
 #include "switchyard/kernels/backend.h"
@@ -21,14 +23,8 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::string fixture(const std::string& rel) { return std::string(SY_FIXTURES) + "/" + rel; }
-
-std::string read(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+using testing::fixture;
+std::string read(const std::string& path) { return testing::read_file(path); }
 
 void write(const fs::path& path, const std::string& text) {
   std::ofstream out(path, std::ios::binary);

@@ -9,17 +9,13 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "io/fixtures.h"
+
 namespace sy {
 namespace {
 
-std::string fixture(const std::string& rel) { return std::string(SY_FIXTURES) + "/" + rel; }
-
-std::string read(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+using testing::fixture;
+std::string read(const std::string& path) { return testing::read_file(path); }
 
 std::string unhex(const std::string& h) {
   std::string out;
