@@ -236,7 +236,7 @@ int generate_hf(const GenerateCliOptions& o) {
   DecoderState state = model.start();
   Tensor logits;
   const double p0 = wall_seconds();
-  model.forward(m.params, ids, state, logits, ctx);
+  model.forward(m.params, ids, state, logits, ctx, /*all_positions=*/false);
   fmt::print(stderr, "[prefill of {} tokens in {:.3f} s: {:.0f} tokens/s]\n", ids.size(),
              wall_seconds() - p0, double(ids.size()) / (wall_seconds() - p0));
   const int64_t V = m.config.vocab;

@@ -542,7 +542,7 @@ void DecoderModel::feed_forward(const DecoderLayerParams& lp, int64_t layer, int
 }
 
 void DecoderModel::forward(const DecoderParams& p, std::span<const int32_t> tokens, DecoderState& s,
-                           Tensor& logits, const ExecContext& ctx) const {
+                           Tensor& logits, const ExecContext& ctx, bool all_positions) const {
   const DecoderConfig& c = cfg_;
   const int64_t n = int64_t(tokens.size()), d = c.d_model;
   if (n == 0) throw ShapeError("decoder forward: no tokens");
@@ -585,7 +585,8 @@ void DecoderModel::forward(const DecoderParams& p, std::span<const int32_t> toke
   }
   s.n_pos += n;
   rms_norm(x, sc.h.data<float>(), n, d, p.norm_out.data<float>(), c.norm_eps);
-  linear(be, sc.h.matrix<float>(), p.lm_head, {}, logits);
+  const ConstMatrixView<float> h = sc.h.matrix<float>();
+  linear(be, all_positions ? h : h.slice_rows(n - 1, n), p.lm_head, {}, logits);
 }
 
 }  // namespace sy

@@ -139,9 +139,11 @@ class DecoderModel {
 
   DecoderState start() const;
   // Feeds tokens at the next positions of one sequence; logits: [n, V] (=), one row per new
-  // position. Throws ShapeError for a token outside [0, vocab) or past max_context.
+  // position, or [1, V] for the last one only when !all_positions (generation: the LM head is
+  // then one skinny product instead of n rows). Throws ShapeError for a token outside
+  // [0, vocab) or past max_context.
   void forward(const DecoderParams& p, std::span<const int32_t> tokens, DecoderState& s,
-               Tensor& logits, const ExecContext& ctx) const;
+               Tensor& logits, const ExecContext& ctx, bool all_positions = true) const;
   // Routing of the last forward: one RoutingStats per MoE layer, in layer order.
   const std::vector<RoutingStats>& last_routing() const { return routing_; }
 
