@@ -112,9 +112,10 @@ bool is_hf_model_dir(const std::string& dir) {
   return fs::is_directory(dir, ec) && fs::is_regular_file(fs::path(dir) / "config.json", ec);
 }
 
-DecoderConfig parse_hf_config(const std::string& json_text, const std::string& what,
-                              std::string* model_type_out) {
-  const json j = parse_json(json_text, what);
+namespace {
+
+DecoderConfig config_from_json(const json& j, const std::string& what,
+                               std::string* model_type_out) {
   const Fields f{j, what};
   const std::string mt = f.get<std::string>("model_type", "");
   if (std::find(kArchitectures.begin(), kArchitectures.end(), mt) == kArchitectures.end())
@@ -289,8 +290,15 @@ DecoderConfig parse_hf_config(const std::string& json_text, const std::string& w
     for (int64_t l = 0; l < c.n_layers; ++l) c.moe_layer[l] = l >= dense && m.n_experts > 0;
   }
   if (c.rope.dim == 0) c.rope.dim = c.head_dim;
-  DecoderModel check(c);  // validates, naming the field
+  c.validate();
   return c;
+}
+
+}  // namespace
+
+DecoderConfig parse_hf_config(const std::string& json_text, const std::string& what,
+                              std::string* model_type_out) {
+  return config_from_json(parse_json(json_text, what), what, model_type_out);
 }
 
 namespace {
@@ -408,15 +416,12 @@ class TensorSource {
     return u;
   }
 
-  bool all_bf16() const {
-    for (const auto& [name, fi] : where_)
-      if (files_[fi]->entry(name).dtype != "BF16") return false;
-    return true;
-  }
-  bool all_f32() const {
-    for (const auto& [name, fi] : where_)
-      if (files_[fi]->entry(name).dtype != "F32") return false;
-    return true;
+  // "bf16" or "f32" when every tensor in the files has that dtype, else "mixed".
+  std::string weights_dtype() const {
+    std::set<std::string> seen;
+    for (const auto& [name, fi] : where_) seen.insert(files_[fi]->entry(name).dtype);
+    if (seen.size() != 1) return "mixed";
+    return *seen.begin() == "BF16" ? "bf16" : *seen.begin() == "F32" ? "f32" : "mixed";
   }
 
  private:
@@ -497,10 +502,9 @@ HfModel load_hf_model(const std::string& dir) {
   HfModel m;
   m.dir = dir;
   const std::string cfg_path = (fs::path(dir) / "config.json").string();
-  const std::string cfg_text = read_text(cfg_path);
-  m.config = parse_hf_config(cfg_text, cfg_path, &m.model_type);
+  const json cj = parse_json(read_text(cfg_path), cfg_path);
+  m.config = config_from_json(cj, cfg_path, &m.model_type);
   const DecoderConfig& c = m.config;
-  const json cj = parse_json(cfg_text, cfg_path);
 
   TensorSource src(dir, m.model_type);
   const int64_t d = c.d_model, H = c.n_heads, Hkv = c.n_kv_heads, dk = c.head_dim,
@@ -632,7 +636,7 @@ HfModel load_hf_model(const std::string& dir) {
         fmt::format("{}: {} tensor(s) not part of a {} model with this config.json, "
                     "first {}",
                     dir, extra.size(), m.model_type, extra.front()));
-  m.weights_dtype = src.all_bf16() ? "bf16" : src.all_f32() ? "f32" : "mixed";
+  m.weights_dtype = src.weights_dtype();
   DecoderModel(m.config).check_params(m.params);
 
   // Token ids that end generation, and the tokenizer.
