@@ -18,6 +18,7 @@
 #include "switchyard/io/hf_model.h"
 #include "switchyard/train/data.h"
 #include "switchyard/train/routes.h"
+#include "switchyard/train/sweep.h"
 #include "switchyard/train/trainer.h"
 #ifdef SY_WITH_MPI
 #include "switchyard/dist/comm.h"
@@ -415,6 +416,35 @@ int run_compare(const CompareCliOptions& o) {
   return 0;
 }
 
+int run_sweep(const SweepCliOptions& o) {
+  const RunConfig moe = config_for(o.moe, {}, o.steps), dense = config_for(o.dense, {}, o.steps);
+  const std::vector<SweepRun> runs = plan_sweep(moe, dense, o.experts, o.seeds, o.main_seeds);
+  const int64_t dense_active = dense.model.active_params();
+  fmt::print("sweep: {} runs of {} steps into {}\n{:<24} {:>4} {:>6} {:>14} {:>9} {:>12}\n",
+             runs.size(), moe.train.steps, o.out, "run", "E", "width", "active params",
+             "vs dense", "total params");
+  for (const SweepRun& r : runs) {
+    const LmConfig& m = r.cfg.model;
+    fmt::print("{:<24} {:>4} {:>6} {:>14} {:>9.4f} {:>12}\n", r.name, r.experts,
+               r.experts > 0 ? m.moe.d_ff : m.d_ff, m.active_params(),
+               double(m.active_params()) / double(dense_active), m.total_params());
+  }
+  if (o.plan_only) return 0;
+  SweepOptions opt;
+  opt.out_dir = o.out;
+  opt.n_threads = o.threads;
+  opt.stop = &g_stop;
+  std::signal(SIGINT, on_sigint);
+  const SweepReport r = sy::run_sweep(runs, opt);
+  std::signal(SIGINT, SIG_DFL);
+  fmt::print("\n{}\nwrote {}/sweep.md and {}/sweep.svg\n", r.markdown, o.out, o.out);
+  if (r.interrupted) {
+    fmt::print("interrupted: run the same command again to continue\n");
+    return 130;
+  }
+  return 0;
+}
+
 int run_routes(const RoutesCliOptions& o) {
   const Checkpoint ck = load_checkpoint(o.checkpoint, /*with_optimizer=*/false);
   if (ck.cfg.model.n_moe_layers() == 0)
@@ -426,7 +456,8 @@ int run_routes(const RoutesCliOptions& o) {
   ctx.n_threads = o.threads;
   ctx.backend = &pick_backend(cpu_features(), ck.cfg.model.precision);
   const RouteAnalysis a = analyze_routes(
-      model, ck.params, val_batches(corpus, ck.cfg.train.batch, ck.cfg.model.context, o.max_tokens), ctx);
+      model, ck.params, val_batches(corpus, ck.cfg.train.batch, ck.cfg.model.context, o.max_tokens), ctx,
+      &corpus);
   fmt::print("{} (step {}), {} validation split\n{}", o.checkpoint, ck.step, data, render_routes_text(a));
   const std::string html = o.html.empty()
       ? (std::filesystem::path(o.checkpoint).parent_path() / "routes.html").string() : o.html;

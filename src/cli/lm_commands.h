@@ -56,6 +56,18 @@ struct CompareCliOptions {
 };
 int run_compare(const CompareCliOptions& o);
 
+struct SweepCliOptions {
+  std::string moe = "udhr-moe", dense = "udhr-dense";
+  std::vector<int64_t> experts = {4, 8, 16, 32, 64};
+  std::vector<uint64_t> seeds = {1};
+  std::vector<uint64_t> main_seeds = {1, 2};
+  int64_t steps = 0;  // > 0: every run's train.steps
+  std::string out = "runs/sweep";
+  int threads = 0;
+  bool plan_only = false;
+};
+int run_sweep(const SweepCliOptions& o);
+
 struct RoutesCliOptions {
   std::string checkpoint;
   std::string data;           // default: the checkpoint's data.path

@@ -169,11 +169,33 @@ int main(int argc, char** argv) {
 
   sy::cli::CompareCliOptions cmp_opt;
   CLI::App* compare = app.add_subcommand(
-      "compare", "Train austen-moe and austen-dense for the same steps and compare");
+      "compare", "Train an MoE config and a dense one (austen-moe, austen-dense) and compare");
+  compare->add_option("--moe", cmp_opt.moe, "MoE config")->capture_default_str();
+  compare->add_option("--dense", cmp_opt.dense, "Dense config")->capture_default_str();
   compare->add_option("--steps", cmp_opt.steps, "Steps of both runs (default: the configs')");
   compare->add_option("--out", cmp_opt.out, "Directory of both runs")->capture_default_str();
   compare->add_option("--threads", cmp_opt.threads, "Threads (0: all cores)")
       ->capture_default_str();
+
+  sy::cli::SweepCliOptions sweep_opt;
+  CLI::App* sweep = app.add_subcommand(
+      "sweep", "Train dense and MoE with E = 4 .. 64 experts at equal active FLOPs; tabulate");
+  sweep->add_option("--moe", sweep_opt.moe, "MoE config (its E is the main pair's)")
+      ->capture_default_str();
+  sweep->add_option("--dense", sweep_opt.dense, "Dense config")->capture_default_str();
+  sweep->add_option("--experts", sweep_opt.experts, "Expert counts")
+      ->delimiter(',')->capture_default_str();
+  sweep->add_option("--seeds", sweep_opt.seeds, "Seeds of every config")
+      ->delimiter(',')->capture_default_str();
+  sweep->add_option("--main-seeds", sweep_opt.main_seeds,
+                    "More seeds of the main pair (dense, and MoE at the --moe config's E)")
+      ->delimiter(',')->capture_default_str();
+  sweep->add_option("--steps", sweep_opt.steps, "Steps of every run (default: the configs')");
+  sweep->add_option("--out", sweep_opt.out, "Directory of the runs and the report")
+      ->capture_default_str();
+  sweep->add_option("--threads", sweep_opt.threads, "Threads (0: all cores)")
+      ->capture_default_str();
+  sweep->add_flag("--plan", sweep_opt.plan_only, "Print the runs and their FLOPs; train nothing");
 
   sy::cli::RoutesCliOptions routes_opt;
   CLI::App* routes = app.add_subcommand(
@@ -231,6 +253,7 @@ int main(int argc, char** argv) {
     if (generate->parsed()) return sy::cli::run_generate(gen_opt);
     if (export_cmd->parsed()) return sy::cli::run_export(export_opt);
     if (compare->parsed()) return sy::cli::run_compare(cmp_opt);
+    if (sweep->parsed()) return sy::cli::run_sweep(sweep_opt);
     if (routes->parsed()) return sy::cli::run_routes(routes_opt);
     if (compare_routers->parsed()) return sy::cli::run_compare_routers(cr_opt);
     if (bench_routers->parsed()) return sy::cli::run_bench_routers(br_opt);

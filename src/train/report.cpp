@@ -154,19 +154,26 @@ std::string render_report(const RunConfig& cfg, const TrainHistory& h) {
   return html;
 }
 
-std::string render_comparison(const std::vector<std::string>& names,
-                              const std::vector<const TrainHistory*>& histories,
-                              const std::string& caption) {
-  static const char* colors[] = {"#1f77b4", "#d62728", "#2ca02c", "#9467bd"};
+std::string render_loss_svg(const std::vector<std::string>& names,
+                            const std::vector<const TrainHistory*>& histories,
+                            const std::string& title) {
+  static const char* colors[] = {"#1f77b4", "#d62728", "#2ca02c", "#9467bd",
+                                 "#ff7f0e", "#8c564b", "#e377c2", "#17becf"};
   std::vector<Series> val;
   for (size_t i = 0; i < names.size(); ++i) {
-    Series s{names[i], colors[i % 4], {}};
+    Series s{names[i], colors[i % 8], {}};
     for (const auto& e : histories[i]->evals) s.points.emplace_back(double(e.step), e.val_loss);
     val.push_back(std::move(s));
   }
+  return line_plot(title, "cross-entropy (nats)", val);
+}
+
+std::string render_comparison(const std::vector<std::string>& names,
+                              const std::vector<const TrainHistory*>& histories,
+                              const std::string& caption) {
   return "<!doctype html><html><head><meta charset='utf-8'><title>Switchyard comparison</title>"
          "</head><body style='font-family:sans-serif'><h1>Validation loss</h1>" +
-         line_plot("Validation loss", "cross-entropy (nats)", val) + "<p>" + escape(caption) +
+         render_loss_svg(names, histories, "Validation loss") + "<p>" + escape(caption) +
          "</p></body></html>\n";
 }
 

@@ -1,11 +1,61 @@
 #include "switchyard/train/routes.h"
 
+#include <zlib.h>
+
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <cmath>
 #include <unordered_map>
 
+#include "switchyard/core/rng.h"
+
 namespace sy {
+
+double normalized_mutual_information(const std::vector<std::vector<double>>& joint) {
+  double total = 0;
+  std::vector<double> px(joint.size()), py;
+  for (size_t x = 0; x < joint.size(); ++x) {
+    if (py.size() < joint[x].size()) py.resize(joint[x].size());
+    for (size_t y = 0; y < joint[x].size(); ++y) {
+      px[x] += joint[x][y];
+      py[y] += joint[x][y];
+      total += joint[x][y];
+    }
+  }
+  if (total <= 0) return 0;
+  auto entropy = [&](const std::vector<double>& p) {
+    double h = 0;
+    for (double v : p)
+      if (v > 0) h -= v / total * std::log(v / total);
+    return h;
+  };
+  const double hx = entropy(px), hy = entropy(py);
+  if (hx <= 0 || hy <= 0) return 0;
+  double mi = 0;
+  for (size_t x = 0; x < joint.size(); ++x)
+    for (size_t y = 0; y < joint[x].size(); ++y)
+      if (joint[x][y] > 0) mi += joint[x][y] / total * std::log(joint[x][y] * total / (px[x] * py[y]));
+  return std::clamp(2 * mi / (hx + hy), 0.0, 1.0);
+}
+
+int char_class(int byte) {
+  if (byte >= 'a' && byte <= 'z') return 0;
+  if (byte >= 'A' && byte <= 'Z') return 1;
+  if (byte >= '0' && byte <= '9') return 2;
+  if (byte == ' ' || byte == '\t') return 3;
+  if (byte == '\n' || byte == '\r') return 4;
+  if (byte < 0x80) return 5;
+  if (byte < 0xC0) return 7;
+  return 6;
+}
+
+const char* char_class_name(int cls) {
+  static const char* names[kCharClasses] = {"lower-case letter", "upper-case letter", "digit",
+                                            "space",             "newline",           "ASCII punctuation",
+                                            "UTF-8 lead byte",   "UTF-8 continuation byte"};
+  return cls >= 0 && cls < kCharClasses ? names[cls] : "?";
+}
 
 double load_cv(const std::vector<double>& load) {
   if (load.empty()) return 0;
@@ -42,7 +92,8 @@ std::vector<std::string> words_at(const std::vector<int32_t>& tokens) {
 }  // namespace
 
 RouteAnalysis analyze_routes(const LanguageModel& model, const LmParams& p,
-                             const std::vector<Batch>& batches, const ExecContext& ctx) {
+                             const std::vector<Batch>& batches, const ExecContext& ctx,
+                             const Corpus* corpus) {
   const LmConfig& cfg = model.config();
   const int64_t E = cfg.moe.n_experts, k = cfg.moe.slots_per_token();
   ExecContext eval = ctx;
@@ -58,11 +109,38 @@ RouteAnalysis analyze_routes(const LanguageModel& model, const LmParams& p,
   std::vector<int64_t> byte_total(256);
   std::unordered_map<std::string, int64_t> word_total;
   std::vector<double> entropy_sum(L), slots_all(L), dropped_all(L);
+  // Per token: its labels (character class, document, script), and per layer the experts it
+  // was routed to, for the shuffled-label chance level.
+  std::vector<std::array<int32_t, 3>> token_labels;
+  std::vector<std::vector<int32_t>> token_experts(L);
+  const bool labelled = corpus != nullptr && corpus->labelled();
+  std::vector<int32_t> script_of;
+  if (labelled) {
+    a.scripts = corpus->scripts();
+    script_of = corpus->doc_scripts();
+  }
+  auto label_table = [&](std::string kind, std::vector<std::string> names) {
+    LabelRoutes t;
+    t.kind = std::move(kind);
+    t.slots.assign(names.size(), std::vector<double>(size_t(E)));
+    t.names = std::move(names);
+    return t;
+  };
   for (int64_t li : moe_layers) {
     LayerRoutes lr;
     lr.layer = li;
     lr.experts.resize(size_t(E));
     lr.co_selected.assign(size_t(E), std::vector<int64_t>(size_t(E)));
+    std::vector<std::string> classes;
+    for (int c = 0; c < kCharClasses; ++c) classes.push_back(char_class_name(c));
+    lr.labels.push_back(label_table("character class", classes));
+    if (labelled) {
+      std::vector<std::string> ids;
+      for (const CorpusDoc& d : corpus->docs) ids.push_back(d.id);
+      lr.labels.push_back(label_table("language", ids));
+      lr.labels.back().group = script_of;
+      lr.labels.push_back(label_table("script", a.scripts));
+    }
     a.layers.push_back(std::move(lr));
   }
   LmCache cache;
@@ -70,8 +148,16 @@ RouteAnalysis analyze_routes(const LanguageModel& model, const LmParams& p,
     model.forward(p, b.tokens, b.targets, b.n_seq, cache, eval);
     const std::vector<std::string> words = words_at(b.tokens);
     const int64_t T = int64_t(b.tokens.size());
-    a.n_tokens += T;
+    if (labelled && b.doc.size() != b.tokens.size())
+      throw ShapeError("analyze_routes: a labelled corpus's batches without document labels "
+                       "(expected its val_batches)");
+    // Padding after a document's end is not text: it is left out of every statistic.
+    auto padding = [&](int64_t t) { return !b.doc.empty() && b.doc[size_t(t)] < 0; };
     for (int64_t t = 0; t < T; ++t) {
+      if (padding(t)) continue;
+      ++a.n_tokens;
+      const int32_t d = labelled ? b.doc[size_t(t)] : 0;
+      token_labels.push_back({char_class(b.tokens[t]), d, labelled ? script_of[size_t(d)] : 0});
       ++byte_total[size_t(b.tokens[t])];
       if (!words[t].empty()) ++word_total[words[t]];
     }
@@ -79,6 +165,7 @@ RouteAnalysis analyze_routes(const LanguageModel& model, const LmParams& p,
       const MoeCache& mc = cache.layers[size_t(moe_layers[l])].moe;
       LayerRoutes& lr = a.layers[l];
       for (int64_t t = 0; t < T; ++t) {
+        if (padding(t)) continue;
         std::vector<int32_t> chosen;
         for (int64_t j = 0; j < k; ++j) {
           const size_t slot = size_t(t * k + j);
@@ -92,9 +179,16 @@ RouteAnalysis analyze_routes(const LanguageModel& model, const LmParams& p,
           slots_all[l] += 1;
           dropped_all[l] += !kept;
           chosen.push_back(e);
+          lr.labels[0].slots[size_t(char_class(b.tokens[t]))][size_t(e)] += 1;
+          if (labelled) {
+            const int32_t d = b.doc[size_t(t)];
+            lr.labels[1].slots[size_t(d)][size_t(e)] += 1;
+            lr.labels[2].slots[size_t(script_of[size_t(d)])][size_t(e)] += 1;
+          }
           ++byte_count[l][size_t(e)][size_t(b.tokens[t])];
           if (!words[t].empty()) ++word_count[l][size_t(e)][words[t]];
         }
+        for (int64_t j = 0; j < k; ++j) token_experts[l].push_back(j < int64_t(chosen.size()) ? chosen[size_t(j)] : -1);
         for (size_t x = 0; x < chosen.size(); ++x)
           for (size_t y = 0; y < chosen.size(); ++y)
             if (x != y) ++lr.co_selected[size_t(chosen[x])][size_t(chosen[y])];
@@ -102,7 +196,7 @@ RouteAnalysis analyze_routes(const LanguageModel& model, const LmParams& p,
       // Router entropy per token, from the cached probabilities.
       const auto probs = mc.router.probs.matrix<float>();
       for (int64_t t = 0; t < T; ++t)
-        for (int64_t e = 0; e < E; ++e) {
+        for (int64_t e = 0; e < E && !padding(t); ++e) {
           const double q = probs(t, e);
           if (q > 0) entropy_sum[l] -= q * std::log(q);
         }
@@ -115,6 +209,23 @@ RouteAnalysis analyze_routes(const LanguageModel& model, const LmParams& p,
     std::vector<double> load;
     for (const ExpertProfile& ep : lr.experts) load.push_back(double(ep.slots));
     lr.load_cv = load_cv(load);
+    for (size_t kind = 0; kind < lr.labels.size(); ++kind) {
+      LabelRoutes& t = lr.labels[kind];
+      t.nmi = normalized_mutual_information(t.slots);
+      // Fisher-Yates with a fixed stream: the same chance level on every run.
+      std::vector<int32_t> shuffled;
+      for (const auto& tl : token_labels) shuffled.push_back(tl[kind]);
+      const Philox rng(0x5EED, 0xC4A0CE + kind);
+      for (size_t i = shuffled.size(); i > 1; --i) {
+        const auto w = rng.bits(uint64_t(l) << 40 | i);
+        std::swap(shuffled[i - 1], shuffled[(uint64_t(w[0]) << 32 | w[1]) % i]);
+      }
+      std::vector<std::vector<double>> table(t.slots.size(), std::vector<double>(size_t(E)));
+      for (size_t i = 0; i < shuffled.size(); ++i)
+        for (int64_t j = 0; j < k; ++j)
+          if (const int32_t e = token_experts[l][i * size_t(k) + size_t(j)]; e >= 0) table[size_t(shuffled[i])][size_t(e)] += 1;
+      t.nmi_chance = normalized_mutual_information(table);
+    }
     for (int64_t e = 0; e < E; ++e) {
       ExpertProfile& ep = lr.experts[size_t(e)];
       if (ep.slots == 0) continue;
@@ -161,6 +272,170 @@ std::string escape_html(const std::string& s) {
   return out;
 }
 
+// The n largest entries of a row as (index, share of the row's sum), largest first.
+std::vector<std::pair<int, double>> top_shares(const std::vector<double>& row, size_t n) {
+  double sum = 0;
+  for (double v : row) sum += v;
+  std::vector<std::pair<int, double>> out;
+  for (size_t i = 0; i < row.size(); ++i)
+    if (row[i] > 0) out.push_back({int(i), row[i] / sum});
+  std::stable_sort(out.begin(), out.end(), [](const auto& x, const auto& y) { return x.second > y.second; });
+  if (out.size() > n) out.resize(n);
+  return out;
+}
+
+// Column e of a label table as a row: how expert e's slots spread over the labels.
+std::vector<double> column(const LabelRoutes& t, size_t e) {
+  std::vector<double> out;
+  for (const auto& row : t.slots) out.push_back(row[e]);
+  return out;
+}
+
+std::string nmi_line(const LayerRoutes& lr) {
+  std::string out = "normalised mutual information between expert choice and";
+  for (size_t i = 0; i < lr.labels.size(); ++i)
+    out += fmt::format("{} {}: {:.3f}", i ? "," : "", lr.labels[i].kind, lr.labels[i].nmi);
+  out += " (shuffled labels:";
+  for (size_t i = 0; i < lr.labels.size(); ++i) out += fmt::format("{} {:.3f}", i ? "," : "", lr.labels[i].nmi_chance);
+  return out + ")";
+}
+
+// What each script's tokens choose, and whose tokens each expert gets: the labelled corpus's
+// specialisation in a few lines per layer.
+std::string specialisation_text(const LayerRoutes& lr, size_t max_scripts) {
+  std::string out = nmi_line(lr) + "\n";
+  if (lr.labels.size() < 3) return out;
+  const LabelRoutes &lang = lr.labels[1], &script = lr.labels[2];
+  out += "script (languages): experts chosen, share of its slots\n";
+  for (size_t s = 0; s < std::min(max_scripts, script.names.size()); ++s) {
+    int64_t n = 0;
+    for (int32_t g : lang.group) n += g == int32_t(s);
+    std::string row;
+    for (const auto& [e, share] : top_shares(script.slots[s], 4)) row += fmt::format(" {}:{:.0f}%", e, 100 * share);
+    out += fmt::format("  {:<20} ({:>3}){}\n", script.names[s], n, row);
+  }
+  out += "expert: languages served most, share of its slots\n";
+  for (size_t e = 0; e < lang.slots.front().size(); ++e) {
+    std::string row;
+    for (const auto& [d, share] : top_shares(column(lang, e), 4))
+      row += fmt::format(" {} ({}) {:.1f}%", lang.names[size_t(d)], script.names[size_t(lang.group[size_t(d)])], 100 * share);
+    out += fmt::format("  {:>4}{}\n", e, row);
+  }
+  return out;
+}
+
+void put_be32(std::string& out, uint32_t v) {
+  for (int s = 24; s >= 0; s -= 8) out += char((v >> s) & 0xFF);
+}
+
+// An RGB image as a PNG data: URI (zlib for the pixel stream and the chunk CRCs), so that a
+// large heatmap is a few kilobytes in the report instead of one SVG element per cell.
+std::string png_data_uri(uint32_t w, uint32_t h, const std::vector<uint8_t>& rgb) {
+  std::string raw;
+  for (uint32_t y = 0; y < h; ++y) {
+    raw += '\0';  // filter: none
+    raw.append(reinterpret_cast<const char*>(rgb.data()) + size_t(y) * w * 3, size_t(w) * 3);
+  }
+  uLongf packed_len = compressBound(uLong(raw.size()));
+  std::string packed(packed_len, '\0');
+  if (compress2(reinterpret_cast<Bytef*>(packed.data()), &packed_len,
+                reinterpret_cast<const Bytef*>(raw.data()), uLong(raw.size()), 9) != Z_OK)
+    throw Error("routes: zlib could not compress a heatmap image");
+  packed.resize(packed_len);
+  std::string png = "\x89PNG\r\n\x1a\n";
+  auto chunk = [&](const char* type, const std::string& data) {
+    put_be32(png, uint32_t(data.size()));
+    const std::string body = std::string(type, 4) + data;
+    png += body;
+    put_be32(png, uint32_t(crc32(0, reinterpret_cast<const Bytef*>(body.data()), uInt(body.size()))));
+  };
+  std::string ihdr;
+  put_be32(ihdr, w);
+  put_be32(ihdr, h);
+  ihdr += std::string("\x08\x02\x00\x00\x00", 5);  // 8-bit RGB, deflate, no filter, no interlace
+  chunk("IHDR", ihdr);
+  chunk("IDAT", packed);
+  chunk("IEND", "");
+  static const char* b64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out = "data:image/png;base64,";
+  for (size_t i = 0; i < png.size(); i += 3) {
+    const uint32_t v = uint32_t(uint8_t(png[i])) << 16 |
+                       (i + 1 < png.size() ? uint32_t(uint8_t(png[i + 1])) << 8 : 0) |
+                       (i + 2 < png.size() ? uint32_t(uint8_t(png[i + 2])) : 0);
+    out += b64[v >> 18 & 63];
+    out += b64[v >> 12 & 63];
+    out += i + 1 < png.size() ? b64[v >> 6 & 63] : '=';
+    out += i + 2 < png.size() ? b64[v & 63] : '=';
+  }
+  return out;
+}
+
+// Label x expert heatmap: each row the label's slots over the experts as shares, coloured
+// against the table's largest share. Rows of a grouped table (languages) run group by group,
+// with the group's name where it has room.
+std::string label_heatmap(const LabelRoutes& t, const std::vector<std::string>& group_names,
+                          double row_h, double cell_w) {
+  const size_t n = t.slots.size(), E = n ? t.slots.front().size() : 0;
+  std::vector<size_t> order(n);
+  for (size_t i = 0; i < n; ++i) order[i] = i;
+  if (!t.group.empty())
+    std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) { return t.group[x] < t.group[y]; });
+  std::vector<std::vector<double>> share(n, std::vector<double>(E));
+  double top = 1e-12;
+  for (size_t i = 0; i < n; ++i) {
+    double sum = 0;
+    for (double v : t.slots[i]) sum += v;
+    for (size_t e = 0; e < E; ++e) share[i][e] = sum > 0 ? t.slots[i][e] / sum : 0;
+    for (double v : share[i]) top = std::max(top, v);
+  }
+  const double left = 150, head = 28;
+  // Many rows (languages): the cells as one image, one pixel each, drawn under the labels.
+  const bool image = n > 64;
+  std::vector<uint8_t> pixels(image ? n * E * 3 : 0);
+  std::string overlay;  // group lines and names, drawn over the cells
+  std::string svg = fmt::format(
+      "<svg xmlns='http://www.w3.org/2000/svg' width='{}' height='{}' font-size='10' "
+      "font-family='sans-serif'><text x='{}' y='10'>expert →</text>",
+      left + cell_w * double(E) + 10, head + row_h * double(n) + 10, left);
+  for (size_t e = 0; e < E; e += (E > 16 ? 4 : 1))
+    svg += fmt::format("<text x='{}' y='24' text-anchor='middle'>{}</text>", left + cell_w * (double(e) + 0.5), e);
+  for (size_t r = 0; r < n; ++r) {
+    const size_t i = order[r];
+    const double y = head + row_h * double(r);
+    const bool starts = !t.group.empty() && (r == 0 || t.group[order[r - 1]] != t.group[i]);
+    if (t.group.empty()) {
+      svg += fmt::format("<text x='{}' y='{}' text-anchor='end'>{}</text>", left - 4, y + row_h - 2, escape_html(t.names[i]));
+    } else if (starts) {
+      size_t len = 0;
+      while (r + len < n && t.group[order[r + len]] == t.group[i]) ++len;
+      overlay += fmt::format("<line x1='0' x2='{}' y1='{}' y2='{}' stroke='#999'/>", left + cell_w * double(E), y, y);
+      if (double(len) * row_h >= 10)
+        overlay += fmt::format("<text x='{}' y='{}' text-anchor='end'>{} ({})</text>", left - 4, y + 10,
+                           escape_html(group_names[size_t(t.group[i])]), len);
+    }
+    if (image) {
+      for (size_t e = 0; e < E; ++e) {
+        const uint8_t c = uint8_t(255 * (1 - std::min(1.0, share[i][e] / top)));
+        const size_t at = (r * E + e) * 3;
+        pixels[at] = c, pixels[at + 1] = c, pixels[at + 2] = 255;
+      }
+      continue;
+    }
+    for (size_t e = 0; e < E; ++e) {
+      const int c = int(255 * (1 - std::min(1.0, share[i][e] / top)));
+      svg += fmt::format("<rect x='{}' y='{}' width='{}' height='{}' fill='rgb({},{},255)'><title>{}: "
+                         "expert {} {:.1f}%</title></rect>",
+                         left + cell_w * double(e), y, cell_w, row_h, c, c, escape_html(t.names[i]), e, 100 * share[i][e]);
+    }
+  }
+  if (image)
+    svg += fmt::format("<image x='{}' y='{}' width='{}' height='{}' preserveAspectRatio='none' "
+                       "style='image-rendering:pixelated' href='{}'/>",
+                       left, head, cell_w * double(E), row_h * double(n),
+                       png_data_uri(uint32_t(E), uint32_t(n), pixels));
+  return svg + overlay + "</svg>";
+}
+
 }  // namespace
 
 std::string render_routes_text(const RouteAnalysis& a) {
@@ -195,6 +470,7 @@ std::string render_routes_text(const RouteAnalysis& a) {
                       : fmt::format("{:>6.1f}", 100.0 * double(lr.co_selected[size_t(x)][size_t(y)]) / double(std::max<int64_t>(1, a.n_tokens)));
       out += "\n";
     }
+    out += specialisation_text(lr, 12);
   }
   return out;
 }
@@ -260,6 +536,16 @@ std::string render_routes_html(const RouteAnalysis& a, const std::string& title)
                           ep.slots > 0 ? 100.0 * double(ep.kept) / double(ep.slots) : 0.0, bytes, words);
     }
     html += "</table>";
+    html += fmt::format("<p>{}.</p>", escape_html(nmi_line(lr)));
+    for (const LabelRoutes& t : lr.labels) {
+      if (t.kind == "character class") continue;
+      const bool grouped = !t.group.empty();
+      html += fmt::format("<h3>Layer {}: {} x expert (share of each {}'s slots{})</h3>", lr.layer,
+                          t.kind, t.kind, grouped ? ", grouped by script" : "");
+      html += label_heatmap(t, a.scripts, grouped ? 2.0 : 12.0, E > 32 ? 6.0 : 12.0);
+    }
+    html += fmt::format("<h3>Layer {}: character class x expert</h3>", lr.layer);
+    html += label_heatmap(lr.labels.front(), {}, 12.0, E > 32 ? 6.0 : 12.0);
   }
   return html + "</body></html>\n";
 }

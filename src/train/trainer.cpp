@@ -121,6 +121,36 @@ double evaluate(const LanguageModel& model, const LmParams& p, const std::vector
   return sums[1] > 0 ? sums[0] / sums[1] : 0.0;
 }
 
+std::vector<DocLoss> evaluate_by_doc(const LanguageModel& model, const LmParams& p,
+                                     const std::vector<Batch>& batches, int64_t n_docs,
+                                     const ExecContext& ctx) {
+  SY_CHECK(ctx.parallel == nullptr, "evaluate_by_doc runs in one process");
+  ExecContext eval = ctx;
+  eval.training = false;
+  LmCache cache;
+  std::vector<DocLoss> out(static_cast<size_t>(n_docs));
+  const int64_t V = model.config().vocab;
+  for (const Batch& b : batches) {
+    if (b.doc.size() != b.tokens.size())
+      throw ShapeError("evaluate_by_doc: a batch without document labels (expected the "
+                       "validation batches of a labelled corpus)");
+    model.forward(p, b.tokens, b.targets, b.n_seq, cache, eval);
+    const auto logits = cache.logits.matrix<float>();
+    for (size_t t = 0; t < b.tokens.size(); ++t) {
+      const int32_t y = b.targets[t], d = b.doc[t];
+      if (y < 0 || d < 0) continue;
+      SY_CHECK(d < n_docs, "document {} of {}", d, n_docs);
+      const float* row = &logits(int64_t(t), 0);
+      const float mx = *std::max_element(row, row + V);
+      double z = 0;
+      for (int64_t v = 0; v < V; ++v) z += std::exp(double(row[v]) - mx);
+      out[size_t(d)].nats += std::log(z) + mx - row[y];
+      ++out[size_t(d)].targets;
+    }
+  }
+  return out;
+}
+
 TrainResult train(const RunConfig& cfg, const TrainOptions& opt) {
   namespace fs = std::filesystem;
   const TrainConfig& tc = cfg.train;

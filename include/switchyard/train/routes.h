@@ -1,6 +1,9 @@
 // Routing analytics of a trained model on text: for every MoE layer and expert, the load, the
 // dropped fraction, the router's entropy, how often experts are chosen together, and what each
 // expert specialises in (the bytes and words routed to it more than to the average expert).
+// Specialisation by label: how the tokens of each character class (every corpus) and of each
+// language and script (a labelled corpus) spread over the experts, and the normalised mutual
+// information between the label and the expert chosen.
 #pragma once
 
 #include <cstdint>
@@ -20,6 +23,19 @@ struct ExpertProfile {
   std::vector<std::pair<std::string, double>> top_words;  // word, lift
 };
 
+// Routed slots by a label of the token: one (label, expert) pair per slot a token chose (top-k
+// gives k); slots of expert choice count only where the expert took the token.
+struct LabelRoutes {
+  std::string kind;                        // "character class", "language", "script"
+  std::vector<std::string> names;          // one per label
+  std::vector<int32_t> group;              // languages: the index of each one's script; else empty
+  std::vector<std::vector<double>> slots;  // [labels][E]
+  double nmi = 0;                          // normalized_mutual_information(slots)
+  // The same with the labels shuffled over the tokens: what a finite sample gives with no
+  // specialisation at all (large when labels are many and tokens per label few).
+  double nmi_chance = 0;
+};
+
 struct LayerRoutes {
   int64_t layer = 0;  // index in the model
   std::vector<ExpertProfile> experts;
@@ -27,21 +43,36 @@ struct LayerRoutes {
   double entropy = 0;           // mean router entropy, nats
   double dropped_fraction = 0;  // dropped slots / all slots
   double load_cv = 0;           // coefficient of variation of slots per expert
+  std::vector<LabelRoutes> labels;  // character class; then language and script if labelled
 };
 
 struct RouteAnalysis {
-  int64_t n_tokens = 0;
+  int64_t n_tokens = 0;  // padding of labelled validation batches excluded
+  std::vector<std::string> scripts;  // labelled corpus: the script names LabelRoutes::group indexes
   std::vector<LayerRoutes> layers;
 };
 
-// Runs the model (eval mode) over the batches and gathers the statistics.
+// Runs the model (eval mode) over the batches and gathers the statistics. With a labelled
+// corpus (whose val_batches these are), also by language and script.
 RouteAnalysis analyze_routes(const LanguageModel& model, const LmParams& p,
-                             const std::vector<Batch>& batches, const ExecContext& ctx);
+                             const std::vector<Batch>& batches, const ExecContext& ctx,
+                             const Corpus* corpus = nullptr);
 
 std::string render_routes_text(const RouteAnalysis& a);
 std::string render_routes_html(const RouteAnalysis& a, const std::string& title);
 
 // Coefficient of variation (std / mean) of a load vector; 0 for a perfectly even one.
 double load_cv(const std::vector<double>& load);
+
+// Normalised mutual information of a joint count table [X][Y]: I(X;Y) / ((H(X) + H(Y)) / 2),
+// the arithmetic-mean normalisation (scikit-learn's default). 1 when each X goes to Y values of
+// its own alone and both are equally spread (perfect specialisation), 0 when X and Y are
+// independent or either is constant.
+double normalized_mutual_information(const std::vector<std::vector<double>>& joint);
+
+// The class of a byte that routes are reported by when a corpus carries no labels.
+inline constexpr int kCharClasses = 8;
+int char_class(int byte);
+const char* char_class_name(int cls);
 
 }  // namespace sy

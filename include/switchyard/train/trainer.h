@@ -49,8 +49,23 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opt);
 double evaluate(const LanguageModel& model, const LmParams& p, const std::vector<Batch>& batches,
                 const ExecContext& ctx);
 
+// Cross-entropy summed per document over a labelled corpus's validation batches (Batch::doc),
+// and the targets counted: loss of document d = nats / targets. One process (no ctx.parallel).
+struct DocLoss {
+  double nats = 0;
+  int64_t targets = 0;
+  double mean() const { return targets > 0 ? nats / double(targets) : 0.0; }
+};
+std::vector<DocLoss> evaluate_by_doc(const LanguageModel& model, const LmParams& p,
+                                     const std::vector<Batch>& batches, int64_t n_docs,
+                                     const ExecContext& ctx);
+
 // The HTML report: loss curves and per-layer expert load over training, as inline SVG.
 std::string render_report(const RunConfig& cfg, const TrainHistory& history);
+// Validation loss of several runs against steps: one standalone SVG (up to 8 colours).
+std::string render_loss_svg(const std::vector<std::string>& names,
+                            const std::vector<const TrainHistory*>& histories,
+                            const std::string& title);
 // Validation loss of several runs on one plot, with a line of text under it.
 std::string render_comparison(const std::vector<std::string>& names,
                               const std::vector<const TrainHistory*>& histories,
