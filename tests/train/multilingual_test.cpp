@@ -73,6 +73,10 @@ TEST(LabelledCorpus, EachDocumentGivesItsEndToValidationFromALineStart) {
   EXPECT_EQ(c.docs[1].val_begin, c.docs[0].val_end);
   EXPECT_EQ(c.docs[1].val_end, int64_t(c.val.size()));
   EXPECT_NE(texts_of(c)[0].find("Universal Declaration of Human Rights"), std::string::npos);
+  // The two parts are the document cut once: another fraction cuts elsewhere, same bytes.
+  const Corpus other = load_corpus(kTwoLanguages, 0.3, 64);
+  EXPECT_EQ(texts_of(other), texts_of(c));
+  EXPECT_GT(other.val.size(), 2 * c.val.size());
 }
 
 TEST(LabelledCorpus, ValidationWindowsScoreEveryHeldOutByteOnce) {
@@ -90,7 +94,9 @@ TEST(LabelledCorpus, ValidationWindowsScoreEveryHeldOutByteOnce) {
         ASSERT_GE(b.doc[i], 0);
         ++scored[size_t(b.doc[i])];
         // A target is the byte after its token, inside the same document's held-out part.
-        if ((i + 1) % size_t(seq_len) != 0 && b.targets[i + 1] >= 0) EXPECT_EQ(b.targets[i], b.tokens[i + 1]);
+        if ((i + 1) % size_t(seq_len) != 0 && b.targets[i + 1] >= 0) {
+          EXPECT_EQ(b.targets[i], b.tokens[i + 1]);
+        }
       }
     }
     for (size_t d = 0; d < c.docs.size(); ++d)
