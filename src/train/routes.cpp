@@ -12,7 +12,13 @@
 
 namespace sy {
 
-double normalized_mutual_information(const std::vector<std::vector<double>>& joint) {
+namespace {
+
+struct Information {
+  double mi = 0, hx = 0, hy = 0;
+};
+
+Information information(const std::vector<std::vector<double>>& joint) {
   double total = 0;
   std::vector<double> px(joint.size()), py;
   for (size_t x = 0; x < joint.size(); ++x) {
@@ -23,20 +29,33 @@ double normalized_mutual_information(const std::vector<std::vector<double>>& joi
       total += joint[x][y];
     }
   }
-  if (total <= 0) return 0;
+  Information out;
+  if (total <= 0) return out;
   auto entropy = [&](const std::vector<double>& p) {
     double h = 0;
     for (double v : p)
       if (v > 0) h -= v / total * std::log(v / total);
     return h;
   };
-  const double hx = entropy(px), hy = entropy(py);
-  if (hx <= 0 || hy <= 0) return 0;
-  double mi = 0;
+  out.hx = entropy(px), out.hy = entropy(py);
   for (size_t x = 0; x < joint.size(); ++x)
     for (size_t y = 0; y < joint[x].size(); ++y)
-      if (joint[x][y] > 0) mi += joint[x][y] / total * std::log(joint[x][y] * total / (px[x] * py[y]));
-  return std::clamp(2 * mi / (hx + hy), 0.0, 1.0);
+      if (joint[x][y] > 0) out.mi += joint[x][y] / total * std::log(joint[x][y] * total / (px[x] * py[y]));
+  return out;
+}
+
+}  // namespace
+
+double normalized_mutual_information(const std::vector<std::vector<double>>& joint) {
+  const Information i = information(joint);
+  if (i.hx <= 0 || i.hy <= 0) return 0;
+  return std::clamp(2 * i.mi / (i.hx + i.hy), 0.0, 1.0);
+}
+
+double label_entropy_explained(const std::vector<std::vector<double>>& joint) {
+  const Information i = information(joint);
+  if (i.hx <= 0 || i.hy <= 0) return 0;
+  return std::clamp(i.mi / i.hx, 0.0, 1.0);
 }
 
 int char_class(int byte) {
@@ -212,6 +231,7 @@ RouteAnalysis analyze_routes(const LanguageModel& model, const LmParams& p,
     for (size_t kind = 0; kind < lr.labels.size(); ++kind) {
       LabelRoutes& t = lr.labels[kind];
       t.nmi = normalized_mutual_information(t.slots);
+      t.explained = label_entropy_explained(t.slots);
       // Fisher-Yates with a fixed stream: the same chance level on every run.
       std::vector<int32_t> shuffled;
       for (const auto& tl : token_labels) shuffled.push_back(tl[kind]);
@@ -297,7 +317,10 @@ std::string nmi_line(const LayerRoutes& lr) {
     out += fmt::format("{} {}: {:.3f}", i ? "," : "", lr.labels[i].kind, lr.labels[i].nmi);
   out += " (shuffled labels:";
   for (size_t i = 0; i < lr.labels.size(); ++i) out += fmt::format("{} {:.3f}", i ? "," : "", lr.labels[i].nmi_chance);
-  return out + ")";
+  out += "); share of the label's entropy the expert explains:";
+  for (size_t i = 0; i < lr.labels.size(); ++i)
+    out += fmt::format("{} {} {:.3f}", i ? "," : "", lr.labels[i].kind, lr.labels[i].explained);
+  return out;
 }
 
 // What each script's tokens choose, and whose tokens each expert gets: the labelled corpus's

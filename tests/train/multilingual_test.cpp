@@ -183,6 +183,10 @@ TEST(Specialisation, NmiIsOneForPerfectAndZeroForIndependent) {
   // Two labels each spread over their own two experts: below 1, as H(expert) > H(label).
   const double half = normalized_mutual_information({{1, 1, 0, 0}, {0, 0, 1, 1}});
   EXPECT_NEAR(half, 2 * std::log(2.0) / (std::log(2.0) + std::log(4.0)), 1e-12);
+  // ... while the expert still determines the label: all of its entropy explained.
+  EXPECT_NEAR(label_entropy_explained({{1, 1, 0, 0}, {0, 0, 1, 1}}), 1.0, 1e-12);
+  EXPECT_NEAR(label_entropy_explained({{1, 2, 3}, {3, 6, 9}}), 0.0, 1e-12);
+  EXPECT_NEAR(label_entropy_explained({{4, 1}, {2, 3}}), mi / hx, 1e-12);
   EXPECT_EQ(char_class('a'), 0);
   EXPECT_EQ(char_class('Q'), 1);
   EXPECT_EQ(char_class('\n'), 4);
@@ -264,7 +268,7 @@ TEST(Specialisation, ManyLanguagesRenderAsOneImage) {
     row[size_t(2 * (i % 4))] = 40, row[size_t(2 * (i % 4) + 1)] = 40;
     lang.slots.push_back(row);
   }
-  lr.labels = {LabelRoutes{"character class", {"x"}, {}, {std::vector<double>(8, 1)}, 0, 0}, lang};
+  lr.labels = {LabelRoutes{"character class", {"x"}, {}, {std::vector<double>(8, 1)}, 0, 0, 0}, lang};
   a.layers.push_back(lr);
   const std::string html = render_routes_html(a, "synthetic");
   EXPECT_NE(html.find("data:image/png;base64,iVBORw0KGgo"), std::string::npos);  // PNG signature

@@ -31,6 +31,7 @@ struct LabelRoutes {
   std::vector<int32_t> group;              // languages: the index of each one's script; else empty
   std::vector<std::vector<double>> slots;  // [labels][E]
   double nmi = 0;                          // normalized_mutual_information(slots)
+  double explained = 0;                    // label_entropy_explained(slots)
   // The same with the labels shuffled over the tokens: what a finite sample gives with no
   // specialisation at all (large when labels are many and tokens per label few).
   double nmi_chance = 0;
@@ -69,6 +70,12 @@ double load_cv(const std::vector<double>& load);
 // its own alone and both are equally spread (perfect specialisation), 0 when X and Y are
 // independent or either is constant.
 double normalized_mutual_information(const std::vector<std::vector<double>>& joint);
+
+// I(X;Y) / H(X) of a joint count table [X][Y] (Theil's uncertainty coefficient): the share of
+// the label's entropy that knowing the expert removes; 1 when the expert determines the label.
+// Unlike NMI it is not held down by the experts' own entropy (top-k spreads a label over at
+// least k experts, so perfect specialisation has NMI below 1).
+double label_entropy_explained(const std::vector<std::vector<double>>& joint);
 
 // The class of a byte that routes are reported by when a corpus carries no labels.
 inline constexpr int kCharClasses = 8;
