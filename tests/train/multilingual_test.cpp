@@ -208,16 +208,22 @@ LmConfig tiny_moe() {
   return m;
 }
 
+// The tiny MoE model with random weights from a seed.
+struct TinyModel {
+  explicit TinyModel(uint64_t seed) : model(tiny_moe()), p(init_lm_params(model.config(), DType::kF32, seed)) {}
+  LanguageModel model;
+  LmParams p;
+};
+
 TEST(Specialisation, LabelledRoutesCountEverySlotAndSkipPadding) {
   const Corpus c = load_corpus(kTwoLanguages, 0.1, 32);
-  const LmConfig m = tiny_moe();
-  const LanguageModel model(m);
-  const LmParams p = init_lm_params(m, DType::kF32, 3);
+  const TinyModel tiny(3);
+  const LmConfig& m = tiny.model.config();
   const std::vector<Batch> batches = val_batches(c, 6, 29, 0);
   int64_t text_positions = 0;
   for (const Batch& b : batches)
     for (int32_t d : b.doc) text_positions += d >= 0;
-  const RouteAnalysis a = analyze_routes(model, p, batches, ExecContext{}, &c);
+  const RouteAnalysis a = analyze_routes(tiny.model, tiny.p, batches, ExecContext{}, &c);
   EXPECT_EQ(a.n_tokens, text_positions);
   ASSERT_EQ(a.layers.size(), 2u);
   ASSERT_EQ(a.scripts.size(), 2u);
@@ -278,17 +284,15 @@ TEST(Specialisation, ManyLanguagesRenderAsOneImage) {
 
 TEST(Specialisation, PerDocumentLossesAddUpToThePlainLoss) {
   const Corpus c = load_corpus(kTwoLanguages, 0.1, 32);
-  const LmConfig m = tiny_moe();
-  const LanguageModel model(m);
-  const LmParams p = init_lm_params(m, DType::kF32, 4);
+  const TinyModel tiny(4);
   const std::vector<Batch> batches = val_batches(c, 7, 31, 0);
-  const std::vector<DocLoss> by_doc = evaluate_by_doc(model, p, batches, 2, ExecContext{});
+  const std::vector<DocLoss> by_doc = evaluate_by_doc(tiny.model, tiny.p, batches, 2, ExecContext{});
   double nats = 0;
   int64_t n = 0;
   for (const DocLoss& l : by_doc) nats += l.nats, n += l.targets;
   EXPECT_EQ(by_doc[0].targets, c.docs[0].val_end - c.docs[0].val_begin - 1);
   EXPECT_EQ(by_doc[1].targets, c.docs[1].val_end - c.docs[1].val_begin - 1);
-  EXPECT_NEAR(nats / double(n), evaluate(model, p, batches, ExecContext{}), 1e-5);
+  EXPECT_NEAR(nats / double(n), evaluate(tiny.model, tiny.p, batches, ExecContext{}), 1e-5);
   // Random weights: about log(256) per byte (more, as the initial logits are not flat).
   for (const DocLoss& l : by_doc) {
     EXPECT_GT(l.mean(), std::log(256.0) - 1);
