@@ -296,11 +296,7 @@ int eval_hf(const EvalCliOptions& o) {
     DecoderState s = model.start();
     model.forward(m.params, std::span(ids).subspan(size_t(at), size_t(n)), s, logits, ctx);
     for (int64_t i = 0; i + 1 < n; ++i) {
-      const float* row = logits.data<float>() + i * V;
-      const float mx = *std::max_element(row, row + V);
-      double z = 0;
-      for (int64_t v = 0; v < V; ++v) z += std::exp(double(row[v]) - mx);
-      nats += std::log(z) + mx - row[ids[size_t(at + i + 1)]];
+      nats += next_token_nats({logits.data<float>() + i * V, size_t(V)}, ids[size_t(at + i + 1)]);
       ++scored;
     }
   }

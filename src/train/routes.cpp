@@ -128,8 +128,8 @@ RouteAnalysis analyze_routes(const LanguageModel& model, const LmParams& p,
   std::vector<int64_t> byte_total(256);
   std::unordered_map<std::string, int64_t> word_total;
   std::vector<double> entropy_sum(L), slots_all(L), dropped_all(L);
-  // Per token: its labels (character class, document, script), and per layer the experts it
-  // was routed to, for the shuffled-label chance level.
+  // Per token: its labels (character class, document, script), and per layer the k experts it
+  // was routed to (-1 for a slot not taken): the label tables and their chance level.
   std::vector<std::array<int32_t, 3>> token_labels;
   std::vector<std::vector<int32_t>> token_experts(L);
   const bool labelled = corpus != nullptr && corpus->labelled();
@@ -138,10 +138,9 @@ RouteAnalysis analyze_routes(const LanguageModel& model, const LmParams& p,
     a.scripts = corpus->scripts();
     script_of = corpus->doc_scripts();
   }
-  auto label_table = [&](std::string kind, std::vector<std::string> names) {
+  auto label_table = [](std::string kind, std::vector<std::string> names) {
     LabelRoutes t;
     t.kind = std::move(kind);
-    t.slots.assign(names.size(), std::vector<double>(size_t(E)));
     t.names = std::move(names);
     return t;
   };
@@ -198,12 +197,6 @@ RouteAnalysis analyze_routes(const LanguageModel& model, const LmParams& p,
           slots_all[l] += 1;
           dropped_all[l] += !kept;
           chosen.push_back(e);
-          lr.labels[0].slots[size_t(char_class(b.tokens[t]))][size_t(e)] += 1;
-          if (labelled) {
-            const int32_t d = b.doc[size_t(t)];
-            lr.labels[1].slots[size_t(d)][size_t(e)] += 1;
-            lr.labels[2].slots[size_t(script_of[size_t(d)])][size_t(e)] += 1;
-          }
           ++byte_count[l][size_t(e)][size_t(b.tokens[t])];
           if (!words[t].empty()) ++word_count[l][size_t(e)][words[t]];
         }
@@ -214,11 +207,13 @@ RouteAnalysis analyze_routes(const LanguageModel& model, const LmParams& p,
       }
       // Router entropy per token, from the cached probabilities.
       const auto probs = mc.router.probs.matrix<float>();
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t e = 0; e < E && !padding(t); ++e) {
+      for (int64_t t = 0; t < T; ++t) {
+        if (padding(t)) continue;
+        for (int64_t e = 0; e < E; ++e) {
           const double q = probs(t, e);
           if (q > 0) entropy_sum[l] -= q * std::log(q);
         }
+      }
     }
   }
   for (size_t l = 0; l < L; ++l) {
@@ -230,21 +225,27 @@ RouteAnalysis analyze_routes(const LanguageModel& model, const LmParams& p,
     lr.load_cv = load_cv(load);
     for (size_t kind = 0; kind < lr.labels.size(); ++kind) {
       LabelRoutes& t = lr.labels[kind];
+      std::vector<int32_t> label;
+      for (const auto& tl : token_labels) label.push_back(tl[kind]);
+      // Each token's label against the experts it chose: the table, then again with the labels
+      // shuffled (Fisher-Yates on a fixed stream: the same chance level on every run).
+      auto table = [&](const std::vector<int32_t>& of_token) {
+        std::vector<std::vector<double>> out(t.names.size(), std::vector<double>(size_t(E)));
+        for (size_t i = 0; i < of_token.size(); ++i)
+          for (int64_t j = 0; j < k; ++j)
+            if (const int32_t e = token_experts[l][i * size_t(k) + size_t(j)]; e >= 0)
+              out[size_t(of_token[i])][size_t(e)] += 1;
+        return out;
+      };
+      t.slots = table(label);
       t.nmi = normalized_mutual_information(t.slots);
       t.explained = label_entropy_explained(t.slots);
-      // Fisher-Yates with a fixed stream: the same chance level on every run.
-      std::vector<int32_t> shuffled;
-      for (const auto& tl : token_labels) shuffled.push_back(tl[kind]);
       const Philox rng(0x5EED, 0xC4A0CE + kind);
-      for (size_t i = shuffled.size(); i > 1; --i) {
+      for (size_t i = label.size(); i > 1; --i) {
         const auto w = rng.bits(uint64_t(l) << 40 | i);
-        std::swap(shuffled[i - 1], shuffled[(uint64_t(w[0]) << 32 | w[1]) % i]);
+        std::swap(label[i - 1], label[(uint64_t(w[0]) << 32 | w[1]) % i]);
       }
-      std::vector<std::vector<double>> table(t.slots.size(), std::vector<double>(size_t(E)));
-      for (size_t i = 0; i < shuffled.size(); ++i)
-        for (int64_t j = 0; j < k; ++j)
-          if (const int32_t e = token_experts[l][i * size_t(k) + size_t(j)]; e >= 0) table[size_t(shuffled[i])][size_t(e)] += 1;
-      t.nmi_chance = normalized_mutual_information(table);
+      t.nmi_chance = normalized_mutual_information(table(label));
     }
     for (int64_t e = 0; e < E; ++e) {
       ExpertProfile& ep = lr.experts[size_t(e)];

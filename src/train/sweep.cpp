@@ -6,6 +6,7 @@
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "switchyard/core/file.h"
 #include "switchyard/kernels/backend.h"
@@ -156,7 +157,8 @@ SweepReport run_sweep(const std::vector<SweepRun>& runs, const SweepOptions& opt
     const fs::path ck_path = dir / "checkpoint.safetensors";
     SweepResult res;
     res.run = run;
-    bool finished = false;
+    // A finished run's checkpoint, kept for scoring; empty when this sweep trains the run.
+    std::optional<Checkpoint> finished;
     if (fs::exists(ck_path)) {
       Checkpoint ck = load_checkpoint(ck_path.string(), /*with_optimizer=*/false);
       if (run_config_json(ck.cfg) != run_config_json(run.cfg))
@@ -166,10 +168,10 @@ SweepReport run_sweep(const std::vector<SweepRun>& runs, const SweepOptions& opt
                                       ck_path.string(), run.name, run_config_json(ck.cfg),
                                       run_config_json(run.cfg)));
       if (ck.step >= run.cfg.train.steps) {
-        finished = true;
         res.history = std::move(ck.history);
         if (opt.log != nullptr)
           fmt::print(opt.log, "== {}: finished earlier ({} steps), reused\n", run.name, ck.step);
+        finished = std::move(ck);
       }
     }
     if (!finished) {
@@ -199,7 +201,8 @@ SweepReport run_sweep(const std::vector<SweepRun>& runs, const SweepOptions& opt
       const fs::path cache = dir / "doc_loss.json";
       res.doc_loss = read_doc_loss(cache, run.cfg.train.steps, corpus.docs.size());
       if (res.doc_loss.empty()) {
-        const Checkpoint ck = load_checkpoint(ck_path.string(), /*with_optimizer=*/false);
+        if (!finished) finished = load_checkpoint(ck_path.string(), /*with_optimizer=*/false);
+        const Checkpoint& ck = *finished;
         const LanguageModel model(ck.cfg.model);
         ExecContext ctx;
         ctx.n_threads = opt.n_threads;

@@ -121,6 +121,13 @@ double evaluate(const LanguageModel& model, const LmParams& p, const std::vector
   return sums[1] > 0 ? sums[0] / sums[1] : 0.0;
 }
 
+double next_token_nats(std::span<const float> logits, int32_t target) {
+  const float mx = *std::max_element(logits.begin(), logits.end());
+  double z = 0;
+  for (float v : logits) z += std::exp(double(v) - mx);
+  return std::log(z) + mx - logits[size_t(target)];
+}
+
 std::vector<DocLoss> evaluate_by_doc(const LanguageModel& model, const LmParams& p,
                                      const std::vector<Batch>& batches, int64_t n_docs,
                                      const ExecContext& ctx) {
@@ -140,11 +147,7 @@ std::vector<DocLoss> evaluate_by_doc(const LanguageModel& model, const LmParams&
       const int32_t y = b.targets[t], d = b.doc[t];
       if (y < 0 || d < 0) continue;
       SY_CHECK(d < n_docs, "document {} of {}", d, n_docs);
-      const float* row = &logits(int64_t(t), 0);
-      const float mx = *std::max_element(row, row + V);
-      double z = 0;
-      for (int64_t v = 0; v < V; ++v) z += std::exp(double(row[v]) - mx);
-      out[size_t(d)].nats += std::log(z) + mx - row[y];
+      out[size_t(d)].nats += next_token_nats({&logits(int64_t(t), 0), size_t(V)}, y);
       ++out[size_t(d)].targets;
     }
   }

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -48,6 +49,9 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opt);
 // rank scores its share of every batch's sequences and the mean is over all of them.
 double evaluate(const LanguageModel& model, const LmParams& p, const std::vector<Batch>& batches,
                 const ExecContext& ctx);
+
+// -log softmax(logits)[target] of one row of logits, in nats, computed in float64.
+double next_token_nats(std::span<const float> logits, int32_t target);
 
 // Cross-entropy summed per document over a labelled corpus's validation batches (Batch::doc),
 // and the targets counted: loss of document d = nats / targets. One process (no ctx.parallel).
