@@ -5,6 +5,7 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstdio>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -50,6 +51,38 @@ std::string closest_flag(const CLI::App& app, const std::string& arg) {
       if (d < best_d) best_d = d, best = "--" + name;
     }
   return best_d <= std::max<size_t>(3, arg.size() / 3) ? best : "";
+}
+
+// The subcommand path of argv (e.g. `bench moe`) checked against the app's tree before CLI11
+// sees it: CLI11 alone answers an unknown NAME with "A subcommand is required", and prints the
+// main help for `NAME --help`. Returns the error to print, or "" when every word is known.
+std::string unknown_subcommand(const CLI::App& app, int argc, char** argv) {
+  const CLI::App* cur = &app;
+  std::string path = "switchyard";
+  for (int i = 1; i < argc; ++i) {
+    const std::string word = argv[i];
+    if (word.empty() || word[0] == '-') break;
+    const auto subs = cur->get_subcommands([](const CLI::App*) { return true; });
+    if (subs.empty()) break;
+    const CLI::App* next = nullptr;
+    std::string best, names;
+    size_t best_d = SIZE_MAX;
+    for (const CLI::App* s : subs) {
+      if (s->get_name() == word) next = s;
+      const size_t d = edit_distance(word, s->get_name());
+      if (d < best_d) best_d = d, best = s->get_name();
+      names += (names.empty() ? "" : ", ") + s->get_name();
+    }
+    if (next == nullptr) {
+      const bool close = best_d <= std::max<size_t>(2, word.size() / 3);
+      return fmt::format("'{} {}' is not a command{}; the commands of {} are: {}", path, word,
+                         close ? fmt::format(" (did you mean '{} {}'?)", path, best) : "",
+                         path, names);
+    }
+    cur = next;
+    path += " " + word;
+  }
+  return "";
 }
 
 }  // namespace
@@ -229,6 +262,10 @@ int main(int argc, char** argv) {
   compare_routers->add_option("--threads", cr_opt.threads, "Threads (0: all cores)")
       ->capture_default_str();
 
+  if (const std::string err = unknown_subcommand(app, argc, argv); !err.empty()) {
+    fmt::print(stderr, "error: {}\n", err);
+    return 2;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ExtrasError& e) {
@@ -265,6 +302,13 @@ int main(int argc, char** argv) {
     return 2;
   } catch (const sy::Error& e) {
     fmt::print(stderr, "error: {}\n", e.what());
+    return 1;
+  } catch (const std::bad_alloc&) {
+    // A size no check above caught: say so and exit with a status, not a signal.
+    fmt::print(stderr, "error: out of memory (a size in the input may be larger than intended)\n");
+    return 1;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "error: internal: {}\n", e.what());
     return 1;
   }
   return 0;

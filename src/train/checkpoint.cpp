@@ -1,5 +1,6 @@
 #include "switchyard/train/checkpoint.h"
 
+#include <charconv>
 #include <nlohmann/json.hpp>
 
 #include "switchyard/io/safetensors.h"
@@ -65,7 +66,7 @@ void save_checkpoint(const std::string& path, const RunConfig& cfg, const LmPara
 }
 
 Checkpoint load_checkpoint(const std::string& path, bool with_optimizer) {
-  SafetensorsFile file = read_safetensors(path);
+  SafetensorsFile file = read_safetensors(path);  // verifies every checksum the file has
   auto meta = [&](const char* key) -> const std::string& {
     auto it = file.metadata.find(key);
     if (it == file.metadata.end())
@@ -75,9 +76,14 @@ Checkpoint load_checkpoint(const std::string& path, bool with_optimizer) {
   if (meta("format") != kCheckpointFormat)
     throw IoError(fmt::format("{}: format \"{}\": expected \"{}\"", path, meta("format"),
                               kCheckpointFormat));
-  if (meta("version") != std::to_string(kCheckpointVersion))
-    throw IoError(fmt::format("{}: checkpoint version {}: this build reads version {}", path,
-                              meta("version"), kCheckpointVersion));
+  const std::string& version = meta("version");
+  if (version != "1" && version != std::to_string(kCheckpointVersion))
+    throw IoError(fmt::format("{}: checkpoint version {}: this build reads versions 1 to {}",
+                              path, version, kCheckpointVersion));
+  if (version != "1" && !file.metadata.count(kChecksumKey))
+    throw IoError(fmt::format("{}: checkpoint version {} without its checksums ({}): the "
+                              "header was altered",
+                              path, version, kChecksumKey));
   Checkpoint ck;
   try {
     ck.cfg = parse_run_config(meta("config"), path);
@@ -92,10 +98,11 @@ Checkpoint load_checkpoint(const std::string& path, bool with_optimizer) {
     throw IoError(fmt::format("{}: model_hash {} does not match its stored config ({}): the "
                               "file was altered",
                               path, meta("model_hash"), want_hash));
-  try {
-    ck.step = std::stoll(meta("step"));
-  } catch (const std::exception&) {
-    throw IoError(fmt::format("{}: step \"{}\": expected an integer", path, meta("step")));
+  {
+    const std::string& text = meta("step");
+    const auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), ck.step);
+    if (ec != std::errc() || p != text.data() + text.size() || ck.step < 0)
+      throw IoError(fmt::format("{}: step \"{}\": expected a count", path, text));
   }
   ck.history = TrainHistory::from_json(meta("history"), path);
 
@@ -116,7 +123,12 @@ Checkpoint load_checkpoint(const std::string& path, bool with_optimizer) {
     ck.optimizer.emplace(ck.cfg.train, ck.params);
     for (auto& [name, t] : ck.optimizer->m().named()) take("adam.m." + name, *t);
     for (auto& [name, t] : ck.optimizer->v().named()) take("adam.v." + name, *t);
-    ck.optimizer->set_n_steps(std::stoll(meta("adam_steps")));
+    int64_t adam_steps = 0;
+    const std::string& text = meta("adam_steps");
+    const auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), adam_steps);
+    if (ec != std::errc() || p != text.data() + text.size() || adam_steps < 0)
+      throw IoError(fmt::format("{}: adam_steps \"{}\": expected a count", path, text));
+    ck.optimizer->set_n_steps(adam_steps);
   }
   for (const auto& [name, t] : file.tensors)
     if (!name.starts_with("adam."))

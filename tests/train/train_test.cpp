@@ -236,6 +236,95 @@ TEST(Checkpoint, BadFilesNameTheFileAndWhatWasExpected) {
   EXPECT_EQ(ck.cfg.model.moe.loss_load_weight, MoeConfig{}.loss_load_weight);
 }
 
+// The header as JSON, and a file put back together from an edited one and the same data.
+nlohmann::json header_of(const std::string& file) {
+  uint64_t n = 0;
+  std::memcpy(&n, file.data(), 8);
+  return nlohmann::json::parse(file.substr(8, n));
+}
+std::string with_header(const std::string& file, const nlohmann::json& header) {
+  uint64_t n = 0;
+  std::memcpy(&n, file.data(), 8);
+  const std::string h = header.dump();
+  std::string out(8, '\0');
+  const uint64_t m = h.size();
+  std::memcpy(out.data(), &m, 8);
+  return out + h + file.substr(8 + n);
+}
+
+TEST(Checkpoint, ChecksumsCatchDamageAndOlderFilesStillLoad) {
+  const fs::path dir = temp_dir("cksum");
+  const RunConfig cfg = parse_run_config(tiny_config_json(make_corpus(dir)), "tiny");
+  const TrainResult r = train(cfg, quiet(dir / "run"));
+  const std::string good = read_file(r.checkpoint);
+  const nlohmann::json header = header_of(good);
+  ASSERT_TRUE(header["__metadata__"].contains(kChecksumKey));
+  EXPECT_EQ(header["__metadata__"]["version"], std::to_string(kCheckpointVersion));
+
+  // One flipped bit in each tensor's data (the optimizer's too): named, nothing returned.
+  uint64_t n = 0;
+  std::memcpy(&n, good.data(), 8);
+  int flipped = 0;
+  for (const auto& [name, item] : header.items()) {
+    if (name == "__metadata__") continue;
+    const uint64_t b = item["data_offsets"][0], e = item["data_offsets"][1];
+    if (e == b) continue;
+    std::string bad = good;
+    bad[8 + n + b + (e - b) * 3 / 7] ^= 0x10;
+    write_file(dir / "flip.st", bad);
+    const std::string err = error_of([&] { load_checkpoint((dir / "flip.st").string(), true); });
+    EXPECT_NE(err.find("tensor " + name + " fails its checksum"), std::string::npos) << err;
+    EXPECT_NE(err.find("flip.st"), std::string::npos) << err;
+    ++flipped;
+  }
+  EXPECT_GT(flipped, 10);
+
+  // A history digit changed: the metadata checksum.
+  nlohmann::json h = header;
+  std::string hist = h["__metadata__"]["history"];
+  hist[hist.find_first_of("123456789")] = hist[hist.find_first_of("123456789")] == '1' ? '2' : '1';
+  h["__metadata__"]["history"] = hist;
+  write_file(dir / "hist.st", with_header(good, h));
+  EXPECT_NE(error_of([&] { load_checkpoint((dir / "hist.st").string(), false); })
+                .find("metadata fails its checksum"),
+            std::string::npos);
+
+  // The checksums removed: refused at this version, loaded unchecked as version 1 (written
+  // before checksums existed).
+  h = header;
+  h["__metadata__"].erase(kChecksumKey);
+  write_file(dir / "nosum.st", with_header(good, h));
+  EXPECT_NE(error_of([&] { load_checkpoint((dir / "nosum.st").string(), false); })
+                .find("without its checksums"),
+            std::string::npos);
+  h["__metadata__"]["version"] = "1";
+  write_file(dir / "v1.st", with_header(good, h));
+  const Checkpoint v1 = load_checkpoint((dir / "v1.st").string(), true);
+  const Checkpoint v2 = load_checkpoint(r.checkpoint, true);
+  EXPECT_EQ(v1.step, v2.step);
+  EXPECT_EQ(std::memcmp(v1.params.lm_head.bytes(), v2.params.lm_head.bytes(),
+                        v2.params.lm_head.nbytes()),
+            0);
+  h["__metadata__"]["version"] = "3";
+  write_file(dir / "v3.st", with_header(good, h));
+  EXPECT_NE(error_of([&] { load_checkpoint((dir / "v3.st").string(), false); })
+                .find("this build reads versions 1 to 2"),
+            std::string::npos);
+
+  // Counts that are not counts.
+  for (const char* key : {"step", "adam_steps"}) {
+    h = header;
+    h["__metadata__"][key] = "12abc";
+    h["__metadata__"].erase(kChecksumKey);
+    h["__metadata__"]["version"] = "1";
+    write_file(dir / "count.st", with_header(good, h));
+    EXPECT_NE(error_of([&] { load_checkpoint((dir / "count.st").string(), true); })
+                  .find(fmt::format("{} \"12abc\": expected a count", key)),
+              std::string::npos)
+        << key;
+  }
+}
+
 TEST(Config, ErrorsNameTheKey) {
   const std::string base = tiny_config_json("data.txt");
   EXPECT_NE(error_of([&] {

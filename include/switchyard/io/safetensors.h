@@ -4,6 +4,13 @@
 // then rename); reading validates every field and throws IoError naming the file and what was
 // expected, so a truncated or foreign file never yields garbage tensors.
 //
+// Integrity: every file Switchyard writes carries, in the metadata key kChecksumKey, a JSON
+// object of XXH3-64 checksums: one per tensor (of its dtype, shape and data bytes) and one under "__metadata__"
+// (of the other metadata entries). A reader checks the metadata one when the header is read
+// and a tensor's before it hands out its bytes, so a flipped bit names the tensor and the file
+// instead of giving wrong numbers. Files without the key (Hugging Face's own) load unchecked;
+// tools that ignore the key (transformers, the safetensors library) read ours as usual.
+//
 //   MappedSafetensors f("model.safetensors");        // maps the file, checks the header
 //   const auto& e = f.entry("lm_head.weight");       // dtype "BF16", shape, byte range
 //   std::span<const std::byte> raw = f.bytes(e);     // read from the mapping: no copy
@@ -27,6 +34,7 @@ struct SafetensorsFile {
   std::map<std::string, std::string> metadata;
 };
 
+// Adds kChecksumKey to the metadata (replacing one passed in, as from a file read back).
 void write_safetensors(const std::string& path,
                        const std::vector<std::pair<std::string, const Tensor*>>& tensors,
                        const std::map<std::string, std::string>& metadata);
@@ -50,6 +58,9 @@ class MappedSafetensors {
   };
 
   explicit MappedSafetensors(const std::string& path);  // throws IoError
+  // The same checks over a file's bytes already in memory (not owned: they must outlive this);
+  // `name` stands for the file in errors.
+  MappedSafetensors(std::span<const std::byte> file, const std::string& name);
   ~MappedSafetensors();
   MappedSafetensors(MappedSafetensors&&) noexcept;
   MappedSafetensors& operator=(MappedSafetensors&&) noexcept;
@@ -61,17 +72,35 @@ class MappedSafetensors {
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   bool contains(const std::string& name) const { return entries_.count(name) > 0; }
   const Entry& entry(const std::string& name) const;  // throws IoError naming the file
+  // The tensor's data, its checksum verified first where the file has them (throws IoError
+  // naming the tensor and the file on a mismatch).
   std::span<const std::byte> bytes(const Entry& e) const;
+  bool has_checksums() const { return checked_; }
   // Tells the OS the mapped pages of e will not be read again (they stay in its file cache).
   void release(const Entry& e) const;
 
  private:
+  void parse();  // the header of map_[0, map_size_)
+
   std::string path_;
   const std::byte* map_ = nullptr;
   size_t map_size_ = 0, data_begin_ = 0;
+  bool owned_ = false;    // map_ is our mmap
+  bool checked_ = false;  // the file carries kChecksumKey
   std::map<std::string, Entry> entries_;
   std::map<std::string, std::string> metadata_;
+  std::map<std::string, uint64_t> checksums_;  // tensor name -> XXH3-64 of its bytes
 };
+
+// XXH3-64 of a tensor: its dtype name, rank, shape and data bytes, so a damaged dtype or
+// shape that still fits the byte range is caught as well as damaged data.
+uint64_t safetensors_tensor_checksum(const std::string& dtype, std::span<const int64_t> shape,
+                                     std::span<const std::byte> data);
+// XXH3-64 of the metadata entries other than kChecksumKey, in key order, each as
+// key '\0' value '\0': what the "__metadata__" checksum covers.
+uint64_t safetensors_metadata_checksum(const std::map<std::string, std::string>& metadata);
+
+inline constexpr const char* kChecksumKey = "switchyard.xxh3_64";
 
 // Bytes per element of a safetensors dtype name; 0 for a name the format does not define.
 size_t safetensors_dtype_size(const std::string& dtype);

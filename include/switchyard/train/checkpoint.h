@@ -1,7 +1,8 @@
 // Checkpoints: one safetensors file holding the model ("model.<name>"), optionally the AdamW
 // moments ("adam.m.<name>", "adam.v.<name>"), and in its metadata the format tag, version, run
-// config, a hash of the model config, the step and the training history. Loading checks all of
-// it and throws IoError naming the file, the tensor and what was expected.
+// config, a hash of the model config, the step and the training history, with a checksum of
+// every tensor and of the metadata. Loading checks all of it before returning anything and
+// throws IoError naming the file, the tensor and what was expected.
 #pragma once
 
 #include <cstdint>
@@ -42,7 +43,9 @@ struct Checkpoint {
 };
 
 inline constexpr const char* kCheckpointFormat = "switchyard-lm";
-inline constexpr int kCheckpointVersion = 1;
+// Version 2 adds per-tensor checksums (safetensors.h, kChecksumKey), required on load;
+// version 1 files, written before them, still load unchecked.
+inline constexpr int kCheckpointVersion = 2;
 
 void save_checkpoint(const std::string& path, const RunConfig& cfg, const LmParams& params,
                      const AdamW* optimizer, int64_t step, const TrainHistory& history);
