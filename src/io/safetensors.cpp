@@ -130,14 +130,22 @@ void MappedSafetensors::parse() {
                             item["dtype"].dump()));
     const auto& offs = item["data_offsets"];
     uint64_t b = 0, end = 0;
-    try {
-      e.shape = item["shape"].get<std::vector<int64_t>>();
-      if (!offs.is_array() || offs.size() != 2) throw std::runtime_error("");
-      b = offs[0].get<uint64_t>();
-      end = offs[1].get<uint64_t>();
-    } catch (...) {
-      throw bad(fmt::format("tensor {}: shape or data_offsets malformed", name));
+    // Integers only: nlohmann converts a float to an integer type without a range check.
+    const auto& shape = item["shape"];
+    auto whole = [](const nlohmann::json& v) { return v.is_number_integer(); };
+    if (!shape.is_array() || !std::all_of(shape.begin(), shape.end(), whole) ||
+        !offs.is_array() || offs.size() != 2 || !offs[0].is_number_unsigned() ||
+        !offs[1].is_number_unsigned())
+      throw bad(fmt::format("tensor {}: shape or data_offsets malformed (expected arrays of "
+                            "non-negative integers)",
+                            name));
+    for (const auto& v : shape) {
+      if (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX))
+        throw bad(fmt::format("tensor {}: dim {} overflows 64 bits", name, v.dump()));
+      e.shape.push_back(v.get<int64_t>());
     }
+    b = offs[0].get<uint64_t>();
+    end = offs[1].get<uint64_t>();
     if (e.shape.size() > size_t(Tensor::kMaxRank))
       throw bad(fmt::format("tensor {}: rank {} above {}", name, e.shape.size(), Tensor::kMaxRank));
     uint64_t bytes = esize;
@@ -342,7 +350,7 @@ SafetensorsFile read_safetensors(const std::string& path) {
                       path, name, e.dtype));
     const auto raw = mapped.bytes(e);  // checksum first: nothing allocated for a damaged one
     Tensor t(e.shape, dtype);
-    std::memcpy(t.bytes(), raw.data(), raw.size());
+    if (!raw.empty()) std::memcpy(t.bytes(), raw.data(), raw.size());
     file.tensors.emplace(name, std::move(t));
   }
   return file;

@@ -40,21 +40,6 @@ void copy_head_in(const T* src, int64_t L, int64_t dh, T* dst, int64_t ld) {
 
 }  // namespace
 
-void AttentionConfig::validate() const {
-  if (d_model < 1) throw ConfigError(fmt::format("model.d_model = {}: expected >= 1", d_model));
-  if (n_heads < 1 || d_model % n_heads != 0)
-    throw ConfigError(fmt::format("model.n_heads = {}: expected a divisor of model.d_model = {}",
-                                  n_heads, d_model));
-  if ((d_model / n_heads) % 2 != 0)
-    throw ConfigError(fmt::format(
-        "model.n_heads = {}: head width d_model / n_heads = {} must be even for RoPE", n_heads,
-        d_model / n_heads));
-  if (max_context < 1)
-    throw ConfigError(fmt::format("model.context = {}: expected >= 1", max_context));
-  if (!(rope_theta > 1) || !std::isfinite(rope_theta))
-    throw ConfigError(fmt::format("model.rope_theta = {}: expected a finite value > 1", rope_theta));
-}
-
 Attention::Attention(const AttentionConfig& cfg) : cfg_(cfg) {
   cfg_.validate();
   const int64_t half = head_dim() / 2;

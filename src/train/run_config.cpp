@@ -38,7 +38,7 @@ class Section {
     known_.insert(key);
     if (!j_.contains(key)) return;
     const json& v = j_[key];
-    if (!v.is_number_integer())
+    if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > INT64_MAX))
       throw ConfigError(fmt::format("{}{} = {}: expected an integer", prefix_, key, v.dump()));
     out = v.get<int64_t>();
   }
@@ -191,6 +191,13 @@ void apply_override(json& j, const std::string& kv) {
   const size_t eq = kv.find('=');
   if (eq == std::string::npos || eq == 0)
     throw ConfigError(fmt::format("--set {}: expected key=value, e.g. train.lr=0.001", kv));
+  // Keys and bare words become JSON strings, which must be UTF-8 (the config is stored as
+  // JSON in every checkpoint).
+  try {
+    (void)json(kv).dump();
+  } catch (const json::type_error&) {
+    throw ConfigError(fmt::format("--set {}: not valid UTF-8", kv));
+  }
   const std::string key = kv.substr(0, eq), text = kv.substr(eq + 1);
   json value;
   try {

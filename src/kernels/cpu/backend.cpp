@@ -241,25 +241,6 @@ Isa parse_isa(std::string_view s, std::string_view what) {
       fmt::format("{} = '{}': expected one of baseline, avx2, avx512, avx512_bf16, amx", what, s));
 }
 
-std::string_view precision_name(Precision p) {
-  switch (p) {
-    case Precision::kF32:
-      return "f32";
-    case Precision::kBf16:
-      return "bf16";
-    case Precision::kAuto:
-      return "auto";
-  }
-  return "?";
-}
-
-Precision parse_precision(std::string_view s, std::string_view what) {
-  if (s == "f32") return Precision::kF32;
-  if (s == "bf16") return Precision::kBf16;
-  if (s == "auto") return Precision::kAuto;
-  throw ConfigError(fmt::format("{} = '{}': expected f32, bf16 or auto", what, s));
-}
-
 std::string CpuFeatures::describe() const {
   std::string s = fmt::format("{} ({} family {} model {}), isa {}", brand, vendor, family, model,
                               isa_name(isa));
