@@ -40,12 +40,42 @@ namespace {
 
 std::atomic<bool> g_stop{false};
 
-// First Ctrl-C: finish the step, write a clean checkpoint, exit. A second one kills at once
-// (files are still only ever renamed into place whole).
-void on_sigint(int) {
+// First SIGINT (Ctrl-C), SIGTERM (a scheduler, kill) or SIGUSR1: finish the step, write a
+// clean checkpoint, exit 0. Under mpirun the request rides in the step's allreduce, so a signal
+// to any one rank stops all of them at the same step boundary. SIGUSR1 is there for mpirun:
+// OpenMPI forwards it to every rank at once, while its own SIGTERM/SIGINT handling sends the
+// ranks SIGTERM only after odls_base_sigkill_timeout seconds and SIGKILL as long again after
+// (docs/expert_parallel.md). A second signal ends the process at once (files are still only
+// ever renamed into place whole).
+void on_stop_signal(int) {
   g_stop.store(true);
   std::signal(SIGINT, SIG_DFL);
+  std::signal(SIGTERM, SIG_DFL);
+  std::signal(SIGUSR1, SIG_DFL);
 }
+
+// Installs on_stop_signal for the life of a training run.
+class StopSignals {
+ public:
+  StopSignals() {
+    g_stop.store(false);
+    old_int_ = std::signal(SIGINT, on_stop_signal);
+    old_term_ = std::signal(SIGTERM, on_stop_signal);
+    old_usr1_ = std::signal(SIGUSR1, on_stop_signal);
+  }
+  ~StopSignals() {
+    std::signal(SIGINT, old_int_);
+    std::signal(SIGTERM, old_term_);
+    std::signal(SIGUSR1, old_usr1_);
+  }
+  StopSignals(const StopSignals&) = delete;
+  StopSignals& operator=(const StopSignals&) = delete;
+
+ private:
+  void (*old_int_)(int) = SIG_DFL;
+  void (*old_term_)(int) = SIG_DFL;
+  void (*old_usr1_)(int) = SIG_DFL;
+};
 
 RunConfig config_for(const std::string& name, std::vector<std::string> overrides, int64_t steps) {
   if (steps > 0) overrides.push_back(fmt::format("train.steps={}", steps));
@@ -90,23 +120,25 @@ int train_with(const TrainCliOptions& o, const ParallelGroup* grid) {
                                              "data-parallel",
                                              grid->world_size(), grid->ep_size(), grid->dp_size()),
                opt.out_dir);
-  std::signal(SIGINT, on_sigint);
-  const TrainResult r = train(cfg, opt);
-  std::signal(SIGINT, SIG_DFL);
-  if (!lead) return r.interrupted ? 130 : 0;
+  const TrainResult r = [&] {
+    const StopSignals guard;
+    return train(cfg, opt);
+  }();
+  // A clean stop is a success: the checkpoint is whole and --resume continues it.
+  if (!lead) return 0;
   if (grid != nullptr)
-    fmt::print("all-to-all: {:.1f} ms per step, mean over ranks\n", 1e3 * r.exchange_seconds);
+    print_log(stdout, "all-to-all: {:.1f} ms per step, mean over ranks\n", 1e3 * r.exchange_seconds);
   if (r.interrupted)
-    fmt::print("interrupted after step {}: checkpoint {} (continue with --resume)\n", r.steps_done,
+    print_log(stdout, "interrupted after step {}: checkpoint {} (continue with --resume)\n", r.steps_done,
                r.checkpoint);
   const std::string val =
       std::isnan(r.final_val_loss)
           ? std::string("no evaluation yet (see train.eval_interval)")
           : fmt::format("val loss {:.4f} ({:.3f} bits per byte)", r.final_val_loss,
                         r.final_val_loss / std::log(2.0));
-  fmt::print("done: {} steps, {}, {:.0f} tokens/s, {:.0f} s\ncheckpoint {}\nreport {}\n",
+  print_log(stdout, "done: {} steps, {}, {:.0f} tokens/s, {:.0f} s\ncheckpoint {}\nreport {}\n",
              r.steps_done, val, r.tokens_per_s, r.seconds, r.checkpoint, r.report);
-  return r.interrupted ? 130 : 0;
+  return 0;
 }
 
 }  // namespace
@@ -430,13 +462,14 @@ int run_sweep(const SweepCliOptions& o) {
   opt.out_dir = o.out;
   opt.n_threads = o.threads;
   opt.stop = &g_stop;
-  std::signal(SIGINT, on_sigint);
-  const SweepReport r = sy::run_sweep(runs, opt);
-  std::signal(SIGINT, SIG_DFL);
+  const SweepReport r = [&] {
+    const StopSignals guard;
+    return sy::run_sweep(runs, opt);
+  }();
   fmt::print("\n{}\nwrote {}/sweep.md and {}/sweep.svg\n", r.markdown, o.out, o.out);
   if (r.interrupted) {
     fmt::print("interrupted: run the same command again to continue\n");
-    return 130;
+    return 0;
   }
   return 0;
 }
@@ -550,9 +583,10 @@ int run_compare_routers(const CompareRoutersCliOptions& o) {
     opt.n_threads = o.threads;
     opt.stop = &g_stop;
     fmt::print("== {}: {}\n", p.name, p.what);
-    std::signal(SIGINT, on_sigint);
-    TrainResult r = train(cfg, opt);
-    std::signal(SIGINT, SIG_DFL);
+    TrainResult r = [&] {
+      const StopSignals guard;
+      return train(cfg, opt);
+    }();
     table += fmt::format("| {} | {} | {:.4f} | {:.3f} | {:.2f} | {:.0f} |\n", p.name, p.what,
                          r.final_val_loss, late_load_cv(r.history), 100 * late_dropped(r.history),
                          r.tokens_per_s);

@@ -322,12 +322,10 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opt) {
                             100 * s.exchange_seconds / dt);
       }
       if (tty) {
-        fmt::print(opt.log, "\r{}\x1b[K", line);
-        if (last || stopping) fmt::print(opt.log, "\n");
+        write_log(opt.log, fmt::format("\r{}\x1b[K{}", line, last || stopping ? "\n" : ""));
       } else if ((step + 1) % 10 == 0 || last || stopping || step == start) {
-        fmt::print(opt.log, "{}\n", line);
+        write_log(opt.log, line + "\n");
       }
-      std::fflush(opt.log);
     }
     if ((step + 1) % tc.checkpoint_interval == 0 || last) save(step + 1);
     if (stopping && !last) {
