@@ -16,6 +16,7 @@ packages=(
   clang libclang-rt-14-dev # libFuzzer + AddressSanitizer: tests/fuzz
   libopenmpi-dev openmpi-bin  # expert parallelism across processes (mpirun)
   python3                  # tools/extract_udhr.py, run by a test against its fixture
+  iproute2                 # network namespaces: the multi-host expert-parallel test
 )
 
 missing=()
