@@ -30,6 +30,10 @@ struct LayerFigures {
   double step_s = 0, exchange_s = 0;          // slowest rank's median, and its all-to-all part
   double values_per_token = 0, theory = 0;    // forward, per token per layer
   double remote_slot_share = 0;               // slots whose expert lives on another rank
+  // [P][P]: forward activation values rank r sent to rank q in one layer step (rows
+  // dispatched to q's experts plus the outputs of q's rows sent back); the backward sends as
+  // many again.
+  std::vector<std::vector<double>> values_to;
 };
 
 LayerFigures bench_layer(const RunConfig& run, const MpiParallelGroup& grid,
@@ -75,14 +79,22 @@ LayerFigures bench_layer(const RunConfig& run, const MpiParallelGroup& grid,
   all[size_t(2 * grid.world_rank())] = median(step);
   all[size_t(2 * grid.world_rank() + 1)] = median(exchange);
   std::vector<double> sums = {sent, remote, slots};
+  std::vector<double> pairs(size_t(P * P), 0.0);
+  for (int64_t q = 0; q < P; ++q)
+    if (q != grid.ep_rank())
+      pairs[size_t(grid.ep_rank() * P + q)] =
+          double((cache.ep.send_rows[size_t(q)] + cache.ep.recv_rows[size_t(q)]) * d);
   grid.world_allreduce_sum(all);
   grid.world_allreduce_sum(sums);
+  grid.world_allreduce_sum(pairs);
   LayerFigures f;
   for (int r = 0; r < grid.world_size(); ++r)
     if (all[size_t(2 * r)] > f.step_s) f.step_s = all[size_t(2 * r)], f.exchange_s = all[size_t(2 * r + 1)];
   f.values_per_token = sums[0] / double(mine * grid.world_size());
   f.theory = 2.0 * double(cfg.top_k) * double(d) * double(P - 1) / double(P);
   f.remote_slot_share = sums[2] > 0 ? sums[1] / sums[2] : 0.0;
+  for (int64_t r = 0; r < P; ++r)
+    f.values_to.emplace_back(pairs.begin() + r * P, pairs.begin() + (r + 1) * P);
   return f;
 }
 
@@ -159,6 +171,8 @@ int run_bench_ep(const BenchEpOptions& opt) {
                               {"values_per_token_per_layer", f.values_per_token},
                               {"values_theory", f.theory},
                               {"remote_slot_share", f.remote_slot_share},
+                              {"forward_values_sent", f.values_to},
+                              {"timed_iters", opt.iters},
                               {"train_tokens_per_s", ep_tps},
                               {"train_alone_tokens_per_s", alone_tps}};
     write_json_output(j.dump(2) + "\n", opt.json_path);
