@@ -383,8 +383,7 @@ int run_generate(const GenerateCliOptions& o) {
 }
 
 int run_export(const ExportCliOptions& o) {
-  std::string path = o.checkpoint;
-  if (std::filesystem::is_directory(path)) path = (std::filesystem::path(path) / "checkpoint.safetensors").string();
+  const std::string path = find_checkpoint(o.checkpoint);
   const Checkpoint ck = load_checkpoint(path, /*with_optimizer=*/false);
   const auto notes = export_hf_model(ck.cfg.model, ck.params, o.out);
   fmt::print("{} (step {}) -> {} as {}: config.json, model.safetensors, tokenizer.json (bytes)\n",

@@ -321,14 +321,13 @@ void write_safetensors(const std::string& path,
   }
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');  // data starts 8-byte aligned
-  std::string out;
-  out.reserve(8 + text.size() + offset);
+  // Streamed: the writer holds no copy of the tensors, only the header.
+  AtomicFile out(path);
   const uint64_t n = text.size();
-  out.append(reinterpret_cast<const char*>(&n), 8);
-  out += text;
-  for (const auto& [name, t] : tensors)
-    out.append(reinterpret_cast<const char*>(t->bytes()), t->nbytes());
-  write_file_atomic(path, out);
+  out.write(&n, 8);
+  out.write(text.data(), text.size());
+  for (const auto& [name, t] : tensors) out.write(t->bytes(), t->nbytes());
+  out.commit();
 }
 
 SafetensorsFile read_safetensors(const std::string& path) {

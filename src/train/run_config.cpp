@@ -233,6 +233,9 @@ void TrainConfig::validate() const {
   positive("eval_interval", eval_interval);
   positive("eval_tokens", eval_tokens);
   positive("checkpoint_interval", checkpoint_interval);
+  if (checkpoint_format != "auto" && checkpoint_format != "file" && checkpoint_format != "sharded")
+    throw ConfigError(fmt::format("train.checkpoint_format = \"{}\": expected auto, file or sharded",
+                                  checkpoint_format));
   if (warmup < 0) throw ConfigError(fmt::format("train.warmup = {}: expected >= 0", warmup));
   auto finite_pos = [](const char* name, double v, bool zero_ok) {
     if (!std::isfinite(v) || v < 0 || (!zero_ok && v == 0))
@@ -286,6 +289,7 @@ RunConfig parse_run_config(const std::string& json_text, const std::string& sour
     s.get("eval_interval", t.eval_interval);
     s.get("eval_tokens", t.eval_tokens);
     s.get("checkpoint_interval", t.checkpoint_interval);
+    s.get("checkpoint_format", t.checkpoint_format);
     s.get("seed", t.seed);
     s.finish();
   }
@@ -347,7 +351,7 @@ std::string run_config_json(const RunConfig& cfg) {
       {"beta1", t.beta1},   {"beta2", t.beta2},         {"adam_eps", t.adam_eps},
       {"grad_clip", t.grad_clip}, {"eval_interval", t.eval_interval},
       {"eval_tokens", t.eval_tokens}, {"checkpoint_interval", t.checkpoint_interval},
-      {"seed", t.seed}};
+      {"checkpoint_format", t.checkpoint_format}, {"seed", t.seed}};
   j["data"] = {{"path", cfg.data.path}, {"val_fraction", cfg.data.val_fraction}};
   return j.dump(2);
 }

@@ -159,17 +159,28 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opt) {
   const TrainConfig& tc = cfg.train;
   const LmConfig& mc = cfg.model;
   TrainResult result;
-  result.checkpoint = (fs::path(opt.out_dir) / "checkpoint.safetensors").string();
+  const ParallelGroup* grid = opt.parallel;
+  const bool sharded = tc.checkpoint_format == "sharded" ||
+                       (tc.checkpoint_format == "auto" && grid != nullptr && grid->ep_size() > 1);
+  if (sharded && grid == nullptr)
+    throw ConfigError("train.checkpoint_format = \"sharded\": a sharded checkpoint is written by "
+                      "the ranks of an expert-parallel run (mpirun); one process writes a file");
+  const std::string file_path = (fs::path(opt.out_dir) / "checkpoint.safetensors").string();
+  const std::string dir_path = (fs::path(opt.out_dir) / "checkpoint").string();
+  result.checkpoint = sharded ? dir_path : file_path;
   result.report = (fs::path(opt.out_dir) / "report.html").string();
-  const bool have_checkpoint = fs::exists(result.checkpoint);
+  // Either format may be there (a run resumed on another layout): continue the later one.
+  std::string existing;
+  if (fs::exists(file_path) || fs::exists(fs::path(dir_path) / kShardIndex))
+    existing = find_checkpoint(opt.out_dir);
+  const bool have_checkpoint = !existing.empty();
   if (have_checkpoint && !opt.resume)
     throw ConfigError(fmt::format("{} exists: pass --resume to continue it, or --out to train "
                                   "into another directory (nothing was overwritten)",
-                                  result.checkpoint));
+                                  existing));
   if (!have_checkpoint && opt.resume)
     throw ConfigError(fmt::format("--resume: no checkpoint at {}", result.checkpoint));
 
-  const ParallelGroup* grid = opt.parallel;
   const bool lead = grid == nullptr || grid->world_rank() == 0;
   if (grid != nullptr) {
     if (tc.batch % grid->world_size() != 0)
@@ -190,10 +201,10 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opt) {
   int64_t start = 0;
   TrainHistory history;
   if (opt.resume) {
-    Checkpoint ck = load_checkpoint(result.checkpoint, /*with_optimizer=*/true);
+    Checkpoint ck = load_checkpoint(existing, /*with_optimizer=*/true);
     if (model_config_hash(ck.cfg.model) != model_config_hash(mc))
       throw IoError(fmt::format("{} is of another model: its config {} vs this run's {}",
-                                result.checkpoint, model_config_json(ck.cfg.model),
+                                existing, model_config_json(ck.cfg.model),
                                 model_config_json(mc)));
     params = std::move(ck.params);
     adam.emplace(tc, params);
@@ -235,7 +246,12 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opt) {
       write_file_atomic(result.report, render_report(cfg, history));
       return;
     }
-    // The checkpoint holds the whole model, so that it loads on any number of ranks.
+    if (sharded) {
+      save_checkpoint_sharded(result.checkpoint, cfg, params, *adam, steps_done, history, *grid);
+      if (lead) write_file_atomic(result.report, render_report(cfg, history));
+      return;
+    }
+    // One file holding the whole model: gathered, written by rank 0.
     LmParams full = gather_experts(params, *grid);
     LmParams m = gather_experts(adam->m(), *grid), v = gather_experts(adam->v(), *grid);
     if (!lead) return;

@@ -17,6 +17,17 @@ bin=$1
 mode=$2
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
+stored_step() {  # the later step of the run's checkpoints (a file and/or a sharded directory)
+  python3 -c 'import json,os,struct,sys
+run=sys.argv[1]; steps=[]
+f=os.path.join(run,"checkpoint.safetensors"); i=os.path.join(run,"checkpoint","index.json")
+if os.path.exists(f):
+    b=open(f,"rb").read(); n=struct.unpack("<Q",b[:8])[0]
+    steps.append(int(json.loads(b[8:8+n])["__metadata__"]["step"]))
+if os.path.exists(i): steps.append(int(json.load(open(i))["step"]))
+print(max(steps))' "$1"
+}
+have_checkpoint() { [[ -f $1/checkpoint.safetensors || -f $1/checkpoint/index.json ]]; }
 fail() { echo "FAIL: $*"; tr '\r' '\n' <"$dir/log" | grep -v '^step' | tail -n 20; exit 1; }
 
 # Only `second` writes periodic checkpoints (every 50 steps): elsewhere a checkpoint exists
@@ -38,7 +49,7 @@ launcher=$!
 
 # Training under way (for `second`: past its first periodic checkpoint, to fall back on).
 running() {
-  if [[ $mode == second ]]; then [[ -f $dir/run/checkpoint.safetensors ]]
+  if [[ $mode == second ]]; then have_checkpoint "$dir/run"
   else grep -q 'step *[0-9]*/100000' "$dir/log" 2>/dev/null; fi
 }
 for _ in $(seq 1 600); do
@@ -69,13 +80,8 @@ wait $launcher
 rc=$?
 echo "ended $(($(date +%s) - t0)) s after the signal, exit status $rc"
 
-stored_step() {
-  python3 -c 'import json,struct,sys
-b=open(sys.argv[1],"rb").read(); n=struct.unpack("<Q",b[:8])[0]
-print(json.loads(b[8:8+n])["__metadata__"]["step"])' "$1"
-}
-[[ -f $dir/run/checkpoint.safetensors ]] || fail "no final checkpoint"
-step=$(stored_step "$dir/run/checkpoint.safetensors") || fail "checkpoint unreadable"
+have_checkpoint "$dir/run" || fail "no final checkpoint"
+step=$(stored_step "$dir/run") || fail "checkpoint unreadable"
 said=$(tr '\r' '\n' <"$dir/log" | sed -n 's/^interrupted after step \([0-9]*\):.*/\1/p')
 if [[ $mode == second ]]; then
   [[ $rc -ne 0 ]] || fail "exit status 0 after a second signal"
@@ -92,11 +98,11 @@ else
   fi
 fi
 echo "checkpoint holds step $step"
-"$bin" eval --checkpoint "$dir/run/checkpoint.safetensors" --max-tokens 512 --threads 1 \
+"$bin" eval --checkpoint "$dir/run" --max-tokens 512 --threads 1 \
   >/dev/null || fail "the final checkpoint does not load"
 # --resume continues from it: a few more steps.
 "$bin" "${common[@]}" --steps $((step + 3)) --resume >"$dir/log" 2>&1 </dev/null ||
   fail "--resume from the stopped checkpoint failed"
-step2=$(stored_step "$dir/run/checkpoint.safetensors")
+step2=$(stored_step "$dir/run")
 [[ $step2 -eq $((step + 3)) ]] || fail "resumed to step $step2, expected $((step + 3))"
 echo "PASS"

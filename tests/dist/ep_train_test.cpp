@@ -3,9 +3,14 @@
 // configurations it refuses. Runs under mpirun -np 2 and -np 4.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 
 #include "switchyard/dist/comm.h"
+#include "switchyard/io/safetensors.h"
 #include "switchyard/train/checkpoint.h"
 #include "switchyard/train/parallel.h"
 #include "switchyard/train/trainer.h"
@@ -121,6 +126,116 @@ TEST(ExpertParallelTraining, ResumesAcrossRankCounts) {
                 1e-4 * reference.history.steps[i].loss)
           << "step " << i + 1 << " after one process -> " << grid.ep_size()
           << " ranks -> one process";
+  }
+}
+
+// File size less the safetensors header: the tensor bytes a shard holds.
+int64_t data_bytes(const fs::path& p) {
+  const MappedSafetensors f(p.string());
+  int64_t n = 0;
+  for (const auto& [name, e] : f.entries()) n += int64_t(e.nbytes);
+  return n;
+}
+
+TEST(ShardedCheckpoint, EachRankWritesItsShareAndAnyLayoutLoadsIt) {
+  const int P = Comm::world().size();
+  RunConfig cfg = small_moe(10);
+  const MpiParallelGroup grid(Comm::world(), P);
+  const fs::path sharded = run_dir("sharded"), whole = run_dir("sharded_as_file");
+  const TrainResult a = train(cfg, quiet(sharded, &grid));
+  RunConfig as_file = cfg;
+  as_file.train.checkpoint_format = "file";
+  const TrainResult b = train(as_file, quiet(whole, &grid));
+  EXPECT_EQ(a.checkpoint, (sharded / "checkpoint").string());
+  if (Comm::world().rank() == 0) {
+    // The same model, optimizer and history either way.
+    const Checkpoint x = load_checkpoint(a.checkpoint, true), y = load_checkpoint(b.checkpoint, true);
+    EXPECT_EQ(x.step, 10);
+    EXPECT_EQ(x.step, y.step);
+    EXPECT_EQ(x.history.steps.size(), y.history.steps.size());
+    auto same = [](LmParams& p, LmParams& q, const std::string& what) {
+      auto pn = p.named(), qn = q.named();
+      ASSERT_EQ(pn.size(), qn.size());
+      for (size_t i = 0; i < pn.size(); ++i) {
+        ASSERT_EQ(pn[i].second->shape(), qn[i].second->shape()) << what << pn[i].first;
+        EXPECT_EQ(std::memcmp(pn[i].second->bytes(), qn[i].second->bytes(), pn[i].second->nbytes()), 0)
+            << what << pn[i].first;
+      }
+    };
+    Checkpoint xs = load_checkpoint(a.checkpoint, true), ys = load_checkpoint(b.checkpoint, true);
+    same(xs.params, ys.params, "model.");
+    same(xs.optimizer->m(), ys.optimizer->m(), "adam.m.");
+    same(xs.optimizer->v(), ys.optimizer->v(), "adam.v.");
+
+    // Each rank wrote its share: its experts' rows (model and both moments); rank 0 also the
+    // rest. Exactly, in tensor bytes.
+    int64_t expert_bytes = 0, other_bytes = 0;
+    for (auto& [name, t] : xs.params.named())
+      (is_expert_weight(name) ? expert_bytes : other_bytes) += 3 * int64_t(t->nbytes());
+    const fs::path dir = a.checkpoint;
+    for (int r = 0; r < P; ++r)
+      EXPECT_EQ(data_bytes(dir / fmt::format("experts.{}-of-{}.s00000010.safetensors", r, P)),
+                expert_bytes / P)
+          << "rank " << r;
+    EXPECT_EQ(data_bytes(dir / "shared.s00000010.safetensors"), other_bytes);
+
+    // A save that died before its index: the previous checkpoint is what loads.
+    const fs::path s10 = dir / "shared.s00000010.safetensors";
+    fs::copy_file(s10, dir / "shared.s00000020.safetensors");
+    { std::ofstream(dir / "experts.0-of-2.s00000020.safetensors.tmp") << "half a file"; }
+    EXPECT_EQ(load_checkpoint(a.checkpoint, true).step, 10);
+
+    // Files of two saves mixed: named.
+    const std::string index = [&] {
+      std::ifstream in(dir / kShardIndex);
+      return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    }();
+    auto with_index = [&](const std::string& text) {
+      std::ofstream(dir / kShardIndex) << text;
+      try {
+        load_checkpoint(a.checkpoint, true);
+      } catch (const IoError& e) {
+        return std::string(e.what());
+      }
+      return std::string("(loaded)");
+    };
+    std::string mixed = index;
+    const std::string step10 = "\"step\": 10";
+    mixed.replace(mixed.find(step10), step10.size(), "\"step\": 20");
+    const std::string mixed_error = with_index(mixed);
+    EXPECT_NE(mixed_error.find("files of two saves are mixed"), std::string::npos) << mixed_error;
+    if (P > 1) {
+      // Rank 1's experts under rank 0's name: the same shapes, other bytes.
+      std::string swapped = index;
+      const std::string f0 = fmt::format("\"experts.0-of-{}.s00000010.safetensors\"", P);
+      const std::string f1 = fmt::format("\"experts.1-of-{}.s00000010.safetensors\"", P);
+      for (size_t at = swapped.find(f0); at != std::string::npos; at = swapped.find(f0, at))
+        swapped.replace(at, f0.size(), f1);
+      EXPECT_NE(with_index(swapped).find("the shard is from another save"), std::string::npos);
+    }
+    std::string no_tensor = index;
+    const size_t at = no_tensor.find("\"model.lm_head\"");
+    ASSERT_NE(at, std::string::npos);
+    no_tensor.replace(at, std::string("\"model.lm_head\"").size(), "\"model.lm_hexd\"");
+    EXPECT_NE(with_index(no_tensor).find("tensor model.lm_head missing"), std::string::npos);
+    std::ofstream(dir / kShardIndex) << index;
+  }
+  Comm::world().barrier();
+  // The next save replaces every file and leaves no orphan.
+  cfg.train.steps = 20;
+  TrainOptions more = quiet(sharded, &grid);
+  more.resume = true;
+  const TrainResult c = train(cfg, more);
+  EXPECT_EQ(c.steps_done, 20);
+  if (Comm::world().rank() == 0) {
+    std::vector<std::string> files;
+    for (const auto& e : fs::directory_iterator(c.checkpoint)) files.push_back(e.path().filename());
+    std::sort(files.begin(), files.end());
+    std::vector<std::string> want = {kShardIndex, "shared.s00000020.safetensors"};
+    for (int r = 0; r < P; ++r)
+      want.push_back(fmt::format("experts.{}-of-{}.s00000020.safetensors", r, P));
+    std::sort(want.begin(), want.end());
+    EXPECT_EQ(files, want);
   }
 }
 

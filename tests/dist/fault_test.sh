@@ -17,10 +17,10 @@ mpirun -np 2 "$bin" train --expert-parallel 2 --comm-timeout "$timeout_s" --out 
 launcher=$!
 
 for _ in $(seq 1 600); do
-  [[ -f $dir/run/checkpoint.safetensors ]] && break
+  [[ -f $dir/run/checkpoint/index.json ]] && break
   sleep 0.1
 done
-if [[ ! -f $dir/run/checkpoint.safetensors ]]; then
+if [[ ! -f $dir/run/checkpoint/index.json ]]; then
   echo "FAIL: no checkpoint within 60 s"; cat "$dir/log"; kill -9 $launcher; exit 1
 fi
 sleep 0.5
@@ -49,6 +49,6 @@ if [[ $rc -eq 0 ]]; then echo "FAIL: exit status 0 after a fault"; exit 1; fi
 if [[ $mode == stop ]] && ! grep -q "did not complete within ${timeout_s} s" "$dir/log"; then
   echo "FAIL: no timeout message"; exit 1
 fi
-"$bin" eval --checkpoint "$dir/run/checkpoint.safetensors" --max-tokens 2048 || {
+"$bin" eval --checkpoint "$dir/run" --max-tokens 2048 || {
   echo "FAIL: the last checkpoint does not load"; exit 1; }
 echo "PASS"

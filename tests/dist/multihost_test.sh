@@ -54,7 +54,7 @@ start() {
     --set train.checkpoint_interval=$interval >"$dir/log" 2>&1 </dev/null &
   launcher=$!
   for _ in $(seq 1 600); do
-    if ((interval < 1000)); then [[ -f $dir/run/checkpoint.safetensors ]] && break
+    if ((interval < 1000)); then [[ -f $dir/run/checkpoint/index.json ]] && break
     else grep -q 'step *[0-9]*/100000' "$dir/log" 2>/dev/null && break; fi
     sleep 0.1
   done
@@ -88,7 +88,7 @@ for fault in KILL STOP; do
   if [[ $fault == STOP ]]; then
     grep -q "did not complete within ${timeout_s} s" "$dir/log" || fail "no timeout message"
   fi
-  "$bin" eval --checkpoint "$dir/run/checkpoint.safetensors" --max-tokens 512 --threads 1 \
+  "$bin" eval --checkpoint "$dir/run" --max-tokens 512 --threads 1 \
     >/dev/null || fail "the last checkpoint does not load"
 done
 
@@ -100,7 +100,7 @@ rc=$?
 [[ $rc -eq 0 ]] || fail "exit status $rc after a clean stop"
 said=$(tr '\r' '\n' <"$dir/log" | sed -n 's/^interrupted after step \([0-9]*\):.*/\1/p')
 [[ -n $said ]] || fail "no 'interrupted after step' line"
-[[ -f $dir/run/checkpoint.safetensors ]] || fail "no final checkpoint"
+[[ -f $dir/run/checkpoint/index.json ]] || fail "no final (sharded) checkpoint"
 "$bin" train --out "$dir/run" --resume --threads 1 --steps $((said + 2)) \
   --set model.d_model=32 --set model.context=32 --set model.moe.d_ff=48 --set model.n_layers=2 \
   --set train.batch=4 --set train.eval_interval=100000 --set train.checkpoint_interval=100000 \

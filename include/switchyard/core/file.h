@@ -12,8 +12,32 @@
 
 namespace sy {
 
+// A file written under `path.tmp` and renamed over `path` by commit(), after its data and then
+// the directory entry are flushed to the disk (fsync): a crash at any point leaves either the
+// old file or the new one, whole. Destroyed uncommitted (an exception on the way), it removes
+// the temporary. Errors throw IoError naming the file.
+class AtomicFile {
+ public:
+  explicit AtomicFile(std::string path);
+  ~AtomicFile();
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+
+  void write(const void* data, size_t n);
+  void commit();
+  size_t written() const { return written_; }
+
+ private:
+  std::string path_, tmp_;
+  std::FILE* f_ = nullptr;
+  size_t written_ = 0;
+};
+
 // Throws IoError naming the path when the file cannot be written; `path` is then untouched.
 void write_file_atomic(const std::string& path, std::string_view contents);
+
+// fsync of a directory, so that a rename in it survives a crash.
+void sync_directory(const std::string& dir);
 
 // Best-effort progress output: writes `text` to `f` (flushing what stdio holds for it first)
 // unless the reader has stopped reading, in which case what does not fit within about 200 ms

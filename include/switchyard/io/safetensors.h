@@ -76,6 +76,11 @@ class MappedSafetensors {
   // naming the tensor and the file on a mismatch).
   std::span<const std::byte> bytes(const Entry& e) const;
   bool has_checksums() const { return checked_; }
+  // The checksum the file stores for a tensor (0 where it has none).
+  uint64_t stored_checksum(const std::string& name) const {
+    const auto it = checksums_.find(name);
+    return it == checksums_.end() ? 0 : it->second;
+  }
   // Tells the OS the mapped pages of e will not be read again (they stay in its file cache).
   void release(const Entry& e) const;
 

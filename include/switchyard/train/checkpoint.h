@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "switchyard/core/parallel.h"
 #include "switchyard/nn/model.h"
 #include "switchyard/train/optimizer.h"
 #include "switchyard/train/run_config.h"
@@ -47,9 +48,35 @@ inline constexpr const char* kCheckpointFormat = "switchyard-lm";
 // version 1 files, written before them, still load unchecked.
 inline constexpr int kCheckpointVersion = 2;
 
+// Sharded checkpoints, for expert parallelism: a directory holding `shared.s<step>.safetensors`
+// (every non-expert tensor and its AdamW moments, and the metadata above; written by world rank
+// 0), one `experts.<r>-of-<P>.s<step>.safetensors` per expert-parallel rank r (its experts'
+// rows of every expert tensor and their moments, written by that rank of replica 0), and
+// index.json, written last, naming every tensor with its full shape and its parts (file, first
+// row, row count, checksum). Each rank writes only what it owns, streamed from its own tensors.
+// Each file is fsync'd and renamed into place before the index that names it, and the previous
+// save's files are removed only after the new index is in place, so a rank dying mid-save
+// leaves the previous checkpoint whole. load_checkpoint reads either format, on any rank count.
+inline constexpr const char* kShardedFormat = "switchyard-lm-sharded";
+inline constexpr const char* kShardIndex = "index.json";
+
+// Collective over the grid: each rank passes its own (expert-sharded) params and optimizer.
+void save_checkpoint_sharded(const std::string& dir, const RunConfig& cfg, const LmParams& params,
+                             const AdamW& optimizer, int64_t step, const TrainHistory& history,
+                             const ParallelGroup& grid);
+// The step a checkpoint (either format) holds, from its header or index alone.
+int64_t checkpoint_step(const std::string& path);
+// A directory holding index.json, or an index.json: a sharded checkpoint.
+bool is_sharded_checkpoint(const std::string& path);
+// The checkpoint a path names: a file or index as given; a sharded checkpoint's directory; a
+// run directory's checkpoint.safetensors or checkpoint/, the one of the later step where both
+// are (a run resumed on another layout). Throws IoError for a directory with neither.
+std::string find_checkpoint(const std::string& path);
+
 void save_checkpoint(const std::string& path, const RunConfig& cfg, const LmParams& params,
                      const AdamW* optimizer, int64_t step, const TrainHistory& history);
-// with_optimizer: also read the AdamW moments (resume); otherwise they may be absent.
+// with_optimizer: also read the AdamW moments (resume); otherwise they may be absent. `path`: a
+// checkpoint file, or a sharded checkpoint's directory or index.json.
 Checkpoint load_checkpoint(const std::string& path, bool with_optimizer);
 
 // FNV-1a of the model config's canonical JSON: equal hashes, same architecture.

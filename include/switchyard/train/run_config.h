@@ -24,6 +24,9 @@ struct TrainConfig {
   int64_t eval_interval = 50;  // steps between validation losses (and at the end)
   int64_t eval_tokens = 32768; // validation tokens per periodic evaluation
   int64_t checkpoint_interval = 100;
+  // "auto": sharded (a directory, each rank writing what it owns) when experts are split over
+  // more than one rank, else one file; or "file", or "sharded" (checkpoint.h).
+  std::string checkpoint_format = "auto";
   uint64_t seed = 1;           // initialisation and data order
   void validate() const;
 };
