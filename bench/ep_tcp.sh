@@ -23,33 +23,38 @@ payload() {  # TCP payload bytes host 1 has sent so far
   p=$(ip netns exec ${prefix}_h1 cat /sys/class/net/eth0/statistics/tx_packets)
   echo $((b - 66 * p))
 }
-for iters in 10 40; do
-  before=$(payload)
-  bash $hosts mpirun $prefix 2 -np 4 -x OMP_NUM_THREADS "$bin" bench expert-parallel \
-    --config "$config" --train-steps 0 --iters $iters --json "$out/tcp$iters.json" >/dev/null
-  echo $(($(payload) - before)) >"$out/wire$iters"
+for x in f32 bf16; do
+  for iters in 10 40; do
+    before=$(payload)
+    bash $hosts mpirun $prefix 2 -np 4 -x OMP_NUM_THREADS "$bin" bench expert-parallel \
+      --config "$config" --train-steps 0 --iters $iters --exchange $x \
+      --json "$out/tcp_${x}_$iters.json" >/dev/null
+    echo $(($(payload) - before)) >"$out/wire_${x}_$iters"
+  done
+  OMPI_MCA_btl_vader_single_copy_mechanism=none OMPI_MCA_rmaps_base_oversubscribe=1 \
+    mpirun -np 4 "$bin" bench expert-parallel --config "$config" --train-steps 0 --iters 40 \
+    --exchange $x --json "$out/shm_$x.json" >/dev/null
 done
-OMPI_MCA_btl_vader_single_copy_mechanism=none OMPI_MCA_rmaps_base_oversubscribe=1 \
-  mpirun -np 4 "$bin" bench expert-parallel --config "$config" --train-steps 0 --iters 40 \
-  --json "$out/shm.json" >/dev/null
 
 python3 - "$out" <<'EOF'
 import json, sys
 out = sys.argv[1]
-tcp = json.load(open(f"{out}/tcp40.json"))
-shm = json.load(open(f"{out}/shm.json"))
-wire = {n: int(open(f"{out}/wire{n}").read()) for n in (10, 40)}
-per_step = (wire[40] - wire[10]) / 30
-m = tcp["forward_values_sent"]
-host1, host0 = (2, 3), (0, 1)  # --map-by slot: ranks 0, 1 on host 0
-# Forward and backward each send these values, 4 bytes each (f32).
-theory = 2 * 4 * sum(m[r][q] for r in host1 for q in host0)
 cpu = open("/proc/cpuinfo").read().split("model name")[1].split(":")[1].split("\n")[0].strip()
-print(f"MoE layer of {tcp['config']}, 4 ranks x 1 thread, forward + backward ({cpu}, 2 cores):")
-for name, j in (("shared memory, 1 host", shm), ("TCP, 2 hosts x 2 ranks", tcp)):
-    s, e = j["layer_step_s"], j["layer_exchange_s"]
-    print(f"  {name:24s} step {1e3*s:7.2f} ms, all-to-all {1e3*e:6.2f} ms ({100*e/s:3.0f}%), "
-          f"compute {1e3*(s-e):6.2f} ms")
-print(f"  host 1 -> host 0 per layer step: {per_step/1024:.1f} KiB TCP payload measured, "
-      f"{theory/1024:.1f} KiB from the dispatch plan ({per_step/theory:.4f} of it)")
+first = json.load(open(f"{out}/tcp_f32_40.json"))
+print(f"MoE layer of {first['config']}, 4 ranks x 1 thread, forward + backward ({cpu}, 2 cores):")
+for x, width in (("f32", 4), ("bf16", 2)):
+    tcp = json.load(open(f"{out}/tcp_{x}_40.json"))
+    shm = json.load(open(f"{out}/shm_{x}.json"))
+    wire = {n: int(open(f"{out}/wire_{x}_{n}").read()) for n in (10, 40)}
+    per_step = (wire[40] - wire[10]) / 30
+    m = tcp["forward_values_sent"]
+    host1, host0 = (2, 3), (0, 1)  # --map-by slot: ranks 0, 1 on host 0
+    # Forward and backward each send these values, `width` bytes each.
+    theory = 2 * width * sum(m[r][q] for r in host1 for q in host0)
+    for name, j in ((f"{x} exchange, shared memory", shm), (f"{x} exchange, TCP 2 hosts", tcp)):
+        s, e = j["layer_step_s"], j["layer_exchange_s"]
+        print(f"  {name:28s} step {1e3*s:7.2f} ms, all-to-all {1e3*e:6.2f} ms ({100*e/s:3.0f}%), "
+              f"compute {1e3*(s-e):6.2f} ms")
+    print(f"  {x}: host 1 -> host 0 per layer step: {per_step/1024:.1f} KiB TCP payload measured, "
+          f"{theory/1024:.1f} KiB from the dispatch plan ({per_step/theory:.4f} of it)")
 EOF

@@ -55,6 +55,7 @@ LayerFigures bench_layer(const RunConfig& run, const MpiParallelGroup& grid,
   fill_normal(dy.span<float>(), Philox(12, uint64_t(grid.world_rank())), 1.0f);
   ExecContext ctx;
   ctx.parallel = &grid;
+  ctx.exchange_bf16 = opt.exchange == "bf16";
   ctx.n_threads = 1;
   MoeCache cache;
   std::vector<double> step, exchange;
@@ -105,6 +106,8 @@ int run_bench_ep(const BenchEpOptions& opt) {
   const Comm world = Comm::world();
   const MpiParallelGroup grid(world, world.size());
   const bool lead = world.rank() == 0;
+  if (opt.exchange != "f32" && opt.exchange != "bf16")
+    throw ConfigError(fmt::format("--exchange {}: expected f32 or bf16", opt.exchange));
   RunConfig run = load_run_config(opt.config, {});
   const int64_t P = world.size();
   if (run.model.n_moe_layers() == 0)
@@ -121,9 +124,10 @@ int run_bench_ep(const BenchEpOptions& opt) {
                1e3 * (f.step_s - f.exchange_s));
     fmt::print("  forward values sent per token per layer: {:.1f} measured, {:.1f} = 2 k d (P-1)/P "
                "({:.3f} of it; {:.3f} of slots went to another rank, (P-1)/P = {:.3f}); {:.1f} "
-               "KiB per token per layer in f32\n",
+               "KiB per token per layer on the wire ({})\n",
                f.values_per_token, f.theory, f.theory > 0 ? f.values_per_token / f.theory : 0.0,
-               f.remote_slot_share, double(P - 1) / double(P), f.values_per_token * 4 / 1024);
+               f.remote_slot_share, double(P - 1) / double(P),
+               f.values_per_token * (opt.exchange == "bf16" ? 2 : 4) / 1024, opt.exchange);
   }
 
   double alone_tps = 0, ep_tps = 0;
@@ -173,6 +177,7 @@ int run_bench_ep(const BenchEpOptions& opt) {
                               {"remote_slot_share", f.remote_slot_share},
                               {"forward_values_sent", f.values_to},
                               {"timed_iters", opt.iters},
+                              {"exchange", opt.exchange},
                               {"train_tokens_per_s", ep_tps},
                               {"train_alone_tokens_per_s", alone_tps}};
     write_json_output(j.dump(2) + "\n", opt.json_path);

@@ -107,6 +107,9 @@ int train_with(const TrainCliOptions& o, const ParallelGroup* grid) {
   opt.n_threads = grid != nullptr ? threads_per_rank(o.threads) : o.threads;
   opt.stop = &g_stop;
   opt.parallel = grid;
+  if (o.exchange != "f32" && o.exchange != "bf16")
+    throw ConfigError(fmt::format("--exchange {}: expected f32 or bf16", o.exchange));
+  opt.exchange_bf16 = o.exchange == "bf16";
   opt.log = lead ? stdout : nullptr;
   const LmConfig& m = cfg.model;
   if (lead)

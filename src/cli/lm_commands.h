@@ -17,6 +17,7 @@ struct TrainCliOptions {
   int threads = 0;
   int expert_parallel = 0;       // > 0: ranks per expert group (run under mpirun)
   double comm_timeout = 300;     // seconds a collective may wait on a peer
+  std::string exchange = "f32";  // dtype of the rows crossing ranks: f32 or bf16
 };
 int run_train(const TrainCliOptions& o);
 

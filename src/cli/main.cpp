@@ -145,6 +145,8 @@ int main(int argc, char** argv) {
   bench_ep->add_option("--capacity-factor", ep_opt.capacity_factor,
                        "Layer capacity factor (0: dropless)")
       ->capture_default_str();
+  bench_ep->add_option("--exchange", ep_opt.exchange, "Rows cross ranks as f32 or bf16")
+      ->capture_default_str();
   bench_ep->add_option("--json", ep_opt.json_path, "Also write JSON (- for stdout)");
 #endif
 
@@ -170,6 +172,10 @@ int main(int argc, char** argv) {
                     "(0: forever)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  train->add_option("--exchange", train_opt.exchange,
+                    "Under mpirun: the MoE rows cross ranks as f32 (equal to one process) or "
+                    "bf16 (half the bytes)")
+      ->capture_default_str();
 
   sy::cli::EvalCliOptions eval_opt;
   CLI::App* eval = app.add_subcommand("eval", "Validation loss and bits per byte of a checkpoint");

@@ -15,6 +15,8 @@
 // (their weight gradients take every source's rows) and returns the input gradients.
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "switchyard/core/parallel.h"
 #include "switchyard/kernels/cpu.h"
@@ -30,11 +32,28 @@ int64_t sum(std::span<const int64_t> v) {
   return s;
 }
 
-// rows [n, d] -> out [m, d] through the group, send_rows / recv_rows per rank.
+// rows [n, d] -> out [m, d] through the group, send_rows / recv_rows per rank; as bf16 on the
+// wire when asked (f32 rows only: the float64 path is the tests' reference and stays exact).
 template <class T>
 void exchange_rows(const ParallelGroup& g, const Tensor& rows, std::span<const int64_t> send_rows,
-                   Tensor& out, std::span<const int64_t> recv_rows, int64_t d) {
+                   Tensor& out, std::span<const int64_t> recv_rows, int64_t d, bool bf16_wire) {
   out.resize({sum(recv_rows), d}, dtype_of<T>());
+  if constexpr (std::is_same_v<T, float>) {
+    if (bf16_wire) {
+      const int64_t n = sum(send_rows) * d, m = out.numel();
+      std::vector<bf16> out_wire(static_cast<size_t>(n)), in_wire(static_cast<size_t>(m));
+      const float* x = rows.data<float>();
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
+      for (int64_t i = 0; i < n; ++i) out_wire[size_t(i)] = to_bf16(x[i]);
+      g.ep_alltoallv(reinterpret_cast<const std::byte*>(out_wire.data()), send_rows,
+                     reinterpret_cast<std::byte*>(in_wire.data()), recv_rows,
+                     size_t(d) * sizeof(bf16));
+      float* y = out.data<float>();
+#pragma omp parallel for schedule(static) if (m > (1 << 16))
+      for (int64_t i = 0; i < m; ++i) y[i] = to_float(in_wire[size_t(i)]);
+      return;
+    }
+  }
   g.ep_alltoallv(reinterpret_cast<const std::byte*>(rows.data<T>()), send_rows,
                  reinterpret_cast<std::byte*>(out.data<T>()), recv_rows, size_t(d) * sizeof(T));
 }
@@ -109,13 +128,15 @@ void MoeLayer::plan_parallel(MoeCache& c, int64_t n_tok, const ExecContext& ctx)
 }
 
 template <class T, class W>
-void MoeLayer::experts_forward_parallel(const MoeParams& p, MoeCache& c, const ParallelGroup& g,
+void MoeLayer::experts_forward_parallel(const MoeParams& p, MoeCache& c, const ExecContext& ctx,
                                         const Backend& be) const {
+  const ParallelGroup& g = *ctx.parallel;
+  const bool wire = ctx.exchange_bf16;
   const int64_t d = cfg_.d_model;
   ExpertParallelCache& ep = c.ep;
   const int64_t m = ep.rows_computed;
   add_wall_seconds(&c.times.exchange,
-                   [&] { exchange_rows<T>(g, c.xs, ep.send_rows, ep.buf, ep.recv_rows, d); });
+                   [&] { exchange_rows<T>(g, c.xs, ep.send_rows, ep.buf, ep.recv_rows, d, wire); });
   ep.xe.resize({m, d}, dtype_of<T>());
   ep.ye.resize({m, d}, dtype_of<T>());
   cpu::gather_rows<T>(ep.buf.matrix<T>(), ep.by_expert, ep.xe.matrix<T>());
@@ -123,18 +144,20 @@ void MoeLayer::experts_forward_parallel(const MoeParams& p, MoeCache& c, const P
                   ConstMatrixView<T>(ep.xe.matrix<T>()), ep.offsets, ep.ye.matrix<T>(), c.experts);
   cpu::gather_rows<T>(ep.ye.matrix<T>(), ep.by_source, ep.buf.matrix<T>());
   add_wall_seconds(&c.times.exchange,
-                   [&] { exchange_rows<T>(g, ep.buf, ep.recv_rows, c.ys, ep.send_rows, d); });
+                   [&] { exchange_rows<T>(g, ep.buf, ep.recv_rows, c.ys, ep.send_rows, d, wire); });
 }
 
 template <class T>
 void MoeLayer::experts_backward_parallel(const MoeParams& p, MoeCache& c, MoeParams& grads,
-                                         const ParallelGroup& g, const Backend& be) const {
+                                         const ExecContext& ctx, const Backend& be) const {
+  const ParallelGroup& g = *ctx.parallel;
+  const bool wire = ctx.exchange_bf16;
   const int64_t d = cfg_.d_model;
   ExpertParallelCache& ep = c.ep;
   const int64_t m = ep.rows_computed;
   double& seconds = c.times.backward_exchange;
   add_wall_seconds(&seconds,
-                   [&] { exchange_rows<T>(g, c.dys, ep.send_rows, ep.buf, ep.recv_rows, d); });
+                   [&] { exchange_rows<T>(g, c.dys, ep.send_rows, ep.buf, ep.recv_rows, d, wire); });
   cpu::gather_rows<T>(ep.buf.matrix<T>(), ep.by_expert, ep.ye.matrix<T>());  // ye: dye now
   ep.dxe.resize({m, d}, dtype_of<T>());
   experts_backward<T>(be, p.w1.stacked<T>(), p.w3.stacked<T>(), p.w2.stacked<T>(),
@@ -143,23 +166,23 @@ void MoeLayer::experts_backward_parallel(const MoeParams& p, MoeCache& c, MoePar
                       ep.dxe.matrix<T>());
   cpu::gather_rows<T>(ep.dxe.matrix<T>(), ep.by_source, ep.buf.matrix<T>());
   add_wall_seconds(&seconds,
-                   [&] { exchange_rows<T>(g, ep.buf, ep.recv_rows, c.dxs, ep.send_rows, d); });
+                   [&] { exchange_rows<T>(g, ep.buf, ep.recv_rows, c.dxs, ep.send_rows, d, wire); });
 }
 
 template void MoeLayer::experts_forward_parallel<float, float>(const MoeParams&, MoeCache&,
-                                                               const ParallelGroup&,
+                                                               const ExecContext&,
                                                                const Backend&) const;
 template void MoeLayer::experts_forward_parallel<double, double>(const MoeParams&, MoeCache&,
-                                                                 const ParallelGroup&,
+                                                                 const ExecContext&,
                                                                  const Backend&) const;
 template void MoeLayer::experts_forward_parallel<float, bf16>(const MoeParams&, MoeCache&,
-                                                              const ParallelGroup&,
+                                                              const ExecContext&,
                                                               const Backend&) const;
 template void MoeLayer::experts_backward_parallel<float>(const MoeParams&, MoeCache&, MoeParams&,
-                                                         const ParallelGroup&,
+                                                         const ExecContext&,
                                                          const Backend&) const;
 template void MoeLayer::experts_backward_parallel<double>(const MoeParams&, MoeCache&, MoeParams&,
-                                                          const ParallelGroup&,
+                                                          const ExecContext&,
                                                           const Backend&) const;
 
 }  // namespace sy

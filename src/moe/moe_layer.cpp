@@ -215,7 +215,7 @@ MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y
   c.ys.resize_for_overwrite({n, d}, dt);  // the experts write every row
   timed(prof, &tm.gather, [&] { cpu::gather_rows<T>(xv, c.plan.row_token, c.xs.matrix<T>()); });
   timed(prof, &tm.experts, [&] {
-    if (ctx.parallel != nullptr) return experts_forward_parallel<T, W>(p, c, *ctx.parallel, be);
+    if (ctx.parallel != nullptr) return experts_forward_parallel<T, W>(p, c, ctx, be);
     experts_forward(be, p.w1.stacked<W>(), p.w3.stacked<W>(), p.w2.stacked<W>(),
                     ConstMatrixView<T>(c.xs.matrix<T>()), c.plan.offsets, c.ys.matrix<T>(),
                     c.experts);
@@ -298,7 +298,7 @@ void MoeLayer::backward_impl(const MoeParams& p, MoeCache& c, const Tensor& dy, 
                              c.dys.matrix<T>(), c.dweight.matrix<T>());
   });
   timed(prof, &tm.backward_experts, [&] {
-    if (ctx.parallel != nullptr) return experts_backward_parallel<T>(p, c, g, *ctx.parallel, be);
+    if (ctx.parallel != nullptr) return experts_backward_parallel<T>(p, c, g, ctx, be);
     experts_backward<T>(be, p.w1.stacked<T>(), p.w3.stacked<T>(), p.w2.stacked<T>(),
                         c.xs.matrix<T>(), c.plan.offsets, c.dys.matrix<T>(), c.experts,
                         g.w1.stacked<T>(), g.w3.stacked<T>(), g.w2.stacked<T>(),

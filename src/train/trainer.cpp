@@ -230,6 +230,7 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opt) {
   ctx.n_threads = opt.n_threads;
   ctx.seed = tc.seed;
   ctx.parallel = grid;
+  ctx.exchange_bf16 = grid != nullptr && opt.exchange_bf16;
   ctx.backend = &pick_backend(cpu_features(), mc.precision);
   if (opt.log != nullptr && lead) fmt::print(opt.log, "{}\n", describe_kernels(mc.precision));
   LmParams grads = zeros_like(params);

@@ -129,6 +129,27 @@ TEST(ExpertParallelTraining, ResumesAcrossRankCounts) {
   }
 }
 
+TEST(ExpertParallelTraining, BfloatExchangeTracksFloat) {
+  // Rows rounded to bf16 on the wire: the losses follow the f32 run's closely but not exactly.
+  const RunConfig cfg = small_moe(20);
+  const MpiParallelGroup grid(Comm::world(), Comm::world().size());
+  const TrainResult f32 = train(cfg, quiet(run_dir("x_f32"), &grid));
+  TrainOptions o = quiet(run_dir("x_bf16"), &grid);
+  o.exchange_bf16 = true;
+  const TrainResult b16 = train(cfg, o);
+  ASSERT_EQ(b16.history.steps.size(), f32.history.steps.size());
+  double max_rel = 0;
+  for (size_t i = 0; i < f32.history.steps.size(); ++i) {
+    const double a = b16.history.steps[i].loss, b = f32.history.steps[i].loss;
+    max_rel = std::max(max_rel, std::abs(a - b) / b);
+  }
+  EXPECT_LE(max_rel, 1e-2);
+  if (grid.ep_size() > 1) {
+    EXPECT_GT(max_rel, 0.0);  // the rounding happened
+  }
+  EXPECT_LE(std::abs(b16.final_val_loss - f32.final_val_loss), 1e-2 * f32.final_val_loss);
+}
+
 // File size less the safetensors header: the tensor bytes a shard holds.
 int64_t data_bytes(const fs::path& p) {
   const MappedSafetensors f(p.string());

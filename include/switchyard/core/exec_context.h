@@ -19,6 +19,11 @@ struct ExecContext {
   // Expert and data parallelism over several processes (core/parallel.h); nullptr: this
   // process holds every expert and the whole batch.
   const ParallelGroup* parallel = nullptr;
+  // With `parallel`: the MoE layers' rows (activations forward, their gradients backward) cross
+  // ranks as bf16, half the bytes, rounded to nearest even on the way out and widened on
+  // arrival (every row, the ones a rank keeps too, so the rounding does not depend on where an
+  // expert lives). Off: f32, which makes expert parallelism equal one process.
+  bool exchange_bf16 = false;
   // The GEMM kernels (kernels/backend.h); nullptr: the f32 backend picked for this CPU.
   const Backend* backend = nullptr;
 };

@@ -150,11 +150,11 @@ class MoeLayer {
   // rank's tokens, rows to their experts' owners and back, and the same in reverse.
   void plan_parallel(MoeCache& c, int64_t n_tok, const ExecContext& ctx) const;
   template <class T, class W>
-  void experts_forward_parallel(const MoeParams& p, MoeCache& c, const ParallelGroup& g,
+  void experts_forward_parallel(const MoeParams& p, MoeCache& c, const ExecContext& ctx,
                                 const Backend& be) const;
   template <class T>
   void experts_backward_parallel(const MoeParams& p, MoeCache& c, MoeParams& grads,
-                                 const ParallelGroup& g, const Backend& be) const;
+                                 const ExecContext& ctx, const Backend& be) const;
 
   MoeConfig cfg_;
   Router router_;

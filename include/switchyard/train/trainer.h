@@ -30,6 +30,7 @@ struct TrainOptions {
   // World rank 0 logs and writes the checkpoint (the whole model) and report. nullptr: one
   // process.
   const ParallelGroup* parallel = nullptr;
+  bool exchange_bf16 = false;  // with parallel: rows cross ranks as bf16 (ExecContext)
 };
 
 struct TrainResult {
