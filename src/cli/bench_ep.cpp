@@ -28,6 +28,7 @@ double median(std::vector<double> v) {
 
 struct LayerFigures {
   double step_s = 0, exchange_s = 0;          // slowest rank's median, and its all-to-all part
+  double wait_s = 0;                          // of exchange_s: waiting for the slowest rank
   double values_per_token = 0, theory = 0;    // forward, per token per layer
   double remote_slot_share = 0;               // slots whose expert lives on another rank
   // [P][P]: forward activation values rank r sent to rank q in one layer step (rows
@@ -56,9 +57,10 @@ LayerFigures bench_layer(const RunConfig& run, const MpiParallelGroup& grid,
   ExecContext ctx;
   ctx.parallel = &grid;
   ctx.exchange_bf16 = opt.exchange == "bf16";
+  ctx.profile = opt.split_wait;
   ctx.n_threads = 1;
   MoeCache cache;
-  std::vector<double> step, exchange;
+  std::vector<double> step, exchange, wait;
   for (int64_t i = 0; i < opt.iters + 1; ++i) {
     grid.world().barrier();
     const double t0 = wall_seconds();
@@ -68,6 +70,7 @@ LayerFigures bench_layer(const RunConfig& run, const MpiParallelGroup& grid,
     if (i == 0) continue;  // first touch of every buffer
     step.push_back(dt);
     exchange.push_back(cache.times.exchange + cache.times.backward_exchange);
+    wait.push_back(cache.times.exchange_wait);
   }
   // Every iteration routes the same inputs alike: the volume of the last one stands for all.
   const double sent = double(cache.ep.values_sent);
@@ -76,9 +79,10 @@ LayerFigures bench_layer(const RunConfig& run, const MpiParallelGroup& grid,
   for (int32_t e : cache.router.expert) remote += (e / El != grid.ep_rank());
   const double slots = double(cache.router.expert.size());
   // [step, exchange] of every rank; the slowest rank sets the pace.
-  std::vector<double> all(size_t(2 * grid.world_size()), 0.0);
-  all[size_t(2 * grid.world_rank())] = median(step);
-  all[size_t(2 * grid.world_rank() + 1)] = median(exchange);
+  std::vector<double> all(size_t(3 * grid.world_size()), 0.0);
+  all[size_t(3 * grid.world_rank())] = median(step);
+  all[size_t(3 * grid.world_rank() + 1)] = median(exchange);
+  all[size_t(3 * grid.world_rank() + 2)] = median(wait);
   std::vector<double> sums = {sent, remote, slots};
   std::vector<double> pairs(size_t(P * P), 0.0);
   for (int64_t q = 0; q < P; ++q)
@@ -90,7 +94,9 @@ LayerFigures bench_layer(const RunConfig& run, const MpiParallelGroup& grid,
   grid.world_allreduce_sum(pairs);
   LayerFigures f;
   for (int r = 0; r < grid.world_size(); ++r)
-    if (all[size_t(2 * r)] > f.step_s) f.step_s = all[size_t(2 * r)], f.exchange_s = all[size_t(2 * r + 1)];
+    if (all[size_t(3 * r)] > f.step_s)
+      f.step_s = all[size_t(3 * r)], f.exchange_s = all[size_t(3 * r + 1)],
+      f.wait_s = all[size_t(3 * r + 2)];
   f.values_per_token = sums[0] / double(mine * grid.world_size());
   f.theory = 2.0 * double(cfg.top_k) * double(d) * double(P - 1) / double(P);
   f.remote_slot_share = sums[2] > 0 ? sums[1] / sums[2] : 0.0;
@@ -122,6 +128,9 @@ int run_bench_ep(const BenchEpOptions& opt) {
     fmt::print("  step {:.2f} ms: all-to-all {:.2f} ms ({:.0f}%), compute {:.2f} ms\n",
                1e3 * f.step_s, 1e3 * f.exchange_s, 100 * f.exchange_s / f.step_s,
                1e3 * (f.step_s - f.exchange_s));
+    if (opt.split_wait)
+      fmt::print("  of the all-to-all: {:.2f} ms waiting for the slowest rank, {:.2f} ms moving rows\n",
+                 1e3 * f.wait_s, 1e3 * (f.exchange_s - f.wait_s));
     fmt::print("  forward values sent per token per layer: {:.1f} measured, {:.1f} = 2 k d (P-1)/P "
                "({:.3f} of it; {:.3f} of slots went to another rank, (P-1)/P = {:.3f}); {:.1f} "
                "KiB per token per layer on the wire ({})\n",
@@ -172,6 +181,7 @@ int run_bench_ep(const BenchEpOptions& opt) {
                               {"ranks", P},
                               {"layer_step_s", f.step_s},
                               {"layer_exchange_s", f.exchange_s},
+                              {"layer_exchange_wait_s", opt.split_wait ? nlohmann::json(f.wait_s) : nlohmann::json()},
                               {"values_per_token_per_layer", f.values_per_token},
                               {"values_theory", f.theory},
                               {"remote_slot_share", f.remote_slot_share},

@@ -147,6 +147,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   bench_ep->add_option("--exchange", ep_opt.exchange, "Rows cross ranks as f32 or bf16")
       ->capture_default_str();
+  bench_ep->add_flag("--split-wait", ep_opt.split_wait,
+                     "Time the wait for the slowest rank apart from moving the rows (adds a "
+                     "one-value all-reduce before each row exchange)");
   bench_ep->add_option("--json", ep_opt.json_path, "Also write JSON (- for stdout)");
 #endif
 

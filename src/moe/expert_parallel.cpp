@@ -36,8 +36,13 @@ int64_t sum(std::span<const int64_t> v) {
 // wire when asked (f32 rows only: the float64 path is the tests' reference and stays exact).
 template <class T>
 void exchange_rows(const ParallelGroup& g, const Tensor& rows, std::span<const int64_t> send_rows,
-                   Tensor& out, std::span<const int64_t> recv_rows, int64_t d, bool bf16_wire) {
+                   Tensor& out, std::span<const int64_t> recv_rows, int64_t d, bool bf16_wire,
+                   double* wait) {
   out.resize({sum(recv_rows), d}, dtype_of<T>());
+  if (wait != nullptr) {
+    int64_t one = 1;
+    add_wall_seconds(wait, [&] { g.ep_allreduce_sum({&one, 1}); });
+  }
   if constexpr (std::is_same_v<T, float>) {
     if (bf16_wire) {
       const int64_t n = sum(send_rows) * d, m = out.numel();
@@ -132,11 +137,12 @@ void MoeLayer::experts_forward_parallel(const MoeParams& p, MoeCache& c, const E
                                         const Backend& be) const {
   const ParallelGroup& g = *ctx.parallel;
   const bool wire = ctx.exchange_bf16;
+  double* wait = ctx.profile ? &c.times.exchange_wait : nullptr;
   const int64_t d = cfg_.d_model;
   ExpertParallelCache& ep = c.ep;
   const int64_t m = ep.rows_computed;
   add_wall_seconds(&c.times.exchange,
-                   [&] { exchange_rows<T>(g, c.xs, ep.send_rows, ep.buf, ep.recv_rows, d, wire); });
+                   [&] { exchange_rows<T>(g, c.xs, ep.send_rows, ep.buf, ep.recv_rows, d, wire, wait); });
   ep.xe.resize({m, d}, dtype_of<T>());
   ep.ye.resize({m, d}, dtype_of<T>());
   cpu::gather_rows<T>(ep.buf.matrix<T>(), ep.by_expert, ep.xe.matrix<T>());
@@ -144,7 +150,7 @@ void MoeLayer::experts_forward_parallel(const MoeParams& p, MoeCache& c, const E
                   ConstMatrixView<T>(ep.xe.matrix<T>()), ep.offsets, ep.ye.matrix<T>(), c.experts);
   cpu::gather_rows<T>(ep.ye.matrix<T>(), ep.by_source, ep.buf.matrix<T>());
   add_wall_seconds(&c.times.exchange,
-                   [&] { exchange_rows<T>(g, ep.buf, ep.recv_rows, c.ys, ep.send_rows, d, wire); });
+                   [&] { exchange_rows<T>(g, ep.buf, ep.recv_rows, c.ys, ep.send_rows, d, wire, wait); });
 }
 
 template <class T>
@@ -152,12 +158,13 @@ void MoeLayer::experts_backward_parallel(const MoeParams& p, MoeCache& c, MoePar
                                          const ExecContext& ctx, const Backend& be) const {
   const ParallelGroup& g = *ctx.parallel;
   const bool wire = ctx.exchange_bf16;
+  double* wait = ctx.profile ? &c.times.exchange_wait : nullptr;
   const int64_t d = cfg_.d_model;
   ExpertParallelCache& ep = c.ep;
   const int64_t m = ep.rows_computed;
   double& seconds = c.times.backward_exchange;
   add_wall_seconds(&seconds,
-                   [&] { exchange_rows<T>(g, c.dys, ep.send_rows, ep.buf, ep.recv_rows, d, wire); });
+                   [&] { exchange_rows<T>(g, c.dys, ep.send_rows, ep.buf, ep.recv_rows, d, wire, wait); });
   cpu::gather_rows<T>(ep.buf.matrix<T>(), ep.by_expert, ep.ye.matrix<T>());  // ye: dye now
   ep.dxe.resize({m, d}, dtype_of<T>());
   experts_backward<T>(be, p.w1.stacked<T>(), p.w3.stacked<T>(), p.w2.stacked<T>(),
@@ -166,7 +173,7 @@ void MoeLayer::experts_backward_parallel(const MoeParams& p, MoeCache& c, MoePar
                       ep.dxe.matrix<T>());
   cpu::gather_rows<T>(ep.dxe.matrix<T>(), ep.by_source, ep.buf.matrix<T>());
   add_wall_seconds(&seconds,
-                   [&] { exchange_rows<T>(g, ep.buf, ep.recv_rows, c.dxs, ep.send_rows, d, wire); });
+                   [&] { exchange_rows<T>(g, ep.buf, ep.recv_rows, c.dxs, ep.send_rows, d, wire, wait); });
 }
 
 template void MoeLayer::experts_forward_parallel<float, float>(const MoeParams&, MoeCache&,

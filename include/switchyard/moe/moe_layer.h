@@ -74,6 +74,10 @@ struct MoeTimes {
   // Expert parallelism: seconds in all-to-alls (forward: counts, rows out and back; backward:
   // gradients out and back), recorded whether or not profiling.
   double exchange = 0, backward_exchange = 0;
+  // Of those, with profiling on: the seconds spent waiting for the group's slowest rank to
+  // reach each row exchange (measured by a one-value all-reduce just before it), so that
+  // exchange minus wait is the transfer itself.
+  double exchange_wait = 0;
 };
 
 // Expert parallelism's state between forward and backward (ExecContext::parallel set). This
