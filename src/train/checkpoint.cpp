@@ -2,6 +2,7 @@
 
 #include <fmt/ranges.h>
 
+#include <cctype>
 #include <charconv>
 #include <cstring>
 #include <filesystem>
@@ -102,32 +103,53 @@ class TensorStore {
   virtual std::vector<std::pair<std::string, std::string>> left() const = 0;
 };
 
+// One file, mapped: every tensor's checksum is verified up front (a damaged optimizer moment
+// stops `eval` too, though it does not load them), and only the tensors taken are copied, once,
+// into the config's own tensors.
 class FileStore final : public TensorStore {
  public:
-  explicit FileStore(const std::string& path)
-      : path_(path), file_(read_safetensors(path)) {}  // verifies every checksum the file has
-  const std::map<std::string, std::string>& metadata() const override { return file_.metadata; }
+  explicit FileStore(const std::string& path) : path_(path), file_(path) {
+    for (const auto& [name, e] : file_.entries()) {
+      if (e.dtype != "F32" && e.dtype != "F64" && e.dtype != "BF16")
+        throw IoError(fmt::format("{}: not a valid safetensors file: tensor {}: dtype \"{}\": "
+                                  "expected F32, F64 or BF16",
+                                  path, name, e.dtype));
+      (void)file_.bytes(e);  // throws on a checksum mismatch
+      file_.release(e);      // read once; not kept mapped in this process's memory
+    }
+  }
+  const std::map<std::string, std::string>& metadata() const override { return file_.metadata(); }
   void take(const std::string& name, Tensor& into) override {
-    auto it = file_.tensors.find(name);
-    if (it == file_.tensors.end())
+    if (!file_.contains(name) || taken_.count(name))
       throw IoError(fmt::format("{}: tensor {} missing (expected {})", path_, name, into.shape_str()));
-    if (it->second.shape() != into.shape() || it->second.dtype() != into.dtype())
-      throw IoError(fmt::format("{}: tensor {} is {}: expected {}", path_, name,
-                                it->second.shape_str(), into.shape_str()));
-    into = std::move(it->second);
-    file_.tensors.erase(it);
+    const auto& e = file_.entry(name);
+    const std::string want_dtype = into.dtype() == DType::kF32 ? "F32"
+                                   : into.dtype() == DType::kF64 ? "F64" : "BF16";
+    if (e.shape != into.shape() || e.dtype != want_dtype)
+      throw IoError(fmt::format("{}: tensor {} is {}: expected {}", path_, name, described(e),
+                                into.shape_str()));
+    const auto raw = file_.bytes(e);
+    if (!raw.empty()) std::memcpy(into.bytes(), raw.data(), raw.size());
+    file_.release(e);
+    taken_.insert(name);
   }
   std::vector<std::pair<std::string, std::string>> left() const override {
     std::vector<std::pair<std::string, std::string>> out;
-    for (const auto& [name, t] : file_.tensors) out.emplace_back(name, t.shape_str());
+    for (const auto& [name, e] : file_.entries())
+      if (!taken_.count(name)) out.emplace_back(name, described(e));
     return out;
   }
 
  private:
+  static std::string described(const MappedSafetensors::Entry& e) {
+    std::string dtype = e.dtype;
+    for (char& c : dtype) c = char(std::tolower(static_cast<unsigned char>(c)));
+    return fmt::format("{} {}", dims(e.shape), dtype);
+  }
   std::string path_;
-  SafetensorsFile file_;
+  MappedSafetensors file_;
+  std::set<std::string> taken_;
 };
-
 
 // A sharded checkpoint: index.json names every tensor, its full shape and the parts that hold
 // it (file, first expert, count, checksum); the metadata rides in the shared file.
