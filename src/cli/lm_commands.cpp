@@ -490,8 +490,12 @@ int run_routes(const RoutesCliOptions& o) {
       model, ck.params, val_batches(corpus, ck.cfg.train.batch, ck.cfg.model.context, o.max_tokens), ctx,
       &corpus);
   fmt::print("{} (step {}), {} validation split\n{}", o.checkpoint, ck.step, data, render_routes_text(a));
-  const std::string html = o.html.empty()
-      ? (std::filesystem::path(o.checkpoint).parent_path() / "routes.html").string() : o.html;
+  // Beside the checkpoint, in its run directory (a sharded checkpoint is a directory of it).
+  const std::filesystem::path found = find_checkpoint(o.checkpoint);
+  const std::filesystem::path run_dir = found.filename() == kShardIndex
+                                            ? found.parent_path().parent_path()
+                                            : found.parent_path();
+  const std::string html = o.html.empty() ? (run_dir / "routes.html").string() : o.html;
   write_file_atomic(html, render_routes_html(a, o.checkpoint));
   fmt::print("wrote {}\n", html);
   return 0;
