@@ -31,7 +31,6 @@ void AtomicFile::write(const void* data, size_t n) {
   SY_CHECK(f_ != nullptr, "{}: write after commit", path_);
   if (n > 0 && std::fwrite(data, 1, n, f_) != n)
     throw IoError(fmt::format("{}: write failed: {}", tmp_, std::strerror(errno)));
-  written_ += n;
 }
 
 void AtomicFile::commit() {

@@ -330,23 +330,20 @@ void write_safetensors(const std::string& path,
   out.commit();
 }
 
+DType tensor_dtype(const MappedSafetensors& file, const MappedSafetensors::Entry& e) {
+  for (DType t : {DType::kF32, DType::kF64, DType::kBF16})
+    if (e.dtype == st_dtype(t)) return t;
+  throw IoError(fmt::format("{}: not a valid safetensors file: tensor {}: dtype \"{}\": "
+                            "expected F32, F64 or BF16",
+                            file.path(), e.name, e.dtype));
+}
+
 SafetensorsFile read_safetensors(const std::string& path) {
   const MappedSafetensors mapped(path);
   SafetensorsFile file;
   file.metadata = mapped.metadata();
   for (const auto& [name, e] : mapped.entries()) {
-    DType dtype;
-    if (e.dtype == "F32")
-      dtype = DType::kF32;
-    else if (e.dtype == "F64")
-      dtype = DType::kF64;
-    else if (e.dtype == "BF16")
-      dtype = DType::kBF16;
-    else
-      throw IoError(
-          fmt::format("{}: not a valid safetensors file: tensor {}: dtype \"{}\": "
-                      "expected F32, F64 or BF16",
-                      path, name, e.dtype));
+    const DType dtype = tensor_dtype(mapped, e);
     const auto raw = mapped.bytes(e);  // checksum first: nothing allocated for a damaged one
     Tensor t(e.shape, dtype);
     if (!raw.empty()) std::memcpy(t.bytes(), raw.data(), raw.size());

@@ -142,7 +142,8 @@ void MoeLayer::experts_forward_parallel(const MoeParams& p, MoeCache& c, const E
   ExpertParallelCache& ep = c.ep;
   const int64_t m = ep.rows_computed;
   add_wall_seconds(&c.times.exchange,
-                   [&] { exchange_rows<T>(g, c.xs, ep.send_rows, ep.buf, ep.recv_rows, d, wire, wait); });
+                   [&] { exchange_rows<T>(g, c.xs, ep.send_rows, ep.buf, ep.recv_rows, d, wire,
+                                          wait); });
   ep.xe.resize({m, d}, dtype_of<T>());
   ep.ye.resize({m, d}, dtype_of<T>());
   cpu::gather_rows<T>(ep.buf.matrix<T>(), ep.by_expert, ep.xe.matrix<T>());
@@ -150,7 +151,8 @@ void MoeLayer::experts_forward_parallel(const MoeParams& p, MoeCache& c, const E
                   ConstMatrixView<T>(ep.xe.matrix<T>()), ep.offsets, ep.ye.matrix<T>(), c.experts);
   cpu::gather_rows<T>(ep.ye.matrix<T>(), ep.by_source, ep.buf.matrix<T>());
   add_wall_seconds(&c.times.exchange,
-                   [&] { exchange_rows<T>(g, ep.buf, ep.recv_rows, c.ys, ep.send_rows, d, wire, wait); });
+                   [&] { exchange_rows<T>(g, ep.buf, ep.recv_rows, c.ys, ep.send_rows, d, wire,
+                                          wait); });
 }
 
 template <class T>
@@ -164,7 +166,8 @@ void MoeLayer::experts_backward_parallel(const MoeParams& p, MoeCache& c, MoePar
   const int64_t m = ep.rows_computed;
   double& seconds = c.times.backward_exchange;
   add_wall_seconds(&seconds,
-                   [&] { exchange_rows<T>(g, c.dys, ep.send_rows, ep.buf, ep.recv_rows, d, wire, wait); });
+                   [&] { exchange_rows<T>(g, c.dys, ep.send_rows, ep.buf, ep.recv_rows, d, wire,
+                                          wait); });
   cpu::gather_rows<T>(ep.buf.matrix<T>(), ep.by_expert, ep.ye.matrix<T>());  // ye: dye now
   ep.dxe.resize({m, d}, dtype_of<T>());
   experts_backward<T>(be, p.w1.stacked<T>(), p.w3.stacked<T>(), p.w2.stacked<T>(),
@@ -173,7 +176,8 @@ void MoeLayer::experts_backward_parallel(const MoeParams& p, MoeCache& c, MoePar
                       ep.dxe.matrix<T>());
   cpu::gather_rows<T>(ep.dxe.matrix<T>(), ep.by_source, ep.buf.matrix<T>());
   add_wall_seconds(&seconds,
-                   [&] { exchange_rows<T>(g, ep.buf, ep.recv_rows, c.dxs, ep.send_rows, d, wire, wait); });
+                   [&] { exchange_rows<T>(g, ep.buf, ep.recv_rows, c.dxs, ep.send_rows, d, wire,
+                                          wait); });
 }
 
 template void MoeLayer::experts_forward_parallel<float, float>(const MoeParams&, MoeCache&,

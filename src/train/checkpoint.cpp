@@ -58,6 +58,34 @@ std::string dims(const std::vector<int64_t>& shape) {
   return fmt::format("[{}]", fmt::join(shape, ", "));
 }
 
+// A count stored as text in a checkpoint's metadata ("step", "adam_steps"): digits only.
+int64_t parse_count(const std::string& text, const std::string& path, const char* key) {
+  int64_t v = -1;
+  const auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+  if (ec != std::errc() || p != text.data() + text.size() || v < 0)
+    throw IoError(fmt::format("{}: {} \"{}\": expected a count", path, key, text));
+  return v;
+}
+
+// The tensors of a checkpoint under their stored names, those for which keep(name) holds.
+template <class Keep>
+std::vector<std::pair<std::string, const Tensor*>> checkpoint_tensors(const LmParams& params,
+                                                                      const AdamW* optimizer,
+                                                                      Keep&& keep) {
+  std::vector<std::pair<std::string, const Tensor*>> out;
+  auto add = [&](const std::string& prefix, const LmParams& p) {
+    for (auto& [name, t] : p.named())
+      if (keep(name)) out.emplace_back(prefix + name, t);
+  };
+  add("model.", params);
+  if (optimizer != nullptr) {
+    auto& opt = const_cast<AdamW&>(*optimizer);
+    add("adam.m.", opt.m());
+    add("adam.v.", opt.v());
+  }
+  return out;
+}
+
 std::map<std::string, std::string> checkpoint_metadata(const RunConfig& cfg, int64_t adam_steps,
                                                        int64_t step, const TrainHistory& history) {
   return {{"format", kCheckpointFormat},
@@ -77,15 +105,9 @@ std::map<std::string, std::string> checkpoint_metadata(const RunConfig& cfg, int
 
 void save_checkpoint(const std::string& path, const RunConfig& cfg, const LmParams& params,
                      const AdamW* optimizer, int64_t step, const TrainHistory& history) {
-  std::vector<std::pair<std::string, const Tensor*>> tensors;
-  for (auto& [name, t] : params.named()) tensors.emplace_back("model." + name, t);
-  if (optimizer != nullptr) {
-    auto& opt = const_cast<AdamW&>(*optimizer);
-    for (auto& [name, t] : opt.m().named()) tensors.emplace_back("adam.m." + name, t);
-    for (auto& [name, t] : opt.v().named()) tensors.emplace_back("adam.v." + name, t);
-  }
   const auto meta = checkpoint_metadata(cfg, optimizer ? optimizer->n_steps() : 0, step, history);
-  write_safetensors(path, tensors, meta);
+  const auto all = [](const std::string&) { return true; };
+  write_safetensors(path, checkpoint_tensors(params, optimizer, all), meta);
 }
 
 namespace {
@@ -110,10 +132,7 @@ class FileStore final : public TensorStore {
  public:
   explicit FileStore(const std::string& path) : path_(path), file_(path) {
     for (const auto& [name, e] : file_.entries()) {
-      if (e.dtype != "F32" && e.dtype != "F64" && e.dtype != "BF16")
-        throw IoError(fmt::format("{}: not a valid safetensors file: tensor {}: dtype \"{}\": "
-                                  "expected F32, F64 or BF16",
-                                  path, name, e.dtype));
+      (void)tensor_dtype(file_, e);  // throws for a dtype we do not read
       (void)file_.bytes(e);  // throws on a checksum mismatch
       file_.release(e);      // read once; not kept mapped in this process's memory
     }
@@ -123,9 +142,7 @@ class FileStore final : public TensorStore {
     if (!file_.contains(name) || taken_.count(name))
       throw IoError(fmt::format("{}: tensor {} missing (expected {})", path_, name, into.shape_str()));
     const auto& e = file_.entry(name);
-    const std::string want_dtype = into.dtype() == DType::kF32 ? "F32"
-                                   : into.dtype() == DType::kF64 ? "F64" : "BF16";
-    if (e.shape != into.shape() || e.dtype != want_dtype)
+    if (e.shape != into.shape() || tensor_dtype(file_, e) != into.dtype())
       throw IoError(fmt::format("{}: tensor {} is {}: expected {}", path_, name, described(e),
                                 into.shape_str()));
     const auto raw = file_.bytes(e);
@@ -307,12 +324,7 @@ Checkpoint load_from(const std::string& path, TensorStore& store, bool with_opti
     throw IoError(fmt::format("{}: model_hash {} does not match its stored config ({}): the "
                               "file was altered",
                               path, meta("model_hash"), want_hash));
-  {
-    const std::string& text = meta("step");
-    const auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), ck.step);
-    if (ec != std::errc() || p != text.data() + text.size() || ck.step < 0)
-      throw IoError(fmt::format("{}: step \"{}\": expected a count", path, text));
-  }
+  ck.step = parse_count(meta("step"), path, "step");
   ck.history = TrainHistory::from_json(meta("history"), path);
 
   // The expected tensors, from the stored config; every one must be in the file, as stored.
@@ -323,11 +335,7 @@ Checkpoint load_from(const std::string& path, TensorStore& store, bool with_opti
     ck.optimizer.emplace(ck.cfg.train, ck.params);
     for (auto& [name, t] : ck.optimizer->m().named()) take("adam.m." + name, *t);
     for (auto& [name, t] : ck.optimizer->v().named()) take("adam.v." + name, *t);
-    int64_t adam_steps = 0;
-    const std::string& text = meta("adam_steps");
-    const auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), adam_steps);
-    if (ec != std::errc() || p != text.data() + text.size() || adam_steps < 0)
-      throw IoError(fmt::format("{}: adam_steps \"{}\": expected a count", path, text));
+    const int64_t adam_steps = parse_count(meta("adam_steps"), path, "adam_steps");
     ck.optimizer->set_n_steps(adam_steps);
   }
   for (const auto& [name, shape] : store.left())
@@ -345,12 +353,7 @@ int64_t checkpoint_step(const std::string& path) {
   const auto it = f.metadata().find("step");
   if (it == f.metadata().end())
     throw IoError(fmt::format("{}: not a Switchyard checkpoint: metadata has no \"step\"", path));
-  int64_t step = -1;
-  const std::string& text = it->second;
-  const auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), step);
-  if (ec != std::errc() || p != text.data() + text.size() || step < 0)
-    throw IoError(fmt::format("{}: step \"{}\": expected a count", path, text));
-  return step;
+  return parse_count(it->second, path, "step");
 }
 
 bool is_sharded_checkpoint(const std::string& path) {
@@ -391,17 +394,12 @@ void save_checkpoint_sharded(const std::string& dir, const RunConfig& cfg, const
   auto experts_name = [&](int r) {
     return fmt::format("experts.{}-of-{}.s{:08d}.safetensors", r, P, step);
   };
-  auto& opt = const_cast<AdamW&>(optimizer);
   auto pick = [&](bool experts) {
-    std::vector<std::pair<std::string, const Tensor*>> out;
-    for (auto& [name, t] : params.named())
-      if (is_expert_weight(name) == experts) out.emplace_back("model." + name, t);
-    for (auto& [name, t] : opt.m().named())
-      if (is_expert_weight(name) == experts) out.emplace_back("adam.m." + name, t);
-    for (auto& [name, t] : opt.v().named())
-      if (is_expert_weight(name) == experts) out.emplace_back("adam.v." + name, t);
-    return out;
+    return checkpoint_tensors(params, &optimizer, [&](const std::string& name) {
+      return is_expert_weight(name) == experts;
+    });
   };
+
   // Every writer writes its own file (fsync, rename); a failure anywhere is everyone's, so no
   // rank waits on one that gave up and no index names a file that is not whole.
   std::string error;

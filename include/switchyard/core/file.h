@@ -25,12 +25,10 @@ class AtomicFile {
 
   void write(const void* data, size_t n);
   void commit();
-  size_t written() const { return written_; }
 
  private:
   std::string path_, tmp_;
   std::FILE* f_ = nullptr;
-  size_t written_ = 0;
 };
 
 // Throws IoError naming the path when the file cannot be written; `path` is then untouched.

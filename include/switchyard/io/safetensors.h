@@ -107,6 +107,10 @@ uint64_t safetensors_metadata_checksum(const std::map<std::string, std::string>&
 
 inline constexpr const char* kChecksumKey = "switchyard.xxh3_64";
 
+// The Switchyard dtype of an entry: F32, F64 or BF16; other dtypes throw IoError naming the
+// file, the tensor and what was expected.
+DType tensor_dtype(const MappedSafetensors& file, const MappedSafetensors::Entry& e);
+
 // Bytes per element of a safetensors dtype name; 0 for a name the format does not define.
 size_t safetensors_dtype_size(const std::string& dtype);
 
