@@ -57,6 +57,7 @@ LayerFigures bench_layer(const RunConfig& run, const MpiParallelGroup& grid,
   ExecContext ctx;
   ctx.parallel = &grid;
   ctx.exchange_bf16 = opt.exchange == "bf16";
+  ctx.exchange_overlap = opt.overlap;
   ctx.profile = opt.split_wait;
   ctx.n_threads = 1;
   MoeCache cache;
@@ -167,6 +168,8 @@ int run_bench_ep(const BenchEpOptions& opt) {
     world.barrier();
     o.n_threads = 1;
     o.parallel = &grid;
+    o.exchange_bf16 = opt.exchange == "bf16";
+    o.exchange_overlap = opt.overlap;
     ep_tps = train(run, o).tokens_per_s;
     world.barrier();
     if (lead) {
@@ -188,6 +191,7 @@ int run_bench_ep(const BenchEpOptions& opt) {
                               {"forward_values_sent", f.values_to},
                               {"timed_iters", opt.iters},
                               {"exchange", opt.exchange},
+                              {"overlap", opt.overlap},
                               {"train_tokens_per_s", ep_tps},
                               {"train_alone_tokens_per_s", alone_tps}};
     write_json_output(j.dump(2) + "\n", opt.json_path);

@@ -110,6 +110,7 @@ int train_with(const TrainCliOptions& o, const ParallelGroup* grid) {
   if (o.exchange != "f32" && o.exchange != "bf16")
     throw ConfigError(fmt::format("--exchange {}: expected f32 or bf16", o.exchange));
   opt.exchange_bf16 = o.exchange == "bf16";
+  opt.exchange_overlap = o.overlap;
   opt.log = lead ? stdout : nullptr;
   const LmConfig& m = cfg.model;
   if (lead)

@@ -213,23 +213,103 @@ void Comm::alltoallv(const std::byte* send, std::span<const int64_t> send_rows, 
         "MPI_Alltoallv");
 }
 
+// Requests of one overlapped exchange. Waits block inside MPI (its fastest progress), under
+// the same deadline as the collectives.
+class Comm::Transfers final : public RowTransfers {
+ public:
+  Transfers(const Comm& comm, size_t row_bytes) : comm_(comm), row_(row_bytes) {}
+  ~Transfers() override {
+    // Only an exception leaves requests behind: their buffers are about to be freed, so they
+    // are completed first (or the deadline ends the process).
+    try {
+      wait_all();
+    } catch (const DistError&) {
+    }
+  }
+  Transfers(const Transfers&) = delete;
+  Transfers& operator=(const Transfers&) = delete;
+
+  int recv(int peer, std::byte* rows, int64_t n_rows, int tag) override {
+    recvs_.push_back(MPI_REQUEST_NULL);
+    comm_.check(MPI_Irecv(rows, as_count(n_rows, "recv rows"), row_.get(), peer, tag, *comm_.comm_,
+                          &recvs_.back()),
+                "MPI_Irecv");
+    return int(recvs_.size()) - 1;
+  }
+  void send(int peer, const std::byte* rows, int64_t n_rows, int tag) override {
+    sends_.push_back(MPI_REQUEST_NULL);
+    comm_.check(MPI_Isend(rows, as_count(n_rows, "send rows"), row_.get(), peer, tag, *comm_.comm_,
+                          &sends_.back()),
+                "MPI_Isend");
+  }
+  int wait_recv() override {
+    if (!done_.empty()) {
+      const int id = done_.back();
+      done_.pop_back();
+      return id;
+    }
+    int id = MPI_UNDEFINED;
+    const Watch watch("exchange of rows (overlapped)");
+    comm_.check(MPI_Waitany(int(recvs_.size()), recvs_.data(), &id, MPI_STATUS_IGNORE),
+                "MPI_Waitany");
+    return id == MPI_UNDEFINED ? -1 : id;
+  }
+  void progress() override {
+    // Completed recvs are kept for wait_recv(); MPI nulls their requests.
+    int n = 0;
+    ids_.resize(recvs_.size());
+    if (!recvs_.empty())
+      comm_.check(
+          MPI_Testsome(int(recvs_.size()), recvs_.data(), &n, ids_.data(), MPI_STATUSES_IGNORE),
+          "MPI_Testsome");
+    for (int i = 0; i < n; ++i)  // n is MPI_UNDEFINED (< 0) when none was pending
+      done_.push_back(ids_[size_t(i)]);
+    if (!sends_.empty()) {
+      int all = 0;
+      comm_.check(MPI_Testall(int(sends_.size()), sends_.data(), &all, MPI_STATUSES_IGNORE),
+                  "MPI_Testall");
+    }
+  }
+  void wait_all() override {
+    const Watch watch("exchange of rows (overlapped)");
+    comm_.check(MPI_Waitall(int(recvs_.size()), recvs_.data(), MPI_STATUSES_IGNORE), "MPI_Waitall");
+    comm_.check(MPI_Waitall(int(sends_.size()), sends_.data(), MPI_STATUSES_IGNORE), "MPI_Waitall");
+  }
+
+ private:
+  const Comm& comm_;
+  RowType row_;
+  std::vector<MPI_Request> recvs_, sends_;  // a completed one is MPI_REQUEST_NULL
+  std::vector<int> ids_, done_;
+};
+
+std::unique_ptr<RowTransfers> Comm::transfers(size_t row_bytes) const {
+  return std::make_unique<Transfers>(*this, row_bytes);
+}
+
 namespace {
 template <class T>
 MPI_Datatype mpi_type();
 template <>
-MPI_Datatype mpi_type<double>() { return MPI_DOUBLE; }
+MPI_Datatype mpi_type<double>() {
+  return MPI_DOUBLE;
+}
 template <>
-MPI_Datatype mpi_type<float>() { return MPI_FLOAT; }
+MPI_Datatype mpi_type<float>() {
+  return MPI_FLOAT;
+}
 template <>
-MPI_Datatype mpi_type<int64_t>() { return MPI_INT64_T; }
+MPI_Datatype mpi_type<int64_t>() {
+  return MPI_INT64_T;
+}
 }  // namespace
 
-#define SY_ALLREDUCE_SUM(T)                                                                  \
-  void Comm::allreduce_sum(std::span<T> v) const {                                           \
-    const Watch watch("all-reduce");                                                         \
-    check(MPI_Allreduce(MPI_IN_PLACE, v.data(), as_count(int64_t(v.size()), "allreduce"),    \
-                        mpi_type<T>(), MPI_SUM, *comm_),                                     \
-          "MPI_Allreduce");                                                                  \
+#define SY_ALLREDUCE_SUM(T)                                                               \
+  void Comm::allreduce_sum(std::span<T> v) const {                                        \
+    const Watch watch("all-reduce");                                                      \
+    check(MPI_Allreduce(MPI_IN_PLACE, v.data(), as_count(int64_t(v.size()), "allreduce"), \
+                        mpi_type<T>(), MPI_SUM, *comm_),                                  \
+          "MPI_Allreduce");                                                               \
   }
 SY_ALLREDUCE_SUM(double)
 SY_ALLREDUCE_SUM(float)
@@ -251,9 +331,10 @@ void Comm::broadcast(std::byte* data, size_t bytes, int root) const {
 MpiParallelGroup::MpiParallelGroup(const Comm& world, int ep_size)
     : world_(world), ep_(world), dp_(world) {
   if (ep_size < 1 || world.size() % ep_size != 0)
-    throw ConfigError(fmt::format("--expert-parallel {}: expected a divisor of the {} ranks "
-                                  "(mpirun -np)",
-                                  ep_size, world.size()));
+    throw ConfigError(
+        fmt::format("--expert-parallel {}: expected a divisor of the {} ranks "
+                    "(mpirun -np)",
+                    ep_size, world.size()));
   ep_ = world.split(world.rank() / ep_size, world.rank());
   dp_ = world.split(world.rank() % ep_size, world.rank());
 }
@@ -265,6 +346,9 @@ void MpiParallelGroup::ep_alltoallv(const std::byte* send, std::span<const int64
                                     std::byte* recv, std::span<const int64_t> recv_rows,
                                     size_t row_bytes) const {
   ep_.alltoallv(send, send_rows, recv, recv_rows, row_bytes);
+}
+std::unique_ptr<RowTransfers> MpiParallelGroup::ep_transfers(size_t row_bytes) const {
+  return ep_.transfers(row_bytes);
 }
 void MpiParallelGroup::ep_allreduce_sum(std::span<int64_t> v) const { ep_.allreduce_sum(v); }
 void MpiParallelGroup::ep_allgather(const std::byte* send, size_t bytes, std::byte* recv) const {

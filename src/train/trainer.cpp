@@ -231,6 +231,7 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opt) {
   ctx.seed = tc.seed;
   ctx.parallel = grid;
   ctx.exchange_bf16 = grid != nullptr && opt.exchange_bf16;
+  ctx.exchange_overlap = grid != nullptr && opt.exchange_overlap;
   ctx.backend = &pick_backend(cpu_features(), mc.precision);
   if (opt.log != nullptr && lead) fmt::print(opt.log, "{}\n", describe_kernels(mc.precision));
   LmParams grads = zeros_like(params);

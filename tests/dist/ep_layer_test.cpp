@@ -1,6 +1,7 @@
 // The expert-parallel MoE layer against one process running every rank's tokens: forward,
 // backward and routing statistics, with and without capacity, unequal and empty ranks, every
-// token on one expert, and the configurations it refuses. Runs under mpirun -np 2 and -np 4.
+// token on one expert, each with the exchange overlapped and not, and the configurations it
+// refuses. Runs under mpirun -np 2 and -np 4.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -63,51 +64,57 @@ void expect_equal_to_single_process(const Case& c, const MpiParallelGroup& grid,
   MoeParams g = zeros_like(p);
   layer.backward(p, cache, dy, g, dx, {});
 
-  // This rank: its rows and its experts.
-  MoeParams pl = init_moe_params(cfg, c.dtype, 5);
-  if (edit) edit(pl);
-  for (Tensor* t : {&pl.w1, &pl.w3, &pl.w2}) *t = expert_shard(*t, grid.ep_rank(), grid.ep_size());
-  MoeParams gl = zeros_like(pl);
-  Tensor xl = rows_of(x, at[w], at[w + 1]), dyl = rows_of(dy, at[w], at[w + 1]), yl, dxl;
-  Tensor dyl_scaled = convert(dyl, DType::kF64);
-  for (double& v : dyl_scaled.span<double>()) v *= double(W);
-  dyl_scaled = convert(dyl_scaled, c.dtype);
-  ExecContext ctx;
-  ctx.parallel = &grid;
-  MoeCache lc;
-  const MoeForward got = layer.forward(pl, xl, yl, lc, ctx);
-  layer.backward(pl, lc, dyl_scaled, gl, dxl, ctx);
+  // This rank: its rows and its experts, with the exchange and the experts in sequence and
+  // overlapped.
+  for (const bool overlap : {false, true}) {
+    MoeParams pl = init_moe_params(cfg, c.dtype, 5);
+    if (edit) edit(pl);
+    for (Tensor* t : {&pl.w1, &pl.w3, &pl.w2})
+      *t = expert_shard(*t, grid.ep_rank(), grid.ep_size());
+    MoeParams gl = zeros_like(pl);
+    Tensor xl = rows_of(x, at[w], at[w + 1]), dyl = rows_of(dy, at[w], at[w + 1]), yl, dxl;
+    Tensor dyl_scaled = convert(dyl, DType::kF64);
+    for (double& v : dyl_scaled.span<double>()) v *= double(W);
+    dyl_scaled = convert(dyl_scaled, c.dtype);
+    ExecContext ctx;
+    ctx.parallel = &grid;
+    ctx.exchange_overlap = overlap;
+    MoeCache lc;
+    const MoeForward got = layer.forward(pl, xl, yl, lc, ctx);
+    layer.backward(pl, lc, dyl_scaled, gl, dxl, ctx);
 
-  const std::string where = fmt::format("world rank {} (ep rank {} of {})", w, grid.ep_rank(),
-                                        grid.ep_size());
-  EXPECT_LE(max_scaled_error(as_f64(yl), as_f64(rows_of(y, at[w], at[w + 1])), c.atol, c.rtol), 1)
-      << "y, " << where;
-  std::vector<double> dx_want = as_f64(rows_of(dx, at[w], at[w + 1]));
-  for (double& v : dx_want) v *= double(W);
-  EXPECT_LE(max_scaled_error(as_f64(dxl), dx_want, c.atol * W, c.rtol), 1) << "dx, " << where;
-  for (auto [name, mine, all] : {std::tuple{"w1", &gl.w1, &g.w1}, std::tuple{"w3", &gl.w3, &g.w3},
-                                 std::tuple{"w2", &gl.w2, &g.w2}}) {
-    std::vector<double> want = as_f64(expert_shard(*all, grid.ep_rank(), grid.ep_size()));
-    for (double& v : want) v *= double(W);
-    EXPECT_LE(max_scaled_error(as_f64(*mine), want, c.atol * W, c.rtol), 1) << name << ", " << where;
+    const std::string where = fmt::format("world rank {} (ep rank {} of {}{})", w, grid.ep_rank(),
+                                          grid.ep_size(), overlap ? ", overlapped" : "");
+    EXPECT_LE(max_scaled_error(as_f64(yl), as_f64(rows_of(y, at[w], at[w + 1])), c.atol, c.rtol), 1)
+        << "y, " << where;
+    std::vector<double> dx_want = as_f64(rows_of(dx, at[w], at[w + 1]));
+    for (double& v : dx_want) v *= double(W);
+    EXPECT_LE(max_scaled_error(as_f64(dxl), dx_want, c.atol * W, c.rtol), 1) << "dx, " << where;
+    for (auto [name, mine, all] : {std::tuple{"w1", &gl.w1, &g.w1}, std::tuple{"w3", &gl.w3, &g.w3},
+                                   std::tuple{"w2", &gl.w2, &g.w2}}) {
+      std::vector<double> want = as_f64(expert_shard(*all, grid.ep_rank(), grid.ep_size()));
+      for (double& v : want) v *= double(W);
+      EXPECT_LE(max_scaled_error(as_f64(*mine), want, c.atol * W, c.rtol), 1)
+          << name << ", " << where;
+    }
+    std::vector<double> gate = as_f64(gl.w_gate);
+    grid.world_allreduce_sum(gate);
+    std::vector<double> gate_want = as_f64(g.w_gate);
+    for (double& v : gate_want) v *= double(W);  // world x, summed over world ranks
+    EXPECT_LE(max_scaled_error(gate, gate_want, c.atol * W, c.rtol * 10), 1)
+        << "w_gate (summed over ranks), " << where;
+    EXPECT_NEAR(got.loss_balance, ref.loss_balance, 1e-9 * (1 + ref.loss_balance)) << where;
+
+    // Slots kept: this rank's share of the single process's kept slots.
+    int64_t kept_ref = 0, kept_here = 0;
+    const int64_t k = cfg.slots_per_token();
+    for (int64_t s = at[w] * k; s < at[w + 1] * k; ++s) kept_ref += cache.plan.slot_row[s] >= 0;
+    for (int32_t r : lc.plan.slot_row) kept_here += r >= 0;
+    EXPECT_EQ(kept_here, kept_ref) << where;
+    double rows[1] = {double(lc.ep.rows_computed)};
+    grid.world_allreduce_sum(rows);
+    EXPECT_EQ(int64_t(rows[0]), cache.plan.n_rows() * grid.dp_size()) << where;
   }
-  std::vector<double> gate = as_f64(gl.w_gate);
-  grid.world_allreduce_sum(gate);
-  std::vector<double> gate_want = as_f64(g.w_gate);
-  for (double& v : gate_want) v *= double(W);  // world x, summed over world ranks
-  EXPECT_LE(max_scaled_error(gate, gate_want, c.atol * W, c.rtol * 10), 1)
-      << "w_gate (summed over ranks), " << where;
-  EXPECT_NEAR(got.loss_balance, ref.loss_balance, 1e-9 * (1 + ref.loss_balance)) << where;
-
-  // Slots kept: this rank's share of the single process's kept slots.
-  int64_t kept_ref = 0, kept_here = 0;
-  const int64_t k = cfg.slots_per_token();
-  for (int64_t s = at[w] * k; s < at[w + 1] * k; ++s) kept_ref += cache.plan.slot_row[s] >= 0;
-  for (int32_t r : lc.plan.slot_row) kept_here += r >= 0;
-  EXPECT_EQ(kept_here, kept_ref) << where;
-  double rows[1] = {double(lc.ep.rows_computed)};
-  grid.world_allreduce_sum(rows);
-  EXPECT_EQ(int64_t(rows[0]), cache.plan.n_rows() * grid.dp_size()) << where;
 }
 
 MpiParallelGroup& world_grid() {
@@ -167,6 +174,37 @@ TEST(ExpertParallelLayer, EveryTokenToOneExpert) {
   c.cfg.capacity_factor_train = 1.5;
   // A zero router ties every expert; ties go to the lowest index.
   expect_equal_to_single_process(c, world_grid(), [](MoeParams& p) { p.w_gate.fill_zero(); });
+}
+
+TEST(ExpertParallelLayer, BfloatWireOverlappedTracksSequential) {
+  // bf16 on the wire, overlapped against in sequence on the same rows: each block is rounded
+  // once either way, so the two agree to a bf16 rounding here and there (f32's last bits differ
+  // between the schedules); a block taken from the wrong rows would be off by O(1).
+  MoeConfig cfg = small_config(8, 2);
+  cfg.dropless = true;
+  const MpiParallelGroup& grid = world_grid();
+  MoeParams p = init_moe_params(cfg, DType::kF32, 5);
+  for (Tensor* t : {&p.w1, &p.w3, &p.w2}) *t = expert_shard(*t, grid.ep_rank(), grid.ep_size());
+  const int64_t T = 31 + 6 * grid.world_rank();
+  Tensor x = random_tensor({T, cfg.d_model}, DType::kF32, 60 + uint64_t(grid.world_rank()), -2, 2);
+  Tensor dy = random_tensor({T, cfg.d_model}, DType::kF32, 70 + uint64_t(grid.world_rank()));
+  MoeLayer layer(cfg);
+  std::vector<double> y[2], dx[2], dw2[2];
+  for (const bool overlap : {false, true}) {
+    ExecContext ctx;
+    ctx.parallel = &grid;
+    ctx.exchange_bf16 = true;
+    ctx.exchange_overlap = overlap;
+    MoeCache cache;
+    MoeParams g = zeros_like(p);
+    Tensor out, din;
+    layer.forward(p, x, out, cache, ctx);
+    layer.backward(p, cache, dy, g, din, ctx);
+    y[overlap] = as_f64(out), dx[overlap] = as_f64(din), dw2[overlap] = as_f64(g.w2);
+  }
+  EXPECT_LE(max_scaled_error(y[1], y[0], 2e-2, 2e-2), 1) << "y";
+  EXPECT_LE(max_scaled_error(dx[1], dx[0], 2e-2, 2e-2), 1) << "dx";
+  EXPECT_LE(max_scaled_error(dw2[1], dw2[0], 5e-2, 2e-2), 1) << "dw2";
 }
 
 // The layer's forward on a few tokens over the world grid: where a config is refused.

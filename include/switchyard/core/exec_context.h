@@ -24,6 +24,12 @@ struct ExecContext {
   // arrival (every row, the ones a rank keeps too, so the rounding does not depend on where an
   // expert lives). Off: f32, which makes expert parallelism equal one process.
   bool exchange_bf16 = false;
+  // With `parallel`: the MoE layers' exchanges overlap their experts' compute. Rows travel
+  // point to point, and each owner computes a source's rows as soon as they have arrived (its
+  // own first) and sends that source its results at once, while the other blocks are still on
+  // the wire. The experts then run per (source, expert) piece rather than over all sources'
+  // rows at once: smaller GEMMs, the same values to rounding.
+  bool exchange_overlap = false;
   // The GEMM kernels (kernels/backend.h); nullptr: the f32 backend picked for this CPU.
   const Backend* backend = nullptr;
 };

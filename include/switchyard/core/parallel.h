@@ -9,9 +9,29 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <span>
 
 namespace sy {
+
+// Point-to-point transfers of rows within an expert group, all in flight together, so that an
+// exchange can overlap compute: post every transfer, take each received block as it completes,
+// and call progress() between pieces of compute (MPI moves data only inside its own calls).
+// A buffer posted stays unread (recv) or unchanged (send) until its completion is reported:
+// a recv's by wait_recv(), every transfer's by wait_all().
+class RowTransfers {
+ public:
+  virtual ~RowTransfers() = default;
+  // n_rows consecutive rows from / to ep rank `peer`; tags pair the transfers between two
+  // ranks. recv returns the transfer's id (0, 1, .. in posting order).
+  virtual int recv(int peer, std::byte* rows, int64_t n_rows, int tag) = 0;
+  virtual void send(int peer, const std::byte* rows, int64_t n_rows, int tag) = 0;
+  // Blocks until a recv not reported before has completed and returns its id; -1 when every
+  // recv posted has been reported.
+  virtual int wait_recv() = 0;
+  virtual void progress() = 0;
+  virtual void wait_all() = 0;
+};
 
 class ParallelGroup {
  public:
@@ -26,6 +46,8 @@ class ParallelGroup {
   virtual void ep_alltoallv(const std::byte* send, std::span<const int64_t> send_rows,
                             std::byte* recv, std::span<const int64_t> recv_rows,
                             size_t row_bytes) const = 0;
+  // Expert group: point-to-point transfers of rows of row_bytes each (RowTransfers above).
+  virtual std::unique_ptr<RowTransfers> ep_transfers(size_t row_bytes) const = 0;
   virtual void ep_allreduce_sum(std::span<int64_t> v) const = 0;
   // Expert group: every rank's bytes (the same count each), in rank order, to every rank.
   virtual void ep_allgather(const std::byte* send, size_t bytes, std::byte* recv) const = 0;

@@ -46,6 +46,8 @@ class Comm {
   // Rows of row_bytes: send_rows[q] consecutive rows to rank q, recv_rows[q] from it.
   void alltoallv(const std::byte* send, std::span<const int64_t> send_rows, std::byte* recv,
                  std::span<const int64_t> recv_rows, size_t row_bytes) const;
+  // Point-to-point transfers of rows, in flight together (core/parallel.h).
+  std::unique_ptr<RowTransfers> transfers(size_t row_bytes) const;
   void allreduce_sum(std::span<double> v) const;
   void allreduce_sum(std::span<float> v) const;
   void allreduce_sum(std::span<int64_t> v) const;
@@ -58,7 +60,8 @@ class Comm {
   static double timeout();
 
  private:
-  class Watch;  // the deadline of one collective
+  class Watch;      // the deadline of one collective
+  class Transfers;  // transfers() on this communicator
   explicit Comm(std::shared_ptr<MPI_Comm> comm);
   void check(int rc, const char* what) const;
 
@@ -78,6 +81,7 @@ class MpiParallelGroup final : public ParallelGroup {
   void ep_alltoall(std::span<const int64_t> send, std::span<int64_t> recv) const override;
   void ep_alltoallv(const std::byte* send, std::span<const int64_t> send_rows, std::byte* recv,
                     std::span<const int64_t> recv_rows, size_t row_bytes) const override;
+  std::unique_ptr<RowTransfers> ep_transfers(size_t row_bytes) const override;
   void ep_allreduce_sum(std::span<int64_t> v) const override;
   void ep_allgather(const std::byte* send, size_t bytes, std::byte* recv) const override;
   int dp_size() const override { return dp_.size(); }

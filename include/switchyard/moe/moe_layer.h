@@ -82,17 +82,20 @@ struct MoeTimes {
 
 // Expert parallelism's state between forward and backward (ExecContext::parallel set). This
 // rank owns experts [r El, (r+1) El), El = E / P; rows arrive grouped by source rank and are
-// regrouped by local expert for the grouped GEMMs.
+// regrouped by local expert for the grouped GEMMs. Overlapped (ExecContext::exchange_overlap),
+// they stay as they arrived, source-major, each (source, local expert) a piece of its own.
 struct ExpertParallelCache {
   std::vector<int64_t> counts, recv_counts, kept;  // exchanged per-expert row counts
   std::vector<int64_t> send_rows, recv_rows;       // [P]: rows to / from each ep rank
-  std::vector<int32_t> offsets;    // [El+1]: the local experts' rows in xe
-  std::vector<int32_t> by_expert;  // [m]: row of the source-major buffer for each row of xe
-  std::vector<int32_t> by_source;  // [m]: its inverse
-  Tensor buf;                      // [m, d]: rows as received / as sent back
-  Tensor xe, ye, dxe;              // [m, d]: the local experts' rows, expert-major
-  int64_t values_sent = 0;         // forward: activation values this rank sent to other ranks
-  int64_t rows_computed = 0;       // rows this rank's experts computed, from every source
+  std::vector<int32_t> offsets;                    // [El+1]: the local experts' rows in xe
+  std::vector<int32_t> by_expert;    // [m]: row of the source-major buffer for each row of xe
+  std::vector<int32_t> by_source;    // [m]: its inverse
+  Tensor buf;                        // [m, d]: rows as received / as sent back
+  Tensor xe, ye, dxe;                // [m, d]: the local experts' rows, expert-major
+  bool overlapped = false;           // forward overlapped the exchange: backward does too
+  std::vector<ExpertsCache> pieces;  // overlapped: [P][El], a source's rows for a local expert
+  int64_t values_sent = 0;           // forward: activation values this rank sent to other ranks
+  int64_t rows_computed = 0;         // rows this rank's experts computed, from every source
 };
 
 struct MoeCache {

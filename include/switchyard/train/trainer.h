@@ -31,6 +31,7 @@ struct TrainOptions {
   // process.
   const ParallelGroup* parallel = nullptr;
   bool exchange_bf16 = false;  // with parallel: rows cross ranks as bf16 (ExecContext)
+  bool exchange_overlap = false;  // with parallel: exchanges overlap expert compute (ExecContext)
 };
 
 struct TrainResult {
