@@ -57,7 +57,7 @@ LayerFigures bench_layer(const RunConfig& run, const MpiParallelGroup& grid,
   ExecContext ctx;
   ctx.parallel = &grid;
   ctx.exchange_bf16 = opt.exchange == "bf16";
-  ctx.exchange_overlap = opt.overlap;
+  ctx.exchange_overlap = overlap_exchange(opt.overlap, grid);
   ctx.profile = opt.split_wait;
   ctx.n_threads = 1;
   MoeCache cache;
@@ -146,7 +146,11 @@ int run_bench_ep(const BenchEpOptions& opt) {
     run.train.steps = opt.train_steps;
     run.train.eval_interval = opt.train_steps * 10;  // timing only: no evaluation
     run.train.checkpoint_interval = opt.train_steps * 10;
-    const fs::path base = fs::temp_directory_path() / fmt::format("sy_bench_ep_{}", ::getpid());
+    // One run directory for every rank (each writes its shard of the checkpoint there): rank
+    // 0's process id names it.
+    int64_t id = ::getpid();
+    world.broadcast(reinterpret_cast<std::byte*>(&id), sizeof(id), 0);
+    const fs::path base = fs::temp_directory_path() / fmt::format("sy_bench_ep_{}", id);
     TrainOptions o;
     o.log = nullptr;
     if (lead) {
@@ -169,7 +173,7 @@ int run_bench_ep(const BenchEpOptions& opt) {
     o.n_threads = 1;
     o.parallel = &grid;
     o.exchange_bf16 = opt.exchange == "bf16";
-    o.exchange_overlap = opt.overlap;
+    o.exchange_overlap = overlap_exchange(opt.overlap, grid);
     ep_tps = train(run, o).tokens_per_s;
     world.barrier();
     if (lead) {
@@ -191,7 +195,7 @@ int run_bench_ep(const BenchEpOptions& opt) {
                               {"forward_values_sent", f.values_to},
                               {"timed_iters", opt.iters},
                               {"exchange", opt.exchange},
-                              {"overlap", opt.overlap},
+                              {"overlap", overlap_exchange(opt.overlap, grid)},
                               {"train_tokens_per_s", ep_tps},
                               {"train_alone_tokens_per_s", alone_tps}};
     write_json_output(j.dump(2) + "\n", opt.json_path);

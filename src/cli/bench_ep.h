@@ -18,7 +18,7 @@ struct BenchEpOptions {
   int64_t train_steps = 12;   // training steps per run (0: skip the training comparison)
   double capacity_factor = 0; // 0: dropless (the volume then depends on routing alone)
   std::string exchange = "f32";  // dtype of the rows crossing ranks: f32 or bf16
-  bool overlap = false;          // the exchanges overlap expert compute
+  std::string overlap = "auto";  // the exchanges overlap expert compute: on, off, auto
   bool split_wait = false;       // time the wait for the slowest rank apart (MoeTimes)
   std::string json_path;
 };

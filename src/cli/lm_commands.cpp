@@ -17,6 +17,7 @@
 #include "switchyard/io/hf_export.h"
 #include "switchyard/io/hf_model.h"
 #include "switchyard/train/data.h"
+#include "switchyard/train/parallel.h"
 #include "switchyard/train/routes.h"
 #include "switchyard/train/sweep.h"
 #include "switchyard/train/trainer.h"
@@ -110,7 +111,7 @@ int train_with(const TrainCliOptions& o, const ParallelGroup* grid) {
   if (o.exchange != "f32" && o.exchange != "bf16")
     throw ConfigError(fmt::format("--exchange {}: expected f32 or bf16", o.exchange));
   opt.exchange_bf16 = o.exchange == "bf16";
-  opt.exchange_overlap = o.overlap;
+  opt.exchange_overlap = grid != nullptr && overlap_exchange(o.overlap, *grid);
   opt.log = lead ? stdout : nullptr;
   const LmConfig& m = cfg.model;
   if (lead)
@@ -121,8 +122,10 @@ int train_with(const TrainCliOptions& o, const ParallelGroup* grid) {
                opt.n_threads > 0 ? opt.n_threads : max_threads(),
                grid == nullptr ? std::string()
                                : fmt::format(" per rank, {} ranks: {} expert-parallel x {} "
-                                             "data-parallel",
-                                             grid->world_size(), grid->ep_size(), grid->dp_size()),
+                                             "data-parallel, rows as {}{}",
+                                             grid->world_size(), grid->ep_size(), grid->dp_size(),
+                                             o.exchange,
+                                             opt.exchange_overlap ? ", overlapped" : ""),
                opt.out_dir);
   const TrainResult r = [&] {
     const StopSignals guard;

@@ -18,7 +18,7 @@ struct TrainCliOptions {
   int expert_parallel = 0;       // > 0: ranks per expert group (run under mpirun)
   double comm_timeout = 300;     // seconds a collective may wait on a peer
   std::string exchange = "f32";  // dtype of the rows crossing ranks: f32 or bf16
-  bool overlap = false;          // the exchanges overlap expert compute
+  std::string overlap = "auto";  // the exchanges overlap expert compute: on, off, auto (across hosts)
 };
 int run_train(const TrainCliOptions& o);
 

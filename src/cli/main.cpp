@@ -147,8 +147,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   bench_ep->add_option("--exchange", ep_opt.exchange, "Rows cross ranks as f32 or bf16")
       ->capture_default_str();
-  bench_ep->add_flag("--overlap", ep_opt.overlap,
-                     "Overlap the row exchanges with the experts' compute, block by block");
+  bench_ep->add_option("--overlap", ep_opt.overlap,
+                       "Overlap the row exchanges with the experts' compute, block by block: on, "
+                       "off, auto (on when the ranks span hosts)")
+      ->capture_default_str();
   bench_ep->add_flag("--split-wait", ep_opt.split_wait,
                      "Time the wait for the slowest rank apart from moving the rows (adds a "
                      "one-value all-reduce before each row exchange)");
@@ -181,9 +183,11 @@ int main(int argc, char** argv) {
                     "Under mpirun: the MoE rows cross ranks as f32 (equal to one process) or "
                     "bf16 (half the bytes)")
       ->capture_default_str();
-  train->add_flag("--overlap", train_opt.overlap,
-                  "Under mpirun: overlap the MoE row exchanges with the experts' compute, each "
-                  "rank computing a source's rows as they arrive");
+  train->add_option("--overlap", train_opt.overlap,
+                    "Under mpirun: overlap the MoE row exchanges with the experts' compute, each "
+                    "rank computing a source's rows as they arrive: on, off, auto (on when an "
+                    "expert group spans hosts, where it pays)")
+      ->capture_default_str();
 
   sy::cli::EvalCliOptions eval_opt;
   CLI::App* eval = app.add_subcommand("eval", "Validation loss and bits per byte of a checkpoint");

@@ -8,6 +8,8 @@
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
+#include <string>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -106,15 +108,49 @@ Comm Comm::world() {
   return Comm(std::make_shared<MPI_Comm>(MPI_COMM_WORLD));
 }
 
-Comm Comm::split(int color, int key) const {
-  auto comm = std::shared_ptr<MPI_Comm>(new MPI_Comm(MPI_COMM_NULL), [](MPI_Comm* c) {
+namespace {
+// A communicator for MPI to fill in, freed with its last Comm (unless MPI has ended by then).
+std::shared_ptr<MPI_Comm> new_comm() {
+  return std::shared_ptr<MPI_Comm>(new MPI_Comm(MPI_COMM_NULL), [](MPI_Comm* c) {
     int finalized = 0;
     MPI_Finalized(&finalized);
     if (!finalized && *c != MPI_COMM_NULL) MPI_Comm_free(c);
     delete c;
   });
+}
+}  // namespace
+
+Comm Comm::split(int color, int key) const {
+  const std::shared_ptr<MPI_Comm> comm = new_comm();
   check(MPI_Comm_split(*comm_, color, key, comm.get()), "MPI_Comm_split");
-  return Comm(std::move(comm));
+  return Comm(comm);
+}
+
+namespace {
+// The host this rank runs on, as its launcher knows it: under OpenMPI the daemon it was started
+// by (one per host, also where hosts share a name, as network namespaces on one machine do),
+// else MPI's processor name. (MPI_COMM_TYPE_SHARED is no help there: OpenMPI judges locality by
+// host name, and ranks of different hosts with one name then disagree and hang.)
+uint64_t host_id() {
+  std::string id;
+  if (const char* uri = std::getenv("OMPI_MCA_orte_local_daemon_uri")) {
+    id = uri;
+    id = "orte:" + id.substr(0, id.find(';'));  // "jobid.vpid" of the daemon
+  } else {
+    char name[MPI_MAX_PROCESSOR_NAME];
+    int len = 0;
+    if (MPI_Get_processor_name(name, &len) == MPI_SUCCESS) id.assign(name, size_t(len));
+  }
+  return std::hash<std::string>{}(id);
+}
+}  // namespace
+
+bool Comm::spans_hosts() const {
+  const uint64_t mine = host_id();
+  std::vector<uint64_t> all(static_cast<size_t>(size_));
+  allgather(reinterpret_cast<const std::byte*>(&mine), sizeof(mine),
+            reinterpret_cast<std::byte*>(all.data()));
+  return std::any_of(all.begin(), all.end(), [&](uint64_t h) { return h != all[0]; });
 }
 
 void Comm::set_timeout(double seconds) { g_timeout_s = seconds; }
@@ -337,6 +373,7 @@ MpiParallelGroup::MpiParallelGroup(const Comm& world, int ep_size)
                     ep_size, world.size()));
   ep_ = world.split(world.rank() / ep_size, world.rank());
   dp_ = world.split(world.rank() % ep_size, world.rank());
+  ep_spans_hosts_ = ep_.spans_hosts();
 }
 
 void MpiParallelGroup::ep_alltoall(std::span<const int64_t> send, std::span<int64_t> recv) const {

@@ -6,6 +6,13 @@
 
 namespace sy {
 
+bool overlap_exchange(std::string_view mode, const ParallelGroup& grid) {
+  if (mode == "on") return true;
+  if (mode == "off") return false;
+  if (mode == "auto") return grid.ep_spans_hosts();
+  throw ConfigError(fmt::format("--overlap {}: expected on, off or auto", mode));
+}
+
 bool is_expert_weight(std::string_view name) {
   for (std::string_view w : {"moe.w1", "moe.w3", "moe.w2"})
     if (name.size() >= w.size() && name.substr(name.size() - w.size()) == w) return true;

@@ -98,6 +98,10 @@ else
   fi
 fi
 echo "checkpoint holds step $step"
+if [[ $mode == rank_term ]]; then
+  # --overlap auto: both ranks on this one host, so the exchange runs in sequence.
+  grep -q 'rows as f32 ->' "$dir/log" || fail "--overlap auto overlapped on one host"
+fi
 "$bin" eval --checkpoint "$dir/run" --max-tokens 512 --threads 1 \
   >/dev/null || fail "the final checkpoint does not load"
 # --resume continues from it: a few more steps.

@@ -101,6 +101,8 @@ rc=$?
 said=$(tr '\r' '\n' <"$dir/log" | sed -n 's/^interrupted after step \([0-9]*\):.*/\1/p')
 [[ -n $said ]] || fail "no 'interrupted after step' line"
 [[ -f $dir/run/checkpoint/index.json ]] || fail "no final (sharded) checkpoint"
+# --overlap auto: the expert group spans the hosts, so the exchange overlaps compute.
+grep -q 'rows as f32, overlapped' "$dir/log" || fail "--overlap auto did not overlap across hosts"
 "$bin" train --out "$dir/run" --resume --threads 1 --steps $((said + 2)) \
   --set model.d_model=32 --set model.context=32 --set model.moe.d_ff=48 --set model.n_layers=2 \
   --set train.batch=4 --set train.eval_interval=100000 --set train.checkpoint_interval=100000 \

@@ -57,6 +57,10 @@ class ParallelGroup {
   virtual int dp_size() const = 0;
   virtual void dp_allreduce_sum(std::span<float> v) const = 0;
 
+  // Whether the expert group's ranks are on more than one host (node), where the exchange
+  // crosses a network and overlapping it with compute pays (ExecContext::exchange_overlap).
+  virtual bool ep_spans_hosts() const = 0;
+
   virtual int world_rank() const = 0;
   virtual int world_size() const = 0;
   virtual void world_allreduce_sum(std::span<double> v) const = 0;

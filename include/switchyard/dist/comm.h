@@ -39,6 +39,8 @@ class Comm {
   int size() const { return size_; }
   // Ranks with the same color form a communicator, ordered by key.
   Comm split(int color, int key) const;
+  // Whether this communicator's ranks run on more than one host (collective).
+  bool spans_hosts() const;
 
   void barrier() const;
   // send [size * m] -> recv [size * m], block q to and from rank q.
@@ -86,6 +88,7 @@ class MpiParallelGroup final : public ParallelGroup {
   void ep_allgather(const std::byte* send, size_t bytes, std::byte* recv) const override;
   int dp_size() const override { return dp_.size(); }
   void dp_allreduce_sum(std::span<float> v) const override;
+  bool ep_spans_hosts() const override { return ep_spans_hosts_; }
   int world_rank() const override { return world_.rank(); }
   int world_size() const override { return world_.size(); }
   void world_allreduce_sum(std::span<double> v) const override;
@@ -95,6 +98,7 @@ class MpiParallelGroup final : public ParallelGroup {
 
  private:
   Comm world_, ep_, dp_;
+  bool ep_spans_hosts_ = false;
 };
 
 }  // namespace sy

@@ -29,4 +29,8 @@ LmParams gather_experts(const LmParams& p, const ParallelGroup& g);
 // its own tokens' mean loss, so the result is the gradient of the mean over all of them.
 void allreduce_gradients(LmParams& g, const ParallelGroup& grid);
 
+// --overlap: "on", "off", or "auto" (on where the expert group spans hosts: overlapping pays
+// over a network, not in shared memory; bench/README.md). Throws ConfigError for another word.
+bool overlap_exchange(std::string_view mode, const ParallelGroup& grid);
+
 }  // namespace sy
