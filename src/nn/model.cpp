@@ -342,49 +342,94 @@ DecodeState LanguageModel::start(DType dtype) const {
 
 void LanguageModel::decode(const LmParams& p, std::span<const int32_t> tokens, DecodeState& state,
                            std::vector<float>& logits, const ExecContext& ctx) const {
+  const std::span<const int32_t> one_seq[1] = {tokens};
+  DecodeState* const one_state[1] = {&state};
+  Tensor lg;
+  decode_batch(p, one_seq, one_state, lg, ctx);
+  logits.assign(lg.data<float>(), lg.data<float>() + lg.numel());
+}
+
+void LanguageModel::decode_batch(const LmParams& p,
+                                 std::span<const std::span<const int32_t>> tokens,
+                                 std::span<DecodeState* const> states, Tensor& logits,
+                                 const ExecContext& ctx, DecodeRouting* routing) const {
   check_params(p);
   if (p.embed.dtype() != DType::kF32)
     throw ShapeError(fmt::format("decode: parameters are {}: expected f32",
                                  dtype_name(p.embed.dtype())));
-  const int64_t n = int64_t(tokens.size()), d = cfg_.d_model, V = cfg_.vocab;
-  if (n == 0) throw ShapeError("decode: no tokens given");
-  for (int32_t t : tokens)
-    if (t < 0 || t >= V)
-      throw ShapeError(fmt::format("token {}: expected 0..{} (model.vocab)", t, V - 1));
-  if (int64_t(state.kv.size()) != cfg_.n_layers) state = start(DType::kF32);
+  if (tokens.size() != states.size() || tokens.empty())
+    throw ShapeError(fmt::format("decode: {} token lists for {} sequences: expected as many, "
+                                 "at least one",
+                                 tokens.size(), states.size()));
+  const int64_t n_seq = int64_t(tokens.size()), d = cfg_.d_model, V = cfg_.vocab;
+  std::vector<int32_t> all;  // every sequence's new tokens, one after another
+  std::vector<int64_t> at(size_t(n_seq) + 1, 0);
+  for (int64_t s = 0; s < n_seq; ++s) {
+    if (tokens[s].empty()) throw ShapeError(fmt::format("decode: sequence {}: no tokens", s));
+    for (int32_t t : tokens[s])
+      if (t < 0 || t >= V)
+        throw ShapeError(fmt::format("token {}: expected 0..{} (model.vocab)", t, V - 1));
+    DecodeState& st = *states[s];
+    if (int64_t(st.kv.size()) != cfg_.n_layers) st = start(DType::kF32);
+    if (st.n_pos() + int64_t(tokens[s].size()) > cfg_.context)
+      throw ShapeError(fmt::format("decode: sequence {}: {} positions filled + {} new exceed the "
+                                   "context of {}",
+                                   s, st.n_pos(), tokens[s].size(), cfg_.context));
+    all.insert(all.end(), tokens[s].begin(), tokens[s].end());
+    at[s + 1] = int64_t(all.size());
+  }
+  const int64_t n = int64_t(all.size());
   ThreadScope threads(ctx.n_threads);
   ExecContext eval = ctx;
   eval.training = false;
   const float eps = float(cfg_.norm_eps);
   Tensor x({n, d}, DType::kF32), h({n, d}, DType::kF32), out, rstd({n}, DType::kF32);
-  cpu::gather_rows<float>(p.embed.matrix<float>(), tokens, x.matrix<float>());
+  Tensor hs, ys;  // one sequence's rows through attention
+  cpu::gather_rows<float>(p.embed.matrix<float>(), all, x.matrix<float>());
   MoeCache moe_cache;
   ExpertsCache ffn_cache;
+  if (routing != nullptr) *routing = {};
   for (int64_t i = 0; i < cfg_.n_layers; ++i) {
     const LayerParams& l = p.layers[i];
     cpu::rmsnorm<float>(x.matrix<float>(), l.norm_attn.span<float>(), eps, h.matrix<float>(),
                         rstd.span<float>());
-    attention_.decode(l.attn, h, state.kv[i], out, eval);
+    out.resize({n, d}, DType::kF32);
+    for (int64_t s = 0; s < n_seq; ++s) {
+      const size_t row = size_t(d) * sizeof(float), rows = size_t(at[s + 1] - at[s]);
+      hs.resize({int64_t(rows), d}, DType::kF32);
+      std::memcpy(hs.bytes(), h.bytes() + size_t(at[s]) * row, rows * row);
+      attention_.decode(l.attn, hs, states[s]->kv[i], ys, eval);
+      std::memcpy(out.bytes() + size_t(at[s]) * row, ys.bytes(), rows * row);
+    }
     add_into<float>(x, out);
     cpu::rmsnorm<float>(x.matrix<float>(), l.norm_ffn.span<float>(), eps, h.matrix<float>(),
                         rstd.span<float>());
     if (cfg_.is_moe(i)) {
-      moe_->forward(l.moe, h, out, moe_cache, layer_context(eval, i), tokens);
+      const MoeForward mf = moe_->forward(l.moe, h, out, moe_cache, layer_context(eval, i), all);
+      if (routing != nullptr) {
+        routing->layers.push_back(mf.stats);
+        const int64_t k = moe_->config().slots_per_token();
+        std::vector<int32_t>& top1 = routing->top1.emplace_back(size_t(n));
+        for (int64_t t = 0; t < n; ++t) top1[t] = moe_cache.router.expert[size_t(t * k)];
+      }
     } else {
       out.resize({n, d}, DType::kF32);
-      const std::vector<int32_t> all = {0, int32_t(n)};
+      const std::vector<int32_t> rows = {0, int32_t(n)};
       experts_forward<float>(backend_of(eval), one<float>(l.w1), one<float>(l.w3), one<float>(l.w2),
-                             h.matrix<float>(), all, out.matrix<float>(), ffn_cache);
+                             h.matrix<float>(), rows, out.matrix<float>(), ffn_cache);
     }
     add_into<float>(x, out);
   }
-  // Only the last position's logits are needed.
-  MatrixView<const float> last{x.data<float>() + (n - 1) * d, 1, d};
-  Tensor hl({1, d}, DType::kF32), rl({1}, DType::kF32), lg({1, V}, DType::kF32);
-  cpu::rmsnorm<float>(last, p.norm_out.span<float>(), eps, hl.matrix<float>(), rl.span<float>());
-  backend_of(eval).gemm<float>(false, false, 1.0f, hl.matrix<float>(),
-                               p.lm_head.matrix<float>(), 0.0f, lg.matrix<float>());
-  logits.assign(lg.data<float>(), lg.data<float>() + V);
+  // Only each sequence's last position's logits are needed.
+  Tensor last({n_seq, d}, DType::kF32), hl({n_seq, d}, DType::kF32), rl({n_seq}, DType::kF32);
+  for (int64_t s = 0; s < n_seq; ++s)
+    std::memcpy(last.data<float>() + s * d, x.data<float>() + (at[s + 1] - 1) * d,
+                size_t(d) * sizeof(float));
+  cpu::rmsnorm<float>(last.matrix<float>(), p.norm_out.span<float>(), eps, hl.matrix<float>(),
+                      rl.span<float>());
+  logits.resize({n_seq, V}, DType::kF32);
+  backend_of(eval).gemm<float>(false, false, 1.0f, hl.matrix<float>(), p.lm_head.matrix<float>(),
+                               0.0f, logits.matrix<float>());
 }
 
 }  // namespace sy

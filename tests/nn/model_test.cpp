@@ -133,6 +133,67 @@ TEST(LanguageModel, DecodeWithKvCacheMatchesFullForward) {
   }
 }
 
+TEST(LanguageModel, DecodeBatchEqualsEachSequenceAlone) {
+  // Five sequences of odd, unequal prompts prefilled together, then steps mixing one-token
+  // decodes with a chunk of prefill: each sequence's logits are what it gets decoded alone.
+  LmConfig cfg = tiny_config(1, /*dropless=*/true);
+  cfg.context = 24;
+  LanguageModel model(cfg);
+  const LmParams p = init_lm_params(cfg, DType::kF32, 21);
+  ExecContext eval;
+  eval.training = false;
+  const int64_t S = 5;
+  // steps[t][s]: the tokens sequence s feeds at step t.
+  std::vector<std::vector<std::vector<int32_t>>> steps = {
+      {{3, 1, 4}, {1}, {5, 9, 2, 6, 5, 3, 5}, {8, 9}, {7, 9, 3, 2, 3}},
+      {{8}, {4}, {6}, {2, 6, 4}, {3}},
+      {{3}, {8, 3, 2, 7, 9}, {5}, {0}, {2}},
+  };
+  std::vector<DecodeState> batched(static_cast<size_t>(S)), alone(static_cast<size_t>(S));
+  for (size_t t = 0; t < steps.size(); ++t) {
+    std::vector<std::span<const int32_t>> tokens;
+    std::vector<DecodeState*> states;
+    for (int64_t s = 0; s < S; ++s) {
+      tokens.emplace_back(steps[t][s]);
+      states.push_back(&batched[s]);
+    }
+    Tensor logits;
+    DecodeRouting routing;
+    model.decode_batch(p, tokens, states, logits, eval, &routing);
+    ASSERT_EQ(logits.dim(0), S);
+    size_t rows = 0;
+    for (const auto& seq : steps[t]) rows += seq.size();
+    ASSERT_EQ(int64_t(routing.top1.size()), cfg.n_moe_layers());
+    for (size_t l = 0; l < routing.top1.size(); ++l) {
+      EXPECT_EQ(routing.top1[l].size(), rows);
+      EXPECT_EQ(routing.layers[l].capacity, -1);  // dropless
+    }
+    for (int64_t s = 0; s < S; ++s) {
+      std::vector<float> want;
+      model.decode(p, steps[t][s], alone[s], want, eval);
+      EXPECT_EQ(batched[s].n_pos(), alone[s].n_pos());
+      for (int64_t v = 0; v < cfg.vocab; ++v)
+        EXPECT_NEAR(logits.data<float>()[s * cfg.vocab + v], want[v], 1e-5)
+            << "step " << t << " sequence " << s << " logit " << v;
+    }
+  }
+  // A sequence that would pass the context: refused before any cache moves.
+  const std::vector<int32_t> one = {1}, too_long(20, 2);
+  const std::span<const int32_t> tokens[2] = {one, too_long};
+  DecodeState* const states[2] = {&batched[0], &batched[2]};
+  const int64_t before0 = batched[0].n_pos(), before2 = batched[2].n_pos();
+  Tensor logits;
+  try {
+    model.decode_batch(p, tokens, states, logits, eval);
+    FAIL() << "a sequence past the context was accepted";
+  } catch (const ShapeError& e) {
+    EXPECT_NE(std::string(e.what()).find("exceed the context of 24"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_EQ(batched[0].n_pos(), before0);
+  EXPECT_EQ(batched[2].n_pos(), before2);
+}
+
 // Every backend (f32 and bf16 compute, each library): the bits never depend on the thread count.
 class ModelOnBackend : public ::testing::TestWithParam<const Backend*> {};
 

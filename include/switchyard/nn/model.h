@@ -113,6 +113,13 @@ struct DecodeState {
   int64_t n_pos() const { return kv.empty() ? 0 : kv.front().n_pos; }
 };
 
+// What the MoE layers did with the rows of one decode_batch call (rows: every sequence's new
+// tokens, sequence after sequence).
+struct DecodeRouting {
+  std::vector<RoutingStats> layers;        // one per MoE layer, in layer order
+  std::vector<std::vector<int32_t>> top1;  // [MoE layer][row]: the expert of the first choice
+};
+
 class LanguageModel {
  public:
   explicit LanguageModel(const LmConfig& cfg);  // throws ConfigError
@@ -131,6 +138,15 @@ class LanguageModel {
   DecodeState start(DType dtype) const;
   void decode(const LmParams& p, std::span<const int32_t> tokens, DecodeState& state,
               std::vector<float>& logits, const ExecContext& ctx) const;
+  // Several sequences in one step (continuous batching): sequence i feeds tokens[i] (one or
+  // more) at its next positions in *states[i]. Attention runs per sequence on its own cache;
+  // the MoE and dense layers take every sequence's rows at once, so each expert's weights are
+  // read once per step. logits: [n_seq, V], each sequence's last position. routing, when
+  // given, receives what the MoE layers did. With a dropless MoE config each sequence's
+  // logits are what decode() gives it alone.
+  void decode_batch(const LmParams& p, std::span<const std::span<const int32_t>> tokens,
+                    std::span<DecodeState* const> states, Tensor& logits, const ExecContext& ctx,
+                    DecodeRouting* routing = nullptr) const;
 
   // Throws ShapeError naming the tensor; ep_size > 1: expert weights hold E / ep_size experts.
   void check_params(const LmParams& p, int64_t ep_size = 1) const;
