@@ -16,6 +16,7 @@
 #include "switchyard/core/rng.h"
 #include "switchyard/io/hf_export.h"
 #include "switchyard/io/hf_model.h"
+#include "switchyard/serve/sampling.h"
 #include "switchyard/train/data.h"
 #include "switchyard/train/parallel.h"
 #include "switchyard/train/routes.h"
@@ -202,45 +203,12 @@ int run_eval(const EvalCliOptions& o) {
 
 namespace {
 
-// Softmax at the temperature, then keep the top-k and the smallest set whose mass reaches top-p,
-// renormalised; temperature 0 is greedy. Draw i of the stream rng.
-int32_t sample_next(std::span<const float> logits, const GenerateCliOptions& o, const Philox& rng,
-                    int64_t i, std::vector<int32_t>& order, std::vector<double>& prob) {
-  if (o.temperature == 0)
-    return int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
-  order.resize(logits.size());
-  prob.resize(logits.size());
-  const float mx = *std::max_element(logits.begin(), logits.end());
-  for (size_t v = 0; v < logits.size(); ++v)
-    prob[v] = std::exp((double(logits[v]) - mx) / o.temperature);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return prob[a] > prob[b]; });
-  const double total = std::accumulate(prob.begin(), prob.end(), 0.0);
-  size_t keep = o.top_k > 0 ? std::min<size_t>(size_t(o.top_k), order.size()) : order.size();
-  double mass = 0;
-  for (size_t j = 0; j < keep; ++j) {
-    mass += prob[order[j]] / total;
-    if (mass >= o.top_p) {
-      keep = j + 1;
-      break;
-    }
-  }
-  double kept = 0;
-  for (size_t j = 0; j < keep; ++j) kept += prob[order[j]];
-  double u = double(rng.uniform(uint64_t(i))) * kept;
-  for (size_t j = 0; j < keep; ++j) {
-    u -= prob[order[j]];
-    if (u < 0) return order[j];
-  }
-  return order[keep - 1];
+Sampling sampling_of(const GenerateCliOptions& o) {
+  return {.temperature = o.temperature, .top_k = o.top_k, .top_p = o.top_p};
 }
 
 void check_sampling(const GenerateCliOptions& o) {
-  if (!(o.temperature >= 0) || !std::isfinite(o.temperature))
-    throw ConfigError(fmt::format("--temperature {}: expected >= 0", o.temperature));
-  if (!(o.top_p > 0 && o.top_p <= 1))
-    throw ConfigError(fmt::format("--top-p {}: expected in (0, 1]", o.top_p));
-  if (o.top_k < 0) throw ConfigError(fmt::format("--top-k {}: expected >= 0", o.top_k));
+  check_sampling(sampling_of(o), FieldNames::kFlags);
   if (o.prompt.empty()) throw ConfigError("--prompt is empty: expected at least one byte");
   if (o.checkpoint.empty() == o.model.empty())
     throw ConfigError("generate: expected one of --checkpoint or --model");
@@ -280,16 +248,16 @@ int generate_hf(const GenerateCliOptions& o) {
   fmt::print(stderr, "[prefill of {} tokens in {:.3f} s: {:.0f} tokens/s]\n", ids.size(),
              wall_seconds() - p0, double(ids.size()) / (wall_seconds() - p0));
   const int64_t V = m.config.vocab;
-  const Philox rng(o.seed, 0x6E4);
-  std::vector<int32_t> order, out;
-  std::vector<double> prob;
+  const Philox rng = sampling_stream(o.seed);
+  SamplerScratch scratch;
+  std::vector<int32_t> out;
   std::string shown;
   fmt::print("{}", o.prompt);
   const double t0 = wall_seconds();
   int64_t made = 0;
   for (; made < o.tokens; ++made) {
     const float* last = logits.data<float>() + (logits.dim(0) - 1) * V;
-    const int32_t next = sample_next({last, size_t(V)}, o, rng, made, order, prob);
+    const int32_t next = sample_token({last, size_t(V)}, sampling_of(o), rng, made, scratch);
     if (std::find(m.eos_ids.begin(), m.eos_ids.end(), next) != m.eos_ids.end()) break;
     out.push_back(next);
     // Print what the decoded text gained; a piece that ends inside a character waits.
@@ -366,12 +334,11 @@ int run_generate(const GenerateCliOptions& o) {
   std::vector<float> logits;
   model.decode(ck.params, text, state, logits, ctx);
   fmt::print("{}", o.prompt);
-  const Philox rng(o.seed, 0x6E4);
-  std::vector<int32_t> order;
-  std::vector<double> prob;
+  const Philox rng = sampling_stream(o.seed);
+  SamplerScratch scratch;
   const double t0 = wall_seconds();
   for (int64_t i = 0; i < o.tokens; ++i) {
-    const int32_t next = sample_next(logits, o, rng, i, order, prob);
+    const int32_t next = sample_token(logits, sampling_of(o), rng, i, scratch);
     std::fputc(next, stdout);
     std::fflush(stdout);
     text.push_back(next);
