@@ -134,6 +134,7 @@ struct Engine::Sequence {
   int64_t reserved = 0;  // KV positions it may fill
   double last_token_at = 0;
   TextStream text;
+  bool admitted = false;  // running: counted in running_count_
   bool done = false;
 };
 
@@ -258,15 +259,20 @@ EngineMetrics Engine::metrics() const {
 void Engine::finish(Sequence& s, Finish why) {
   s.done = true;
   {
+    // Its slot is free before its client hears of the end, so that the client's next
+    // request finds it free.
+    std::lock_guard lock(mutex_);
+    ++metrics_.requests_finished;
+    ++metrics_.finished_by_reason[size_t(why)];
+    if (s.admitted) metrics_.running = --running_count_;
+  }
+  {
     std::lock_guard lock(s.out->mutex_);
     s.out->pending_.text += s.text.flush();
     s.out->pending_.done = true;
     s.out->pending_.finish = why;
   }
   s.out->changed_.notify_all();
-  std::lock_guard lock(mutex_);
-  ++metrics_.requests_finished;
-  ++metrics_.finished_by_reason[size_t(why)];
 }
 
 void Engine::loop() {
@@ -289,11 +295,13 @@ void Engine::loop() {
              reserved + waiting_.front()->reserved <= opt_.kv_positions) {
         reserved += waiting_.front()->reserved;
         waiting_.front()->state = model_.start(DType::kF32);
+        waiting_.front()->admitted = true;
+        ++running_count_;
         running.push_back(std::move(waiting_.front()));
         waiting_.pop_front();
       }
       metrics_.waiting = int64_t(waiting_.size());
-      metrics_.running = running_count_ = int64_t(running.size());
+      metrics_.running = running_count_;
     }
     if (stopping) {
       for (auto& s : ended) finish(*s, Finish::kShutdown);
@@ -318,7 +326,6 @@ void Engine::loop() {
     int64_t filled = 0;
     for (auto& s : running) filled += s->state.n_pos();
     metrics_.kv_used = filled;
-    metrics_.running = running_count_ = int64_t(running.size());
   }
 }
 
