@@ -356,28 +356,64 @@ void Engine::step(std::vector<std::unique_ptr<Sequence>>& running) {
   model_.decode_batch(params_, tokens, states, logits, ctx_, &routing);
   const double now = wall_seconds();
 
+  // The counters first: a client told of its completion's end finds them up to date.
+  {
+    int64_t rows = 0, decoded = 0, prefilled = 0;
+    std::vector<double> ttft, itl;
+    for (size_t i = 0; i < in_step.size(); ++i) {
+      const Sequence& s = *in_step[i];
+      rows += int64_t(tokens[i].size());
+      prefilled += s.feeding;
+      if (s.fed + s.feeding < int64_t(s.req.prompt.size())) continue;  // no token this step
+      ++decoded;
+      (s.made == 0 ? ttft : itl)
+          .push_back(now - (s.made == 0 ? s.out->submitted_ : s.last_token_at));
+    }
+    std::lock_guard lock(mutex_);
+    EngineMetrics& m = metrics_;
+    ++m.steps;
+    m.step_rows += rows;
+    m.step_sequences += int64_t(in_step.size());
+    m.completion_tokens += decoded;
+    m.prompt_tokens += prefilled;
+    static const std::vector<double> batch_bounds(std::begin(kBatchBuckets),
+                                                  std::end(kBatchBuckets));
+    add_to_histogram(m.batch_hist, double(in_step.size()), batch_bounds);
+    for (double v : ttft) {
+      add_to_histogram(m.ttft_hist, v, kLatencyBuckets);
+      m.ttft_sum += v, ++m.ttft_count;
+    }
+    for (double v : itl) {
+      add_to_histogram(m.itl_hist, v, kLatencyBuckets);
+      m.itl_sum += v, ++m.itl_count;
+    }
+    double touched = 0;
+    for (size_t l = 0; l < routing.layers.size(); ++l) {
+      const RoutingStats& st = routing.layers[l];
+      for (size_t e = 0; e < st.demand.size(); ++e) {
+        m.routed[l][e] += st.demand[e];
+        m.dropped[l][e] += st.demand[e] - st.rows[e];
+        touched += st.demand[e] > 0;
+      }
+    }
+    if (!routing.layers.empty()) m.experts_touched_sum += touched / double(routing.layers.size());
+  }
+
   SamplerScratch scratch;
-  int64_t row_end = 0, decoded = 0, prefilled = 0;
-  std::vector<double> ttft, itl;
+  int64_t row_end = 0;
   for (size_t i = 0; i < in_step.size(); ++i) {
     Sequence& s = *in_step[i];
     row_end += int64_t(tokens[i].size());
     if (s.feeding > 0) {
-      prefilled += s.feeding;
       s.fed += s.feeding;
       s.feeding = 0;
       if (s.fed < int64_t(s.req.prompt.size())) continue;  // more prompt to feed first
     }
-    ++decoded;
     const int32_t t =
         sample_token({logits.data<float>() + i * size_t(cfg_.vocab), size_t(cfg_.vocab)},
                      s.req.sampling, s.rng, s.made, scratch);
     ++s.made;
     s.last = t;
-    if (s.made == 1)
-      ttft.push_back(now - s.out->submitted_);
-    else
-      itl.push_back(now - s.last_token_at);
     s.last_token_at = now;
     const std::string text = s.text.push(static_cast<unsigned char>(t));
     {
@@ -396,34 +432,6 @@ void Engine::step(std::vector<std::unique_ptr<Sequence>>& running) {
     else if (s.made >= s.req.max_tokens || s.state.n_pos() >= cfg_.context)
       finish(s, Finish::kLength);
   }
-
-  std::lock_guard lock(mutex_);
-  EngineMetrics& m = metrics_;
-  ++m.steps;
-  m.step_rows += row_end;
-  m.step_sequences += int64_t(in_step.size());
-  m.completion_tokens += decoded;
-  m.prompt_tokens += prefilled;
-  static const std::vector<double> batch_bounds(std::begin(kBatchBuckets), std::end(kBatchBuckets));
-  add_to_histogram(m.batch_hist, double(in_step.size()), batch_bounds);
-  for (double v : ttft) {
-    add_to_histogram(m.ttft_hist, v, kLatencyBuckets);
-    m.ttft_sum += v, ++m.ttft_count;
-  }
-  for (double v : itl) {
-    add_to_histogram(m.itl_hist, v, kLatencyBuckets);
-    m.itl_sum += v, ++m.itl_count;
-  }
-  double touched = 0;
-  for (size_t l = 0; l < routing.layers.size(); ++l) {
-    const RoutingStats& st = routing.layers[l];
-    for (size_t e = 0; e < st.demand.size(); ++e) {
-      m.routed[l][e] += st.demand[e];
-      m.dropped[l][e] += st.demand[e] - st.rows[e];
-      touched += st.demand[e] > 0;
-    }
-  }
-  if (!routing.layers.empty()) m.experts_touched_sum += touched / double(routing.layers.size());
 }
 
 }  // namespace sy
