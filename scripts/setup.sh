@@ -13,6 +13,7 @@ packages=(
   libpcre2-dev             # tokenizer.json split regexes (\p{L} classes, lookahead)
   libutf8proc-dev          # tokenizer.json normalizers (NFC, NFKC)
   libxxhash-dev            # per-tensor checksums in checkpoints
+  libcpp-httplib-dev       # switchyard serve: HTTP/1.1
   clang libclang-rt-14-dev # libFuzzer + AddressSanitizer: tests/fuzz
   libopenmpi-dev openmpi-bin  # expert parallelism across processes (mpirun)
   python3                  # tools/extract_udhr.py, run by a test against its fixture

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <chrono>
 #include <csignal>
 #include <cstdlib>
 #include <filesystem>
@@ -16,7 +17,9 @@
 #include "switchyard/core/rng.h"
 #include "switchyard/io/hf_export.h"
 #include "switchyard/io/hf_model.h"
+#include "switchyard/serve/engine.h"
 #include "switchyard/serve/sampling.h"
+#include "switchyard/serve/server.h"
 #include "switchyard/train/data.h"
 #include "switchyard/train/parallel.h"
 #include "switchyard/train/routes.h"
@@ -353,6 +356,49 @@ int run_generate(const GenerateCliOptions& o) {
   }
   fmt::print(stderr, "\n[{} tokens in {:.2f} s: {:.0f} tokens/s]\n", o.tokens,
              wall_seconds() - t0, double(o.tokens) / (wall_seconds() - t0));
+  return 0;
+}
+
+int run_serve(const ServeCliOptions& o) {
+  if (!o.model.empty())
+    throw ConfigError("serve --model: Hugging Face model directories are not served yet (their "
+                      "decoder has no batched decode); serve takes --checkpoint, a Switchyard "
+                      "byte-level model (export one with `switchyard export`)");
+  if (o.checkpoint.empty()) throw ConfigError("serve: expected --checkpoint (a run directory or a checkpoint)");
+  const std::string path = find_checkpoint(o.checkpoint);
+  const Checkpoint ck = load_checkpoint(path, /*with_optimizer=*/false);
+  EngineOptions eo;
+  eo.max_batch = o.max_batch;
+  eo.max_waiting = o.max_waiting;
+  eo.prefill_chunk = o.prefill_chunk;
+  eo.step_tokens = std::max(o.step_tokens, o.max_batch);
+  eo.n_threads = o.threads;
+  const Precision precision = o.precision.empty()
+                                  ? ck.cfg.model.precision
+                                  : parse_precision(o.precision, "--precision");
+  eo.backend = &pick_backend(cpu_features(), precision);
+  fmt::print(stderr, "{}\n", describe_kernels(precision));
+  Engine engine(ck.cfg.model, ck.params, eo);
+  ServerOptions so;
+  so.host = o.host;
+  so.port = o.port;
+  so.model_name = o.name.empty() ? ck.cfg.name : o.name;
+  so.request_timeout_s = o.timeout;
+  so.max_body_bytes = o.max_body;
+  // A client that vanishes mid-write must not end the process.
+  std::signal(SIGPIPE, SIG_IGN);
+  Server server(engine, so);
+  const StopSignals guard;
+  std::thread watcher([&] {
+    while (!g_stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    server.stop();
+  });
+  print_log(stdout, "serving {} (step {}) as '{}' on http://{}:{} (batch {}, queue {})\n", path,
+            ck.step, so.model_name, o.host, server.port(), eo.max_batch, eo.max_waiting);
+  server.run();
+  g_stop.store(true);  // run() can also end by itself (the listener failed)
+  watcher.join();
+  print_log(stdout, "stopped: {} completions served\n", engine.metrics().requests_finished);
   return 0;
 }
 

@@ -44,6 +44,23 @@ struct GenerateCliOptions {
 };
 int run_generate(const GenerateCliOptions& o);
 
+struct ServeCliOptions {
+  std::string checkpoint;  // a run directory or a checkpoint
+  std::string model;       // a Hugging Face model directory: refused for now, named
+  std::string host = "127.0.0.1";
+  int port = 8080;  // 0: any free port
+  std::string name;  // the model's id in the API; default: the config's name
+  int64_t max_batch = 32;
+  int64_t max_waiting = 256;
+  int64_t prefill_chunk = 64;
+  int64_t step_tokens = 256;
+  double timeout = 300;  // seconds a request may take
+  size_t max_body = 1 << 20;
+  int threads = 0;
+  std::string precision;  // GEMM precision: f32, bf16 or auto; default: the checkpoint's
+};
+int run_serve(const ServeCliOptions& o);
+
 struct ExportCliOptions {
   std::string checkpoint;  // a run directory or its checkpoint.safetensors
   std::string out;         // the Hugging Face model directory to write

@@ -198,6 +198,40 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   eval->add_option("--threads", eval_opt.threads, "Threads (0: all cores)")->capture_default_str();
 
+  sy::cli::ServeCliOptions serve_opt;
+  CLI::App* serve = app.add_subcommand(
+      "serve", "Serve a model over HTTP: OpenAI-style completions with continuous batching");
+  serve->add_option("--checkpoint", serve_opt.checkpoint, "Run directory or checkpoint");
+  serve->add_option("--model", serve_opt.model, "Hugging Face model directory (not served yet)");
+  serve->add_option("--host", serve_opt.host, "Address to listen on")->capture_default_str();
+  serve->add_option("--port", serve_opt.port, "Port (0: any free one, printed)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 65535));
+  serve->add_option("--name", serve_opt.name, "The model's id in the API (default: config name)");
+  serve->add_option("--max-batch", serve_opt.max_batch, "Sequences decoding together")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  serve->add_option("--max-waiting", serve_opt.max_waiting,
+                    "Requests queued beyond the batch; more get 429")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  serve->add_option("--prefill-chunk", serve_opt.prefill_chunk,
+                    "Prompt tokens a sequence feeds per step")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  serve->add_option("--step-tokens", serve_opt.step_tokens, "Rows per model step at most")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  serve->add_option("--timeout", serve_opt.timeout, "Seconds a request may take (0: no limit)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  serve->add_option("--max-body", serve_opt.max_body, "Request body limit in bytes")
+      ->capture_default_str();
+  serve->add_option("--threads", serve_opt.threads, "Compute threads (0: all cores)")
+      ->capture_default_str();
+  serve->add_option("--precision", serve_opt.precision,
+                    "GEMM precision: f32, bf16 or auto (default: the checkpoint's)");
+
   sy::cli::GenerateCliOptions gen_opt;
   CLI::App* generate = app.add_subcommand("generate", "Sample text from a checkpoint");
   generate->add_option("--checkpoint", gen_opt.checkpoint, "Checkpoint file");
@@ -306,6 +340,7 @@ int main(int argc, char** argv) {
     if (train->parsed()) return sy::cli::run_train(train_opt);
     if (eval->parsed()) return sy::cli::run_eval(eval_opt);
     if (generate->parsed()) return sy::cli::run_generate(gen_opt);
+    if (serve->parsed()) return sy::cli::run_serve(serve_opt);
     if (export_cmd->parsed()) return sy::cli::run_export(export_opt);
     if (compare->parsed()) return sy::cli::run_compare(cmp_opt);
     if (sweep->parsed()) return sy::cli::run_sweep(sweep_opt);

@@ -30,8 +30,9 @@ namespace {
 
 constexpr const char* kReplacement = "\xEF\xBF\xBD";  // U+FFFD
 
-// Moves the complete UTF-8 characters at the front of `bytes` to `out`; a byte that cannot
-// start or continue a character becomes U+FFFD; an incomplete character stays in `bytes`.
+// Moves the complete UTF-8 characters at the front of `bytes` to `out`; an ill-formed sequence
+// becomes one U+FFFD per maximal subpart (the replacement practice of Unicode's chapter 3, which
+// Python's errors="replace" and browsers follow); an incomplete character stays in `bytes`.
 void take_utf8(std::string& bytes, std::string& out) {
   size_t i = 0;
   while (i < bytes.size()) {
@@ -60,9 +61,9 @@ void take_utf8(std::string& bytes, std::string& out) {
         break;
       }
     }
-    if (bad) {  // the lead byte alone is replaced; what follows is read again
+    if (bad) {  // the bytes so far (a maximal subpart, as Unicode recommends) become one U+FFFD
       out += kReplacement;
-      ++i;
+      i += j;
       continue;
     }
     if (j < need) break;  // incomplete: wait for the rest

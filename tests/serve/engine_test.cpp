@@ -174,6 +174,11 @@ TEST(TextStream, HoldsIncompleteCharactersAndReplacesBadBytes) {
   // A lone continuation, a lead followed by ASCII, a surrogate (ED A0..), a byte never valid.
   EXPECT_EQ(got, "\xEF\xBF\xBDx\xEF\xBF\xBD(\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");
 
+  TextStream subpart;
+  std::string two;
+  for (unsigned char b : std::string("\xE2\x82x")) two += subpart.push(b);
+  EXPECT_EQ(two, "\xEF\xBF\xBDx");  // E2 82 is one maximal subpart: one U+FFFD
+
   TextStream cut;
   std::string sent;
   for (unsigned char b : std::string("ab\xE2\x82")) sent += cut.push(b);
