@@ -44,8 +44,11 @@ double median_seconds(int iters, const std::function<void()>& fn) {
   return t[t.size() / 2];
 }
 
-// Copy bandwidth in bytes/s, counting the bytes read and the bytes written, over a buffer far
-// larger than the caches. Split across threads as the layer's kernels are.
+
+int default_iters(const MoeShape& s) { return s.decode ? 50 : 5; }
+
+}  // namespace
+
 double copy_bandwidth(int iters) {
   const int64_t n = int64_t(256) << 20;  // bytes per buffer
   std::vector<char> src(size_t(n), 1), dst(size_t(n), 0);
@@ -56,10 +59,6 @@ double copy_bandwidth(int iters) {
   });
   return 2.0 * double(n) / t;
 }
-
-int default_iters(const MoeShape& s) { return s.decode ? 50 : 5; }
-
-}  // namespace
 
 double DenseCeilings::best(Precision p) const {
   return p == Precision::kBf16 ? onednn_bf16 : std::max(openblas_f32, onednn_f32);

@@ -50,6 +50,10 @@ struct DenseCeilings {
 };
 DenseCeilings measure_dense_ceilings(int64_t M, int64_t K, int64_t N, int iters);
 
+// Copy bandwidth in bytes/s, counting the bytes read and the bytes written, over a buffer far
+// larger than the caches, split across threads as the layers' kernels are; median of iters.
+double copy_bandwidth(int iters);
+
 // A command's JSON results (text): to stdout for "-", otherwise written whole to path (the file
 // appears only complete); nothing for an empty path. Shared by every command with --json.
 void write_json_output(const std::string& text, const std::string& path);

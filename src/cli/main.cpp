@@ -13,6 +13,7 @@
 #ifdef SY_WITH_MPI
 #include "cli/bench_ep.h"
 #endif
+#include "cli/bench_serve.h"
 #include "cli/bench_train.h"
 #include "cli/lm_commands.h"
 #include "switchyard/core/error.h"
@@ -116,6 +117,32 @@ int main(int argc, char** argv) {
                         "Also write the results as JSON (- for stdout)");
   bench_moe->add_option("--seed", moe_opt.seed, "Seed of weights and inputs")
       ->capture_default_str();
+
+  sy::cli::BenchServeOptions bs_opt;
+  CLI::App* bench_serve = bench->add_subcommand(
+      "serve", "Throughput against latency of the server under N concurrent streaming clients");
+  bench_serve->add_option("--checkpoint", bs_opt.checkpoint,
+                          "Serve this (default: random weights of --config)");
+  bench_serve->add_option("--config", bs_opt.config, "Built-in config or JSON file")
+      ->capture_default_str();
+  bench_serve->add_option("--clients", bs_opt.clients, "Concurrent clients, one run each")
+      ->capture_default_str();
+  bench_serve->add_option("--requests", bs_opt.requests, "Requests per client")
+      ->capture_default_str();
+  bench_serve->add_option("--max-tokens", bs_opt.max_tokens, "Tokens per request")
+      ->capture_default_str();
+  bench_serve->add_option("--prompt-bytes", bs_opt.prompt_bytes, "Prompt length")
+      ->capture_default_str();
+  bench_serve->add_option("--max-seconds", bs_opt.max_seconds,
+                          "Per client count: no new request after this")
+      ->capture_default_str();
+  bench_serve->add_flag("!--no-batching-off", bs_opt.batching_off,
+                        "Skip the comparison run with batching off");
+  bench_serve->add_option("--threads", bs_opt.threads, "Engine threads (0: all cores)")
+      ->capture_default_str();
+  bench_serve->add_option("--precision", bs_opt.precision, "f32, bf16 or auto (default: model's)");
+  bench_serve->add_option("--json", bs_opt.json_path, "Also write JSON (- for stdout)");
+  bench_serve->add_option("--svg", bs_opt.svg_path, "Write throughput against latency as SVG");
 
   sy::cli::BenchTrainOptions bt_opt;
   CLI::App* bench_train =
@@ -337,6 +364,7 @@ int main(int argc, char** argv) {
   try {
     if (bench_moe->parsed()) return sy::cli::run_bench_moe(moe_opt);
     if (bench_train->parsed()) return sy::cli::run_bench_train(bt_opt);
+    if (bench_serve->parsed()) return sy::cli::run_bench_serve(bs_opt);
     if (train->parsed()) return sy::cli::run_train(train_opt);
     if (eval->parsed()) return sy::cli::run_eval(eval_opt);
     if (generate->parsed()) return sy::cli::run_generate(gen_opt);

@@ -218,55 +218,78 @@ void Attention::backward_impl(const AttentionParams& p, AttentionCache& c, const
 
 void Attention::decode(const AttentionParams& p, const Tensor& x, KvCache& kv, Tensor& y,
                        const ExecContext& ctx) const {
+  const int64_t starts[2] = {0, x.rank() == 2 ? x.dim(0) : 0};
+  KvCache* const kvs[1] = {&kv};
+  decode_batch(p, x, starts, kvs, y, ctx);
+}
+
+void Attention::decode_batch(const AttentionParams& p, const Tensor& x,
+                             std::span<const int64_t> starts, std::span<KvCache* const> kvs,
+                             Tensor& y, const ExecContext& ctx) const {
   check_params(p);
   if (x.rank() != 2 || x.dim(1) != cfg_.d_model)
     throw ShapeError(fmt::format("attention input {}: expected [n, {}]", x.shape_str(), cfg_.d_model));
-  if (kv.n_pos + x.dim(0) > cfg_.max_context)
-    throw ShapeError(fmt::format("decode: {} positions cached + {} new > model.context = {}",
-                                 kv.n_pos, x.dim(0), cfg_.max_context));
+  if (starts.size() != kvs.size() + 1 || starts.front() != 0 || starts.back() != x.dim(0))
+    throw ShapeError(fmt::format("decode: {} row starts for {} sequences and {} rows: expected "
+                                 "sequences + 1 from 0 to the rows",
+                                 starts.size(), kvs.size(), x.dim(0)));
   expect_dtype(x, p.w_qkv.dtype(), "attention input", "attn.w_qkv's dtype");
-  expect_dtype(kv.k, x.dtype(), "KV cache", "the input's dtype");
+  for (size_t s = 0; s < kvs.size(); ++s) {
+    if (starts[s + 1] < starts[s])
+      throw ShapeError(fmt::format("decode: sequence {}'s rows end before they start", s));
+    if (kvs[s]->n_pos + starts[s + 1] - starts[s] > cfg_.max_context)
+      throw ShapeError(fmt::format("decode: {} positions cached + {} new > model.context = {}",
+                                   kvs[s]->n_pos, starts[s + 1] - starts[s], cfg_.max_context));
+    expect_dtype(kvs[s]->k, x.dtype(), "KV cache", "the input's dtype");
+  }
   if (x.dtype() == DType::kF64)
-    decode_impl<double>(p, x, kv, y, backend_of(ctx));
+    decode_impl<double>(p, x, starts, kvs, y, backend_of(ctx));
   else
-    decode_impl<float>(p, x, kv, y, backend_of(ctx));
+    decode_impl<float>(p, x, starts, kvs, y, backend_of(ctx));
 }
 
 template <class T>
-void Attention::decode_impl(const AttentionParams& p, const Tensor& x, KvCache& kv,
-                            Tensor& y,
-                            const Backend& be) const {
-  const int64_t n = x.dim(0), d = cfg_.d_model, H = cfg_.n_heads, dh = head_dim(), half = dh / 2;
-  const int64_t ctx = cfg_.max_context, pos0 = kv.n_pos, m = pos0 + n;
+void Attention::decode_impl(const AttentionParams& p, const Tensor& x,
+                            std::span<const int64_t> starts, std::span<KvCache* const> kvs,
+                            Tensor& y, const Backend& be) const {
+  const int64_t N = x.dim(0), d = cfg_.d_model, H = cfg_.n_heads, dh = head_dim(), half = dh / 2;
+  const int64_t ctx = cfg_.max_context;
   const DType dt = dtype_of<T>();
-  Tensor qkv({n, 3 * d}, dt), q({H, n, dh}, dt), o({n, d}, dt), s({H, n, m}, dt);
+  Tensor qkv({N, 3 * d}, dt), o({N, d}, dt), q, sc, oh;
   be.gemm<T>(false, false, T(1), x.matrix<T>(), p.w_qkv.matrix<T>(), T(0), qkv.matrix<T>());
-  T *kc = kv.k.data<T>(), *vc = kv.v.data<T>();
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t pos = pos0 + i;
-    const double *cs = cos_.data() + pos * half, *sn = sin_.data() + pos * half;
-    for (int64_t h = 0; h < H; ++h) {
-      const T* row = qkv.data<T>() + i * 3 * d + h * dh;
-      rotate(row, q.data<T>() + (h * n + i) * dh, cs, sn, half, false);
-      rotate(row + d, kc + (h * ctx + pos) * dh, cs, sn, half, false);
-      std::memcpy(vc + (h * ctx + pos) * dh, row + 2 * d, size_t(dh) * sizeof(T));
-    }
-  }
   const T scale = T(1) / std::sqrt(T(dh));
-  Tensor oh({H, n, dh}, dt);
-  for (int64_t h = 0; h < H; ++h) {
-    MatrixView<T> sh{s.data<T>() + h * n * m, n, m};
-    MatrixView<const T> qh{q.data<T>() + h * n * dh, n, dh}, kh{kc + h * ctx * dh, m, dh},
-        vh{vc + h * ctx * dh, m, dh};
-    MatrixView<T> out{oh.data<T>() + h * n * dh, n, dh};
-    be.gemm<T>(false, true, scale, qh, kh, T(0), sh);
-    cpu::softmax_causal_rows<T>(sh, pos0, sh);
-    be.gemm<T>(false, false, T(1), sh, vh, T(0), out);
-    copy_head_in(out.data, n, dh, o.data<T>() + h * dh, d);
+  for (size_t seq = 0; seq < kvs.size(); ++seq) {
+    KvCache& kv = *kvs[seq];
+    const int64_t r0 = starts[seq], n = starts[seq + 1] - r0, pos0 = kv.n_pos, m = pos0 + n;
+    if (n == 0) continue;
+    q.resize({H, n, dh}, dt);
+    sc.resize({H, n, m}, dt);
+    oh.resize({H, n, dh}, dt);
+    T *kc = kv.k.data<T>(), *vc = kv.v.data<T>();
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t pos = pos0 + i;
+      const double *cs = cos_.data() + pos * half, *sn = sin_.data() + pos * half;
+      for (int64_t h = 0; h < H; ++h) {
+        const T* row = qkv.data<T>() + (r0 + i) * 3 * d + h * dh;
+        rotate(row, q.data<T>() + (h * n + i) * dh, cs, sn, half, false);
+        rotate(row + d, kc + (h * ctx + pos) * dh, cs, sn, half, false);
+        std::memcpy(vc + (h * ctx + pos) * dh, row + 2 * d, size_t(dh) * sizeof(T));
+      }
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      MatrixView<T> sh{sc.data<T>() + h * n * m, n, m};
+      MatrixView<const T> qh{q.data<T>() + h * n * dh, n, dh}, kh{kc + h * ctx * dh, m, dh},
+          vh{vc + h * ctx * dh, m, dh};
+      MatrixView<T> out{oh.data<T>() + h * n * dh, n, dh};
+      be.gemm<T>(false, true, scale, qh, kh, T(0), sh);
+      cpu::softmax_causal_rows<T>(sh, pos0, sh);
+      be.gemm<T>(false, false, T(1), sh, vh, T(0), out);
+      copy_head_in(out.data, n, dh, o.data<T>() + r0 * d + h * dh, d);
+    }
+    kv.n_pos = m;
   }
-  y.resize({n, d}, dt);
+  y.resize({N, d}, dt);
   be.gemm<T>(false, false, T(1), o.matrix<T>(), p.w_o.matrix<T>(), T(0), y.matrix<T>());
-  kv.n_pos = m;
 }
 
 }  // namespace sy

@@ -384,7 +384,7 @@ void LanguageModel::decode_batch(const LmParams& p,
   eval.training = false;
   const float eps = float(cfg_.norm_eps);
   Tensor x({n, d}, DType::kF32), h({n, d}, DType::kF32), out, rstd({n}, DType::kF32);
-  Tensor hs, ys;  // one sequence's rows through attention
+  std::vector<KvCache*> kvs(static_cast<size_t>(n_seq));  // each sequence's cache of a layer
   cpu::gather_rows<float>(p.embed.matrix<float>(), all, x.matrix<float>());
   MoeCache moe_cache;
   ExpertsCache ffn_cache;
@@ -393,14 +393,8 @@ void LanguageModel::decode_batch(const LmParams& p,
     const LayerParams& l = p.layers[i];
     cpu::rmsnorm<float>(x.matrix<float>(), l.norm_attn.span<float>(), eps, h.matrix<float>(),
                         rstd.span<float>());
-    out.resize({n, d}, DType::kF32);
-    for (int64_t s = 0; s < n_seq; ++s) {
-      const size_t row = size_t(d) * sizeof(float), rows = size_t(at[s + 1] - at[s]);
-      hs.resize({int64_t(rows), d}, DType::kF32);
-      std::memcpy(hs.bytes(), h.bytes() + size_t(at[s]) * row, rows * row);
-      attention_.decode(l.attn, hs, states[s]->kv[i], ys, eval);
-      std::memcpy(out.bytes() + size_t(at[s]) * row, ys.bytes(), rows * row);
-    }
+    for (int64_t s = 0; s < n_seq; ++s) kvs[s] = &states[s]->kv[i];
+    attention_.decode_batch(l.attn, h, at, kvs, out, eval);
     add_into<float>(x, out);
     cpu::rmsnorm<float>(x.matrix<float>(), l.norm_ffn.span<float>(), eps, h.matrix<float>(),
                         rstd.span<float>());

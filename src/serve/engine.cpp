@@ -354,6 +354,7 @@ void Engine::step(std::vector<std::unique_ptr<Sequence>>& running) {
   }
   Tensor logits;
   DecodeRouting routing;
+  const double t0 = wall_seconds();
   model_.decode_batch(params_, tokens, states, logits, ctx_, &routing);
   const double now = wall_seconds();
 
@@ -377,6 +378,7 @@ void Engine::step(std::vector<std::unique_ptr<Sequence>>& running) {
     m.step_sequences += int64_t(in_step.size());
     m.completion_tokens += decoded;
     m.prompt_tokens += prefilled;
+    if (prefilled == 0) ++m.decode_steps, m.decode_step_seconds += now - t0;
     static const std::vector<double> batch_bounds(std::begin(kBatchBuckets),
                                                   std::end(kBatchBuckets));
     add_to_histogram(m.batch_hist, double(in_step.size()), batch_bounds);

@@ -6,6 +6,8 @@
 
 #include <httplib.h>
 
+#include <sys/socket.h>
+
 #include <chrono>
 #include <cmath>
 #include <ctime>
@@ -395,11 +397,20 @@ Server::Server(Engine& engine, const ServerOptions& options)
         s.count(500);
         send_error(res, 500, what, "server_error");
       });
+  // The library listens with a backlog of 5: a burst of clients connecting at once would
+  // have its SYNs dropped and retried a second later. The listening socket is taken as the
+  // library makes it and listened on again with a deep backlog (Linux adjusts it in place).
+  int listener = -1;
+  s.http.set_socket_options([&listener](socket_t sock) {
+    httplib::default_socket_options(sock);
+    listener = sock;
+  });
   port_ = options.port == 0 ? s.http.bind_to_any_port(options.host)
                             : (s.http.bind_to_port(options.host, options.port) ? options.port : -1);
   if (port_ <= 0)
     throw IoError(fmt::format("serve: cannot listen on {}:{} (in use, or not an address here)",
                               options.host, options.port));
+  if (listener >= 0) ::listen(listener, SOMAXCONN);
 }
 
 Server::~Server() { stop(); }

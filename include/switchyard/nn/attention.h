@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "switchyard/core/exec_context.h"
@@ -66,6 +67,11 @@ class Attention {
   // appended to kv (which start() sized). Throws ShapeError past max_context.
   void decode(const AttentionParams& p, const Tensor& x, KvCache& kv, Tensor& y,
               const ExecContext& ctx) const;
+  // Several sequences at once: rows [starts[s], starts[s+1]) of x are sequence s's new
+  // positions, appended to *kvs[s]. The q/k/v and output projections run over all rows
+  // together (the weights are read once per step); attention itself per sequence.
+  void decode_batch(const AttentionParams& p, const Tensor& x, std::span<const int64_t> starts,
+                    std::span<KvCache* const> kvs, Tensor& y, const ExecContext& ctx) const;
   KvCache start(DType dtype) const;
 
   void check_params(const AttentionParams& p) const;  // throws ShapeError naming the tensor
@@ -78,8 +84,8 @@ class Attention {
   void backward_impl(const AttentionParams& p, AttentionCache& c, const Tensor& dy,
                      AttentionParams& g, Tensor& dx, const Backend& be) const;
   template <class T>
-  void decode_impl(const AttentionParams& p, const Tensor& x, KvCache& kv, Tensor& y,
-                   const Backend& be) const;
+  void decode_impl(const AttentionParams& p, const Tensor& x, std::span<const int64_t> starts,
+                   std::span<KvCache* const> kvs, Tensor& y, const Backend& be) const;
 
   AttentionConfig cfg_;
   std::vector<double> cos_, sin_;  // [max_context, dh/2]

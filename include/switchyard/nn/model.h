@@ -139,9 +139,9 @@ class LanguageModel {
   void decode(const LmParams& p, std::span<const int32_t> tokens, DecodeState& state,
               std::vector<float>& logits, const ExecContext& ctx) const;
   // Several sequences in one step (continuous batching): sequence i feeds tokens[i] (one or
-  // more) at its next positions in *states[i]. Attention runs per sequence on its own cache;
-  // the MoE and dense layers take every sequence's rows at once, so each expert's weights are
-  // read once per step. logits: [n_seq, V], each sequence's last position. routing, when
+  // more) at its next positions in *states[i]. Every projection, the MoE and the dense layers
+  // take every sequence's rows at once, so each weight is read once per step; only attention
+  // over the cache runs per sequence. logits: [n_seq, V], each sequence's last position. routing, when
   // given, receives what the MoE layers did. With a dropless MoE config each sequence's
   // logits are what decode() gives it alone.
   void decode_batch(const LmParams& p, std::span<const std::span<const int32_t>> tokens,

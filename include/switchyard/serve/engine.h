@@ -125,6 +125,9 @@ struct EngineMetrics {
   int64_t requests_finished = 0, requests_refused = 0;
   int64_t prompt_tokens = 0, completion_tokens = 0;
   int64_t steps = 0, step_rows = 0, step_sequences = 0;
+  // Steps with no prompt rows (decode only) and their model time: the decode step's cost.
+  int64_t decode_steps = 0;
+  double decode_step_seconds = 0;
   std::vector<int64_t> finished_by_reason;  // indexed by Finish
   // batch size per step: counts of steps by decode batch, le bounds kBatchBuckets
   std::vector<int64_t> batch_hist;
