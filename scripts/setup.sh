@@ -14,6 +14,7 @@ packages=(
   libutf8proc-dev          # tokenizer.json normalizers (NFC, NFKC)
   libxxhash-dev            # per-tensor checksums in checkpoints
   libcpp-httplib-dev       # switchyard serve: HTTP/1.1
+  chromium fonts-dejavu-core  # the serve page's browser test (tests/serve/browser_test.py)
   clang libclang-rt-14-dev # libFuzzer + AddressSanitizer: tests/fuzz
   libopenmpi-dev openmpi-bin  # expert parallelism across processes (mpirun)
   python3                  # tools/extract_udhr.py, run by a test against its fixture

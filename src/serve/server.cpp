@@ -352,6 +352,19 @@ Server::Server(Engine& engine, const ServerOptions& options)
   s.http.Post("/v1/completions", [&s](const httplib::Request& req, httplib::Response& res) {
     s.completions(req, res);
   });
+  s.http.Get("/", [](const httplib::Request&, httplib::Response& res) {
+    static const char kPage[] =
+#include "serve_page.inc"
+        ;
+    res.set_content(kPage, sizeof(kPage) - 1, "text/html; charset=utf-8");
+  });
+  s.http.Get("/switchyard/info", [&s](const httplib::Request&, httplib::Response& res) {
+    const LmConfig& c = s.engine.config();
+    const json body = {{"name", s.opt.model_name},     {"moe_layers", c.n_moe_layers()},
+                       {"experts", c.moe.n_experts},   {"top_k", c.moe.top_k},
+                       {"context", c.context},         {"vocab", c.vocab}};
+    res.set_content(body.dump() + "\n", "application/json");
+  });
   s.http.Get("/v1/models", [&s](const httplib::Request&, httplib::Response& res) {
     const json body = {{"object", "list"},
                        {"data", json::array({{{"id", s.opt.model_name},

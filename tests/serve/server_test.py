@@ -187,7 +187,11 @@ try:
     body = json.dumps({"prompt": "Once", "max_tokens": CONTEXT - 8, "stream": True}).encode()
     s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    assert b"data: " in s.recv(4096)
+    got = b""
+    while b"data: " not in got:  # the headers may come first, alone
+        chunk = s.recv(4096)
+        assert chunk, "the stream closed before its first event"
+        got += chunk
     s.close()
     deadline = time.time() + 20
     while time.time() < deadline:

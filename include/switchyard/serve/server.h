@@ -5,6 +5,8 @@
 //   GET  /v1/models        the one model served
 //   GET  /health           200 while serving, 503 once stopping
 //   GET  /metrics          Prometheus text: requests, tokens, latencies, batch, KV, experts
+//   GET  /                 a page: prompt in, tokens streaming out coloured by their expert
+//   GET  /switchyard/info  the model's shape, for that page
 //
 // Errors are JSON, {"error": {"message", "type", "param", "code"}}, and name the field or the
 // limit: 400 for a bad request, 404 for another model or path, 413 for a body over the limit,
