@@ -1,13 +1,19 @@
 // Google Benchmark view of the MoE layer on the shapes of `switchyard bench moe` (A, B, C1,
 // C16), plus the dense sgemm of the same active FLOPs as the ceiling, so one run gives both.
 // Counters: FLOP/s of active FLOPs (forward: 6 n d f + 2 T d E; forward+backward: 3x).
+// decode_<config>/B: one decode step of the language model for B sequences (one new token
+// each, 64 positions cached), the serving engine's inner loop, on the auto-precision kernels.
 //   ./build/bench/moe_bench --benchmark_filter='A|dense_A'
+//   ./build/bench/moe_bench --benchmark_filter=decode
 #include <benchmark/benchmark.h>
 
 #include "cli/bench_moe.h"
 #include "switchyard/core/rng.h"
+#include "switchyard/kernels/backend.h"
 #include "switchyard/kernels/cpu.h"
 #include "switchyard/moe/moe_layer.h"
+#include "switchyard/nn/model.h"
+#include "switchyard/train/run_config.h"
 
 namespace {
 
@@ -68,7 +74,51 @@ void dense(benchmark::State& state, const cli::MoeShape& s) {
                                                 benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// B sequences decode one token each after a 64-byte prompt; the caches are rolled back to 64
+// positions after every step so each step sees the same context length.
+void decode(benchmark::State& state, const std::string& config) {
+  LmConfig cfg = load_run_config(config, {}).model;
+  cfg.moe.dropless = true;
+  const LanguageModel model(cfg);
+  ExecContext ctx;
+  ctx.n_threads = 1;
+  ctx.backend = &pick_backend(cpu_features(), Precision::kAuto);
+  LmParams params = init_lm_params(cfg, DType::kF32, 1);
+  if (ctx.backend->precision == Precision::kBf16) params = bf16_expert_params(params);
+  const int64_t B = state.range(0), prompt_len = 64;
+  std::vector<DecodeState> states(static_cast<size_t>(B));
+  std::vector<DecodeState*> ptrs;
+  std::vector<int32_t> prompt(static_cast<size_t>(prompt_len)), fed(static_cast<size_t>(B));
+  for (int64_t i = 0; i < prompt_len; ++i) prompt[size_t(i)] = int32_t('a' + i % 26);
+  std::vector<std::span<const int32_t>> tokens;
+  for (int64_t s = 0; s < B; ++s) {
+    ptrs.push_back(&states[size_t(s)]);
+    tokens.emplace_back(prompt);
+  }
+  Tensor logits;
+  model.decode_batch(params, tokens, ptrs, logits, ctx);
+  for (int64_t s = 0; s < B; ++s) {
+    fed[size_t(s)] = int32_t('a' + s % 26);
+    tokens[size_t(s)] = std::span<const int32_t>(&fed[size_t(s)], 1);
+  }
+  for (auto _ : state) {
+    model.decode_batch(params, tokens, ptrs, logits, ctx);
+    for (DecodeState* st : ptrs)
+      for (KvCache& kv : st->kv) kv.n_pos = prompt_len;
+  }
+  state.counters["tokens/s"] =
+      benchmark::Counter(double(B), benchmark::Counter::kIsIterationInvariantRate);
+}
+
 const bool registered = [] {
+  for (const std::string config : {"austen-moe", "austen-dense"})
+    benchmark::RegisterBenchmark(("decode_" + config).c_str(), decode, config)
+        ->Arg(1)
+        ->Arg(8)
+        ->Arg(32)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime()
+        ->MinWarmUpTime(0.3);
   for (const cli::MoeShape& s : cli::moe_bench_shapes()) {
     benchmark::RegisterBenchmark(("dense_" + s.name).c_str(), dense, s)
         ->Unit(benchmark::kMillisecond)

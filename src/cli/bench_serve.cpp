@@ -87,8 +87,8 @@ int64_t stream_one(int port, const std::string& body, std::vector<double>& ttft,
   if (!cli.send(req, res, err) || res.status != 200) {
     static std::once_flag said;
     std::call_once(said, [&] {
-      fmt::print(stderr, "bench serve: a request failed: {} (HTTP {}) {}\n", httplib::to_string(err),
-                 res.status, res.body.substr(0, 200));
+      fmt::print(stderr, "bench serve: a request failed: {} (HTTP {}) {}\n",
+                 httplib::to_string(err), res.status, res.body.substr(0, 200));
     });
     return -1;
   }
@@ -124,12 +124,14 @@ Point run_point(const LmConfig& cfg, const LmParams& params, const EngineOptions
         std::string prompt;
         for (int64_t i = 0; i < opt.prompt_bytes; ++i)
           prompt.push_back(char('a' + rng.bits(uint64_t(i))[0] % 26));
-        const json body = {{"prompt", prompt},          {"max_tokens", opt.max_tokens},
-                           {"temperature", 1.0},        {"seed", c * 1000 + r},
-                           {"stream", true},            {"switchyard_experts", true}};
+        const json body = {{"prompt", prompt},   {"max_tokens", opt.max_tokens},
+                           {"temperature", 1.0}, {"seed", c * 1000 + r},
+                           {"stream", true},     {"switchyard_experts", true}};
         const int64_t got = stream_one(server.port(), body.dump(), ttft, itl);
-        if (got < 0) ++failed;
-        else ++done, tokens += got;
+        if (got < 0)
+          ++failed;
+        else
+          ++done, tokens += got;
       }
       std::lock_guard lock(mutex);
       p.requests += done, p.failed += failed, p.tokens += tokens;
@@ -192,9 +194,12 @@ double decode_weight_bytes(const LmConfig& cfg, const LmParams& p) {
   double bytes = 0;
   for (const auto& [name, t] : p.named()) {
     const double b = double(t->nbytes());
-    if (name == "embed") bytes += b / double(cfg.vocab);
-    else if (is_expert_weight(name)) bytes += b * double(cfg.moe.top_k) / double(cfg.moe.n_experts);
-    else bytes += b;
+    if (name == "embed")
+      bytes += b / double(cfg.vocab);
+    else if (is_expert_weight(name))
+      bytes += b * double(cfg.moe.top_k) / double(cfg.moe.n_experts);
+    else
+      bytes += b;
   }
   return bytes;
 }
@@ -216,7 +221,8 @@ std::string svg(const std::vector<Point>& points, const std::string& title) {
       "<line x1='{}' y1='{}' x2='{}' y2='{}' stroke='black'/>\n"
       "<line x1='{}' y1='{}' x2='{}' y2='{}' stroke='black'/>\n"
       "<text x='{}' y='{}' text-anchor='middle'>inter-token latency p50 (ms)</text>\n"
-      "<text x='16' y='{}' transform='rotate(-90 16 {})' text-anchor='middle'>output tokens/s</text>\n",
+      "<text x='16' y='{}' transform='rotate(-90 16 {})' text-anchor='middle'>output "
+      "tokens/s</text>\n",
       W, H, L, title, L, H - B, W - R, H - B, L, H - B, L, T, (L + W - R) / 2, H - 12,
       (H - B + T) / 2, (H - B + T) / 2);
   for (int i = 0; i <= 4; ++i) {
@@ -232,13 +238,15 @@ std::string svg(const std::vector<Point>& points, const std::string& title) {
       if (p.batching != batching) continue;
       const double x = X(1e3 * percentile(p.itl, 0.5)), y = Y(p.tokens_per_s());
       line += fmt::format("{:.1f},{:.1f} ", x, y);
-      s += fmt::format("<circle cx='{:.1f}' cy='{:.1f}' r='3' fill='{}'/><text x='{:.1f}' "
-                       "y='{:.1f}' fill='{}'>{}</text>\n",
-                       x, y, colour, x + 5, y - 5, colour, p.clients);
+      s += fmt::format(
+          "<circle cx='{:.1f}' cy='{:.1f}' r='3' fill='{}'/><text x='{:.1f}' "
+          "y='{:.1f}' fill='{}'>{}</text>\n",
+          x, y, colour, x + 5, y - 5, colour, p.clients);
     }
     s += fmt::format("<polyline points='{}' fill='none' stroke='{}'/>\n", line, colour);
-    s += fmt::format("<text x='{}' y='{}' fill='{}'>{}</text>\n", W - 220, batching ? T + 10 : T + 26,
-                     colour, batching ? "continuous batching (label: clients)" : "batching off");
+    s += fmt::format("<text x='{}' y='{}' fill='{}'>{}</text>\n", W - 220,
+                     batching ? T + 10 : T + 26, colour,
+                     batching ? "continuous batching (label: clients)" : "batching off");
   }
   return s + "</svg>\n";
 }
@@ -263,10 +271,11 @@ int run_bench_serve(const BenchServeOptions& opt) {
   }
   if (opt.requests < 1 || opt.max_tokens < 1 || opt.prompt_bytes < 1 ||
       opt.prompt_bytes + opt.max_tokens > cfg.context)
-    throw ConfigError(fmt::format("bench serve: --requests {}, --max-tokens {}, --prompt-bytes "
-                                  "{}: expected >= 1 each, prompt + tokens within the context "
-                                  "({})",
-                                  opt.requests, opt.max_tokens, opt.prompt_bytes, cfg.context));
+    throw ConfigError(
+        fmt::format("bench serve: --requests {}, --max-tokens {}, --prompt-bytes "
+                    "{}: expected >= 1 each, prompt + tokens within the context "
+                    "({})",
+                    opt.requests, opt.max_tokens, opt.prompt_bytes, cfg.context));
   for (int64_t n : opt.clients)
     if (n < 1) throw ConfigError(fmt::format("--clients {}: expected >= 1", n));
   const Precision precision =
@@ -278,41 +287,48 @@ int run_bench_serve(const BenchServeOptions& opt) {
   fmt::print("bench serve: {}, {}; {} requests x {} tokens per client, prompt {} bytes\n", what,
              describe_kernels(precision), opt.requests, opt.max_tokens, opt.prompt_bytes);
   const double copy_bw = copy_bandwidth(5);
-  const double weight_bytes = decode_weight_bytes(cfg, params);
+  // What a decode step reads: the engine's own copy, with bf16 experts on a bf16 backend.
+  LmParams bf16_params;
+  if (eo.backend->precision == Precision::kBf16) bf16_params = bf16_expert_params(params);
+  const LmParams& decode_p = bf16_params.layers.empty() ? params : bf16_params;
+  const double weight_bytes = decode_weight_bytes(cfg, decode_p);
   const double ceiling_s = weight_bytes / copy_bw;
 
   std::vector<Point> points;
   fmt::print("{:>8} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7} {:>15} {:>9} {:>9}\n",
-             "clients",
-             "batching", "req/s", "tokens/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99",
-             "batch", "experts/step", "step", "alone");
-  for (const bool batching : opt.batching_off ? std::vector<bool>{true, false} : std::vector<bool>{true})
+             "clients", "batching", "req/s", "tokens/s", "TTFT p50", "TTFT p99", "ITL p50",
+             "ITL p99", "batch", "experts/step", "step", "alone");
+  for (const bool batching :
+       opt.batching_off ? std::vector<bool>{true, false} : std::vector<bool>{true})
     for (int64_t n : opt.clients) {
       Point p = run_point(cfg, params, eo, n, batching, opt);
-      if (batching) p.model_step_s = model_step_seconds(cfg, params, eo, n, opt.prompt_bytes);
-      fmt::print("{:>8} {:>9} {:>9.2f} {:>10.1f} {:>7.1f}ms {:>7.1f}ms {:>7.2f}ms {:>7.2f}ms "
-                 "{:>7.2f} {:>7.2f} ({:.2f}) {:>7.2f}ms {:>7.2f}ms{}\n",
-                 n, batching ? "on" : "off", p.req_per_s(), p.tokens_per_s(),
-                 1e3 * percentile(p.ttft, 0.5), 1e3 * percentile(p.ttft, 0.99),
-                 1e3 * percentile(p.itl, 0.5), 1e3 * percentile(p.itl, 0.99), p.mean_batch,
-                 p.experts_touched, p.experts_expected, 1e3 * p.decode_step_s,
-                 1e3 * p.model_step_s, p.failed > 0 ? fmt::format("  {} failed", p.failed) : std::string());
+      if (batching) p.model_step_s = model_step_seconds(cfg, decode_p, eo, n, opt.prompt_bytes);
+      fmt::print(
+          "{:>8} {:>9} {:>9.2f} {:>10.1f} {:>7.1f}ms {:>7.1f}ms {:>7.2f}ms {:>7.2f}ms "
+          "{:>7.2f} {:>7.2f} ({:.2f}) {:>7.2f}ms {:>7.2f}ms{}\n",
+          n, batching ? "on" : "off", p.req_per_s(), p.tokens_per_s(),
+          1e3 * percentile(p.ttft, 0.5), 1e3 * percentile(p.ttft, 0.99),
+          1e3 * percentile(p.itl, 0.5), 1e3 * percentile(p.itl, 0.99), p.mean_batch,
+          p.experts_touched, p.experts_expected, 1e3 * p.decode_step_s, 1e3 * p.model_step_s,
+          p.failed > 0 ? fmt::format("  {} failed", p.failed) : std::string());
       points.push_back(p);
     }
   const Point* one = nullptr;
   for (const Point& p : points)
     if (p.batching && p.clients == 1) one = &p;
-  fmt::print("experts/step: distinct experts a step's rows chose, mean over MoE layers, and in "
-             "brackets E(1 - (1 - k/E)^B) at the mean batch B; step: the engine's mean decode "
-             "step (model time, no prompt rows); alone: the model's decode step at batch = clients "
-             "without the server (what batching can buy at most)\n");
-  fmt::print("batch-1 decode step: {} KiB of weights read; copy bandwidth {:.1f} GB/s (read + "
-             "written): ceiling {:.3f} ms{}\n",
-             weight_bytes / 1024, copy_bw / 1e9, 1e3 * ceiling_s,
-             one != nullptr ? fmt::format("; measured {:.3f} ms per decode step in the engine "
-                                          "({:.2f}x the ceiling)",
-                                          1e3 * one->decode_step_s, one->decode_step_s / ceiling_s)
-                            : std::string());
+  fmt::print(
+      "experts/step: distinct experts a step's rows chose, mean over MoE layers, and in "
+      "brackets E(1 - (1 - k/E)^B) at the mean batch B; step: the engine's mean decode "
+      "step (model time, no prompt rows); alone: the model's decode step at batch = clients "
+      "without the server (what batching can buy at most)\n");
+  fmt::print(
+      "batch-1 decode step: {} KiB of weights read; copy bandwidth {:.1f} GB/s (read + "
+      "written): ceiling {:.3f} ms{}\n",
+      weight_bytes / 1024, copy_bw / 1e9, 1e3 * ceiling_s,
+      one != nullptr ? fmt::format("; measured {:.3f} ms per decode step in the engine "
+                                   "({:.2f}x the ceiling)",
+                                   1e3 * one->decode_step_s, one->decode_step_s / ceiling_s)
+                     : std::string());
   if (!opt.svg_path.empty()) {
     std::ofstream(opt.svg_path) << svg(points, fmt::format("{} on {}", what, cpu.describe()));
     fmt::print("wrote {}\n", opt.svg_path);

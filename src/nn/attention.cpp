@@ -1,13 +1,16 @@
 // Causal multi-head attention with RoPE. The projections are whole-batch GEMMs; the score and
-// value products run one (sequence, head) pair per task, each a single-tile GEMM, in parallel.
-// Every output element is still computed by one thread in a fixed order, so the result does
-// not depend on the thread count.
+// value products run one (sequence, head) pair per task, each a single-tile GEMM, in parallel;
+// in decode, a sequence's few new rows are attended directly (attend_row) in f32 or f64, the
+// input's type, whatever the backend's precision. Every output element is still computed by
+// one thread in a fixed order, so the result does not depend on the thread count.
 #include "switchyard/nn/attention.h"
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "switchyard/core/rng.h"
 #include "switchyard/kernels/cpu.h"
@@ -38,6 +41,93 @@ void copy_head_in(const T* src, int64_t L, int64_t dh, T* dst, int64_t ld) {
   for (int64_t t = 0; t < L; ++t) std::memcpy(dst + t * ld, src + t * dh, size_t(dh) * sizeof(T));
 }
 
+// Decode chunks of at most this many rows per sequence are attended row by row (attend_row).
+constexpr int64_t kDirectRows = 16;
+
+// One query row against the first `seen` cached keys of a head:
+//   out = softmax(scale q K[0:seen]^T) V[0:seen]
+// q: [dh], k, v: [seen, dh] (rows dh apart), out: [dh]; scores is scratch. The generic form;
+// float with dh a multiple of 16 takes the vector one below.
+template <class T>
+void attend_row_plain(const T* q, const T* k, const T* v, int64_t seen, int64_t dh, T scale,
+                      std::vector<T>& scores, T* out) {
+  scores.resize(size_t(seen));
+  for (int64_t j = 0; j < seen; ++j) {
+    T dot = 0;
+    for (int64_t c = 0; c < dh; ++c) dot += q[c] * k[j * dh + c];
+    scores[size_t(j)] = scale * dot;
+  }
+  const MatrixView<T> row{scores.data(), 1, seen};
+  cpu::softmax_causal_rows<T>(row, seen - 1, row);
+  std::fill_n(out, dh, T(0));
+  for (int64_t j = 0; j < seen; ++j)
+    for (int64_t c = 0; c < dh; ++c) out[c] += scores[size_t(j)] * v[j * dh + c];
+}
+
+// 16 floats (one zmm with AVX-512; the compiler splits it otherwise).
+using Vf [[gnu::vector_size(64)]] = float;
+using Vi [[gnu::vector_size(64)]] = int32_t;
+constexpr int64_t kVf = 16;
+inline Vf load_vf(const float* p) {
+  Vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline float sum_lanes(Vf v) {
+  v += __builtin_shuffle(v, Vi{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  v += __builtin_shuffle(v, Vi{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  v += __builtin_shuffle(v, Vi{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  v += __builtin_shuffle(v, Vi{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  return v[0];
+}
+
+// out[c0 : c0 + 16 NV] = sum_j p_j v_j[c0 : c0 + 16 NV], the NV accumulators in registers.
+template <int NV>
+void weighted_sum(const float* p, const float* v, int64_t seen, int64_t dh, int64_t c0,
+                  float* out) {
+  Vf acc[NV] = {};
+  for (int64_t j = 0; j < seen; ++j) {
+    const float* vj = v + j * dh + c0;
+    for (int i = 0; i < NV; ++i) acc[i] += p[j] * load_vf(vj + i * kVf);
+  }
+  for (int i = 0; i < NV; ++i) std::memcpy(out + c0 + i * kVf, &acc[i], sizeof(Vf));
+}
+
+template <class T>
+void attend_row(const T* q, const T* k, const T* v, int64_t seen, int64_t dh, T scale,
+                std::vector<T>& scores, T* out) {
+  attend_row_plain(q, k, v, seen, dh, scale, scores, out);
+}
+template <>
+void attend_row<float>(const float* q, const float* k, const float* v, int64_t seen, int64_t dh,
+                       float scale, std::vector<float>& scores, float* out) {
+  if (dh % kVf != 0) return attend_row_plain(q, k, v, seen, dh, scale, scores, out);
+  scores.resize(size_t(seen));
+  for (int64_t j = 0; j < seen; ++j) {
+    const float* kj = k + j * dh;
+    Vf acc = load_vf(q) * load_vf(kj);
+    for (int64_t c = kVf; c < dh; c += kVf) acc += load_vf(q + c) * load_vf(kj + c);
+    scores[size_t(j)] = scale * sum_lanes(acc);
+  }
+  const MatrixView<float> row{scores.data(), 1, seen};
+  cpu::softmax_causal_rows<float>(row, seen - 1, row);
+  int64_t c0 = 0;
+  for (; c0 + 4 * kVf <= dh; c0 += 4 * kVf) weighted_sum<4>(scores.data(), v, seen, dh, c0, out);
+  switch ((dh - c0) / kVf) {
+    case 3:
+      weighted_sum<3>(scores.data(), v, seen, dh, c0, out);
+      break;
+    case 2:
+      weighted_sum<2>(scores.data(), v, seen, dh, c0, out);
+      break;
+    case 1:
+      weighted_sum<1>(scores.data(), v, seen, dh, c0, out);
+      break;
+    default:
+      break;
+  }
+}
+
 }  // namespace
 
 Attention::Attention(const AttentionConfig& cfg) : cfg_(cfg) {
@@ -47,7 +137,8 @@ Attention::Attention(const AttentionConfig& cfg) : cfg_(cfg) {
   sin_.resize(cos_.size());
   for (int64_t pos = 0; pos < cfg_.max_context; ++pos)
     for (int64_t i = 0; i < half; ++i) {
-      const double angle = double(pos) * std::pow(cfg_.rope_theta, -2.0 * double(i) / double(2 * half));
+      const double angle =
+          double(pos) * std::pow(cfg_.rope_theta, -2.0 * double(i) / double(2 * half));
       cos_[pos * half + i] = std::cos(angle);
       sin_[pos * half + i] = std::sin(angle);
     }
@@ -85,7 +176,8 @@ void Attention::forward(const AttentionParams& p, const Tensor& x, int64_t n_seq
   check_params(p);
   ThreadScope threads(ctx.n_threads);
   if (x.rank() != 2 || x.dim(1) != cfg_.d_model)
-    throw ShapeError(fmt::format("attention input {}: expected [T, {}]", x.shape_str(), cfg_.d_model));
+    throw ShapeError(
+        fmt::format("attention input {}: expected [T, {}]", x.shape_str(), cfg_.d_model));
   if (n_seq < 1 || x.dim(0) % n_seq != 0 || x.dim(0) / n_seq > cfg_.max_context)
     throw ShapeError(fmt::format(
         "attention input of {} rows as {} sequences: expected equal sequences of at most {} "
@@ -228,11 +320,13 @@ void Attention::decode_batch(const AttentionParams& p, const Tensor& x,
                              Tensor& y, const ExecContext& ctx) const {
   check_params(p);
   if (x.rank() != 2 || x.dim(1) != cfg_.d_model)
-    throw ShapeError(fmt::format("attention input {}: expected [n, {}]", x.shape_str(), cfg_.d_model));
+    throw ShapeError(
+        fmt::format("attention input {}: expected [n, {}]", x.shape_str(), cfg_.d_model));
   if (starts.size() != kvs.size() + 1 || starts.front() != 0 || starts.back() != x.dim(0))
-    throw ShapeError(fmt::format("decode: {} row starts for {} sequences and {} rows: expected "
-                                 "sequences + 1 from 0 to the rows",
-                                 starts.size(), kvs.size(), x.dim(0)));
+    throw ShapeError(
+        fmt::format("decode: {} row starts for {} sequences and {} rows: expected "
+                    "sequences + 1 from 0 to the rows",
+                    starts.size(), kvs.size(), x.dim(0)));
   expect_dtype(x, p.w_qkv.dtype(), "attention input", "attn.w_qkv's dtype");
   for (size_t s = 0; s < kvs.size(); ++s) {
     if (starts[s + 1] < starts[s])
@@ -253,41 +347,69 @@ void Attention::decode_impl(const AttentionParams& p, const Tensor& x,
                             std::span<const int64_t> starts, std::span<KvCache* const> kvs,
                             Tensor& y, const Backend& be) const {
   const int64_t N = x.dim(0), d = cfg_.d_model, H = cfg_.n_heads, dh = head_dim(), half = dh / 2;
-  const int64_t ctx = cfg_.max_context;
+  const int64_t ctx = cfg_.max_context, n_seq = int64_t(kvs.size());
   const DType dt = dtype_of<T>();
-  Tensor qkv({N, 3 * d}, dt), o({N, d}, dt), q, sc, oh;
+  Tensor qkv({N, 3 * d}, dt), o({N, d}, dt), q({N, H, dh}, dt);
   be.gemm<T>(false, false, T(1), x.matrix<T>(), p.w_qkv.matrix<T>(), T(0), qkv.matrix<T>());
   const T scale = T(1) / std::sqrt(T(dh));
-  for (size_t seq = 0; seq < kvs.size(); ++seq) {
+  // Rotated queries, and the new rows' rotated keys and values into each cache.
+  // q: [N, H, dh], row r of sequence s at position kv.n_pos + (r - starts[s]).
+  for (int64_t seq = 0; seq < n_seq; ++seq) {
     KvCache& kv = *kvs[seq];
-    const int64_t r0 = starts[seq], n = starts[seq + 1] - r0, pos0 = kv.n_pos, m = pos0 + n;
-    if (n == 0) continue;
-    q.resize({H, n, dh}, dt);
-    sc.resize({H, n, m}, dt);
-    oh.resize({H, n, dh}, dt);
     T *kc = kv.k.data<T>(), *vc = kv.v.data<T>();
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t pos = pos0 + i;
+    for (int64_t r = starts[seq]; r < starts[seq + 1]; ++r) {
+      const int64_t pos = kv.n_pos + r - starts[seq];
       const double *cs = cos_.data() + pos * half, *sn = sin_.data() + pos * half;
       for (int64_t h = 0; h < H; ++h) {
-        const T* row = qkv.data<T>() + (r0 + i) * 3 * d + h * dh;
-        rotate(row, q.data<T>() + (h * n + i) * dh, cs, sn, half, false);
+        const T* row = qkv.data<T>() + r * 3 * d + h * dh;
+        rotate(row, q.data<T>() + (r * H + h) * dh, cs, sn, half, false);
         rotate(row + d, kc + (h * ctx + pos) * dh, cs, sn, half, false);
         std::memcpy(vc + (h * ctx + pos) * dh, row + 2 * d, size_t(dh) * sizeof(T));
       }
     }
-    for (int64_t h = 0; h < H; ++h) {
-      MatrixView<T> sh{sc.data<T>() + h * n * m, n, m};
-      MatrixView<const T> qh{q.data<T>() + h * n * dh, n, dh}, kh{kc + h * ctx * dh, m, dh},
-          vh{vc + h * ctx * dh, m, dh};
-      MatrixView<T> out{oh.data<T>() + h * n * dh, n, dh};
-      be.gemm<T>(false, true, scale, qh, kh, T(0), sh);
-      cpu::softmax_causal_rows<T>(sh, pos0, sh);
-      be.gemm<T>(false, false, T(1), sh, vh, T(0), out);
-      copy_head_in(out.data, n, dh, o.data<T>() + r0 * d + h * dh, d);
-    }
-    kv.n_pos = m;
   }
+  // A sequence with few new rows (decode) is attended directly, one (sequence, head) pair per
+  // task: a GEMM call per head would cost more in setup than its few thousand multiply-adds.
+  // Longer chunks (prefill) take the backend's GEMMs, one head at a time.
+  std::vector<int64_t> direct, chunked;
+  for (int64_t seq = 0; seq < n_seq; ++seq) {
+    const int64_t n = starts[seq + 1] - starts[seq];
+    if (n > 0) (n <= kDirectRows ? direct : chunked).push_back(seq);
+  }
+  const int64_t n_tasks = int64_t(direct.size()) * H;
+#pragma omp parallel for schedule(dynamic, 4) if (n_tasks > 1)
+  for (int64_t task = 0; task < n_tasks; ++task) {
+    const int64_t seq = direct[task / H], h = task % H;
+    const KvCache& kv = *kvs[seq];
+    const int64_t r0 = starts[seq];
+    thread_local std::vector<T> scores;
+    for (int64_t r = r0; r < starts[seq + 1]; ++r) {
+      const int64_t seen = kv.n_pos + r - r0 + 1;  // keys up to and including this position
+      attend_row(q.data<T>() + (r * H + h) * dh, kv.k.data<T>() + h * ctx * dh,
+                 kv.v.data<T>() + h * ctx * dh, seen, dh, scale, scores,
+                 o.data<T>() + r * d + h * dh);
+    }
+  }
+  Tensor qh, sc, oh;
+  for (int64_t seq : chunked) {
+    const KvCache& kv = *kvs[seq];
+    const int64_t r0 = starts[seq], n = starts[seq + 1] - r0, pos0 = kv.n_pos, m = pos0 + n;
+    qh.resize({n, dh}, dt);
+    sc.resize({n, m}, dt);
+    oh.resize({n, dh}, dt);
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t i = 0; i < n; ++i)
+        std::memcpy(qh.data<T>() + i * dh, q.data<T>() + ((r0 + i) * H + h) * dh,
+                    size_t(dh) * sizeof(T));
+      MatrixView<const T> kh{kv.k.data<T>() + h * ctx * dh, m, dh},
+          vh{kv.v.data<T>() + h * ctx * dh, m, dh};
+      be.gemm<T>(false, true, scale, qh.matrix<T>(), kh, T(0), sc.matrix<T>());
+      cpu::softmax_causal_rows<T>(sc.matrix<T>(), pos0, sc.matrix<T>());
+      be.gemm<T>(false, false, T(1), sc.matrix<T>(), vh, T(0), oh.matrix<T>());
+      copy_head_in(oh.data<T>(), n, dh, o.data<T>() + r0 * d + h * dh, d);
+    }
+  }
+  for (int64_t seq = 0; seq < n_seq; ++seq) kvs[seq]->n_pos += starts[seq + 1] - starts[seq];
   y.resize({N, d}, dt);
   be.gemm<T>(false, false, T(1), o.matrix<T>(), p.w_o.matrix<T>(), T(0), y.matrix<T>());
 }

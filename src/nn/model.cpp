@@ -3,6 +3,7 @@
 // docs/transformer_backward.md.
 #include "switchyard/nn/model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -49,7 +50,6 @@ ExecContext layer_context(const ExecContext& ctx, int64_t layer) {
 }
 
 }  // namespace
-
 
 std::vector<std::pair<std::string, Tensor*>> LmParams::named() {
   std::vector<std::pair<std::string, Tensor*>> out;
@@ -136,24 +136,43 @@ LmParams init_lm_params(const LmConfig& cfg, DType dtype, uint64_t seed) {
   return p;
 }
 
-LmParams zeros_like(const LmParams& p) {
-  LmParams g;
-  auto zeros = [](const Tensor& t) { return t.empty() ? Tensor() : Tensor(t.shape(), t.dtype()); };
-  g.embed = zeros(p.embed);
-  g.norm_out = zeros(p.norm_out);
-  g.lm_head = zeros(p.lm_head);
+namespace {
+// A new LmParams of the same structure: each tensor of p through f(tensor, routed_expert),
+// routed_expert being true for the MoE layers' moe.w1/w3/w2.
+template <class F>
+LmParams map_params(const LmParams& p, F f) {
+  LmParams out;
+  out.embed = f(p.embed, false);
+  out.norm_out = f(p.norm_out, false);
+  out.lm_head = f(p.lm_head, false);
   for (const LayerParams& l : p.layers) {
     LayerParams z;
-    z.norm_attn = zeros(l.norm_attn);
-    z.norm_ffn = zeros(l.norm_ffn);
-    z.attn = {zeros(l.attn.w_qkv), zeros(l.attn.w_o)};
-    z.moe = l.moe.w_gate.empty() ? MoeParams{} : zeros_like(l.moe);
-    z.w1 = zeros(l.w1);
-    z.w3 = zeros(l.w3);
-    z.w2 = zeros(l.w2);
-    g.layers.push_back(std::move(z));
+    z.norm_attn = f(l.norm_attn, false);
+    z.norm_ffn = f(l.norm_ffn, false);
+    z.attn = {f(l.attn.w_qkv, false), f(l.attn.w_o, false)};
+    const MoeParams& m = l.moe;
+    z.moe = {f(m.w_gate, false),    f(m.w1, true),           f(m.w3, true),
+             f(m.w2, true),         f(m.expert_bias, false), f(m.shared_w1, false),
+             f(m.shared_w3, false), f(m.shared_w2, false),   f(m.w_noise, false)};
+    z.w1 = f(l.w1, false);
+    z.w3 = f(l.w3, false);
+    z.w2 = f(l.w2, false);
+    out.layers.push_back(std::move(z));
   }
-  return g;
+  return out;
+}
+}  // namespace
+
+LmParams zeros_like(const LmParams& p) {
+  return map_params(
+      p, [](const Tensor& t, bool) { return t.empty() ? Tensor() : Tensor(t.shape(), t.dtype()); });
+}
+
+LmParams bf16_expert_params(const LmParams& p) {
+  return map_params(p, [](const Tensor& t, bool routed_expert) {
+    if (t.empty()) return Tensor();
+    return routed_expert ? convert(t, DType::kBF16) : t.clone();
+  });
 }
 
 LanguageModel::LanguageModel(const LmConfig& cfg)
@@ -161,7 +180,7 @@ LanguageModel::LanguageModel(const LmConfig& cfg)
   if (cfg_.n_moe_layers() > 0) moe_.emplace(cfg_.moe_config());
 }
 
-void LanguageModel::check_params(const LmParams& p, int64_t ep_size) const {
+void LanguageModel::check_params(const LmParams& p, int64_t ep_size, bool for_decode) const {
   const int64_t d = cfg_.d_model, V = cfg_.vocab;
   const DType dt = p.embed.dtype();
   expect_shape(p.embed, {V, d}, "embed");
@@ -187,7 +206,19 @@ void LanguageModel::check_params(const LmParams& p, int64_t ep_size) const {
       if (!l.moe.w_gate.empty()) throw ShapeError(at + "moe.w_gate is set in a dense layer");
     }
   }
-  for (const auto& [name, t] : p.named()) expect_dtype(*t, dt, name, "embed's dtype");
+  // Every tensor in embed's dtype; for decoding, a layer's routed experts may be bf16 instead
+  // (the three weights alike).
+  std::vector<const Tensor*> bf16_experts;
+  for (int64_t i = 0; for_decode && i < cfg_.n_layers; ++i) {
+    const MoeParams& m = p.layers[i].moe;
+    if (!cfg_.is_moe(i) || m.w1.dtype() != DType::kBF16) continue;
+    expect_dtype(m.w3, DType::kBF16, fmt::format("layers.{}.moe.w3", i), "moe.w1's dtype");
+    expect_dtype(m.w2, DType::kBF16, fmt::format("layers.{}.moe.w2", i), "moe.w1's dtype");
+    bf16_experts.insert(bf16_experts.end(), {&m.w1, &m.w3, &m.w2});
+  }
+  for (const auto& [name, t] : p.named())
+    if (std::find(bf16_experts.begin(), bf16_experts.end(), t) == bf16_experts.end())
+      expect_dtype(*t, dt, name, "embed's dtype");
 }
 
 LmStep LanguageModel::forward(const LmParams& p, std::span<const int32_t> tokens,
@@ -199,9 +230,10 @@ LmStep LanguageModel::forward(const LmParams& p, std::span<const int32_t> tokens
                                  targets.size()));
   const int64_t n = int64_t(tokens.size());
   if (n_seq < 1 || n % n_seq != 0 || n / n_seq > cfg_.context)
-    throw ShapeError(fmt::format("{} tokens as {} sequences: expected equal sequences of at most "
-                                 "{} tokens (model.context)",
-                                 n, n_seq, cfg_.context));
+    throw ShapeError(
+        fmt::format("{} tokens as {} sequences: expected equal sequences of at most "
+                    "{} tokens (model.context)",
+                    n, n_seq, cfg_.context));
   for (int64_t i = 0; i < n; ++i) {
     if (tokens[i] < 0 || tokens[i] >= cfg_.vocab)
       throw ShapeError(fmt::format("token {} at position {}: expected 0..{} (model.vocab)",
@@ -247,7 +279,8 @@ LmStep LanguageModel::forward_impl(const LmParams& p, int64_t n_seq, LmCache& c,
     cpu::rmsnorm<T>(x.matrix<T>(), l.norm_ffn.span<T>(), eps, lc.h_ffn.matrix<T>(),
                     lc.rstd_ffn.span<T>());
     if (cfg_.is_moe(i)) {
-      MoeForward mf = moe_->forward(l.moe, lc.h_ffn, lc.out, lc.moe, layer_context(ctx, i), c.tokens);
+      MoeForward mf =
+          moe_->forward(l.moe, lc.h_ffn, lc.out, lc.moe, layer_context(ctx, i), c.tokens);
       step.aux += mf.loss_balance + mf.loss_z;
       step.routing.push_back(std::move(mf.stats));
     } else {
@@ -265,13 +298,14 @@ LmStep LanguageModel::forward_impl(const LmParams& p, int64_t n_seq, LmCache& c,
                   c.rstd_out.span<T>());
   c.logits.resize({n, V}, dt);
   be.gemm<T>(false, false, T(1), c.h_out.matrix<T>(), p.lm_head.matrix<T>(), T(0),
-               c.logits.matrix<T>());
+             c.logits.matrix<T>());
   c.n_targets = 0;
   for (int32_t y : c.targets) c.n_targets += y >= 0;
   const T scale = c.n_targets > 0 ? T(1) / T(c.n_targets) : T(0);
   // In place: the logits become d(mean loss)/dlogits, which is all backward needs of them.
-  const double total = cpu::cross_entropy_rows<T>(c.logits.matrix<T>(), c.targets, scale,
-                                                  ctx.training ? c.logits.matrix<T>() : MatrixView<T>{});
+  const double total =
+      cpu::cross_entropy_rows<T>(c.logits.matrix<T>(), c.targets, scale,
+                                 ctx.training ? c.logits.matrix<T>() : MatrixView<T>{});
   step.n_targets = c.n_targets;
   step.loss = c.n_targets > 0 ? total / double(c.n_targets) : 0.0;
   return step;
@@ -299,9 +333,8 @@ void LanguageModel::backward_impl(const LmParams& p, LmCache& c, LmParams& g,
   dh.resize({n, d}, dt);
   // logits = h_out lm_head (c.logits holds dlogits).
   be.gemm<T>(true, false, T(1), c.h_out.matrix<T>(), c.logits.matrix<T>(), T(1),
-               g.lm_head.matrix<T>());
-  be.gemm<T>(false, true, T(1), c.logits.matrix<T>(), p.lm_head.matrix<T>(), T(0),
-               dh.matrix<T>());
+             g.lm_head.matrix<T>());
+  be.gemm<T>(false, true, T(1), c.logits.matrix<T>(), p.lm_head.matrix<T>(), T(0), dh.matrix<T>());
   cpu::rmsnorm_backward<T>(c.x_out.matrix<T>(), p.norm_out.span<T>(), c.rstd_out.span<T>(),
                            dh.matrix<T>(), dx.matrix<T>(), g.norm_out.span<T>());
 
@@ -326,9 +359,8 @@ void LanguageModel::backward_impl(const LmParams& p, LmCache& c, LmParams& g,
     add_into<T>(dx, dsub);
     // x_ffn = x_attn + attention(rmsnorm(x_attn)).
     attention_.backward(l.attn, lc.attn, dx, gl.attn, dh, ctx);
-    cpu::rmsnorm_backward<T>(lc.x_attn.matrix<T>(), l.norm_attn.span<T>(),
-                             lc.rstd_attn.span<T>(), dh.matrix<T>(), dsub.matrix<T>(),
-                             gl.norm_attn.span<T>());
+    cpu::rmsnorm_backward<T>(lc.x_attn.matrix<T>(), l.norm_attn.span<T>(), lc.rstd_attn.span<T>(),
+                             dh.matrix<T>(), dsub.matrix<T>(), gl.norm_attn.span<T>());
     add_into<T>(dx, dsub);
   }
   cpu::scatter_add_rows<T>(dx.matrix<T>(), c.tokens, {}, g.embed.matrix<T>());
@@ -353,14 +385,15 @@ void LanguageModel::decode_batch(const LmParams& p,
                                  std::span<const std::span<const int32_t>> tokens,
                                  std::span<DecodeState* const> states, Tensor& logits,
                                  const ExecContext& ctx, DecodeRouting* routing) const {
-  check_params(p);
+  check_params(p, 1, /*for_decode=*/true);
   if (p.embed.dtype() != DType::kF32)
-    throw ShapeError(fmt::format("decode: parameters are {}: expected f32",
-                                 dtype_name(p.embed.dtype())));
+    throw ShapeError(
+        fmt::format("decode: parameters are {}: expected f32", dtype_name(p.embed.dtype())));
   if (tokens.size() != states.size() || tokens.empty())
-    throw ShapeError(fmt::format("decode: {} token lists for {} sequences: expected as many, "
-                                 "at least one",
-                                 tokens.size(), states.size()));
+    throw ShapeError(
+        fmt::format("decode: {} token lists for {} sequences: expected as many, "
+                    "at least one",
+                    tokens.size(), states.size()));
   const int64_t n_seq = int64_t(tokens.size()), d = cfg_.d_model, V = cfg_.vocab;
   std::vector<int32_t> all;  // every sequence's new tokens, one after another
   std::vector<int64_t> at(size_t(n_seq) + 1, 0);
@@ -372,9 +405,10 @@ void LanguageModel::decode_batch(const LmParams& p,
     DecodeState& st = *states[s];
     if (int64_t(st.kv.size()) != cfg_.n_layers) st = start(DType::kF32);
     if (st.n_pos() + int64_t(tokens[s].size()) > cfg_.context)
-      throw ShapeError(fmt::format("decode: sequence {}: {} positions filled + {} new exceed the "
-                                   "context of {}",
-                                   s, st.n_pos(), tokens[s].size(), cfg_.context));
+      throw ShapeError(
+          fmt::format("decode: sequence {}: {} positions filled + {} new exceed the "
+                      "context of {}",
+                      s, st.n_pos(), tokens[s].size(), cfg_.context));
     all.insert(all.end(), tokens[s].begin(), tokens[s].end());
     at[s + 1] = int64_t(all.size());
   }

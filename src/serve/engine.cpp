@@ -165,8 +165,19 @@ double Completion::first_token_at() const {
   return first_token_;
 }
 
+namespace {
+bool bf16_experts(const EngineOptions& o) {
+  return o.backend != nullptr && o.backend->precision == Precision::kBf16;
+}
+}  // namespace
+
 Engine::Engine(const LmConfig& cfg, const LmParams& params, const EngineOptions& options)
-    : cfg_(cfg), params_(params), opt_(options), model_([&] {
+    : cfg_(cfg),
+      // On a bf16 backend the experts are read as bf16 (bf16_expert_params says why).
+      bf16_params_(bf16_experts(options) ? bf16_expert_params(params) : LmParams{}),
+      params_(bf16_experts(options) ? bf16_params_ : params),
+      opt_(options),
+      model_([&] {
         LmConfig c = cfg;
         c.moe.dropless = true;
         return c;
@@ -190,7 +201,7 @@ Engine::Engine(const LmConfig& cfg, const LmParams& params, const EngineOptions&
   if (opt_.kv_positions < cfg_.context)
     throw ConfigError(fmt::format("serve: kv_positions = {}: expected at least the context ({})",
                                   opt_.kv_positions, cfg_.context));
-  model_.check_params(params_);
+  model_.check_params(params_, 1, /*for_decode=*/true);
   ctx_.n_threads = opt_.n_threads;
   ctx_.backend = opt_.backend;
   ctx_.training = false;

@@ -194,6 +194,44 @@ TEST_P(BackendKernels, SkinnyGroupsWithBf16WeightsEveryRowCount) {
       check_bf16_weights(*GetParam(), {M}, K, 300, 60 + uint64_t(M));
 }
 
+// bf16 compute rounds operands only where the product has enough multiply-adds per rounded
+// element (64): decode-sized products ([32, 256] x [256, 768], a few rows per expert) are
+// exactly the f32 twin's, while a prefill-sized one ([512, 256] x [256, 768]) is rounded.
+void check_bf16_rounds_only_where_it_pays(const Backend& be) {
+  for (const int64_t M : {32, 512}) {
+    Tensor a = random_tensor({M, 256}, DType::kF32, 70),
+           b = random_tensor({256, 768}, DType::kF32, 71);
+    Tensor c({M, 768}, DType::kF32), c32({M, 768}, DType::kF32);
+    be.gemm<float>(false, false, 1.0f, a.matrix<float>(), b.matrix<float>(), 0.0f,
+                   c.matrix<float>());
+    be.f32->gemm<float>(false, false, 1.0f, a.matrix<float>(), b.matrix<float>(), 0.0f,
+                        c32.matrix<float>());
+    const bool same = std::equal(c.data<float>(), c.data<float>() + c.numel(), c32.data<float>());
+    EXPECT_EQ(same, M == 32) << be.name << " M " << M;
+  }
+  // Grouped: groups of 40 rows stay f32, a group of 400 rows is rounded.
+  const std::vector<int32_t> off = offsets_of({40, 400, 40});
+  Tensor xs = random_tensor({480, 256}, DType::kF32, 72),
+         w = random_tensor({3, 256, 512}, DType::kF32, 73);
+  Tensor ys({480, 512}, DType::kF32), ys32({480, 512}, DType::kF32);
+  be.grouped_gemm<float>(xs.matrix<float>(), w.stacked<float>(), off, ys.matrix<float>());
+  be.f32->grouped_gemm<float>(xs.matrix<float>(), w.stacked<float>(), off, ys32.matrix<float>());
+  for (int g = 0; g < 3; ++g) {
+    const float *p = ys.data<float>() + off[g] * 512, *q = ys32.data<float>() + off[g] * 512;
+    const int64_t len = int64_t(off[g + 1] - off[g]) * 512;
+    EXPECT_EQ(std::equal(p, p + len, q), g != 1) << be.name << " group " << g;
+  }
+}
+TEST(Backends, Bf16RoundsOnlyWhereItPays) {
+  int n = 0;
+  for (const Backend* be : backends())
+    if (be->precision == Precision::kBf16) {
+      check_bf16_rounds_only_where_it_pays(*be);
+      ++n;
+    }
+  if (n == 0) GTEST_SKIP() << "no bf16 backend on this CPU";
+}
+
 // Each output element is reduced by one thread in a fixed order: 1 and 2 threads agree bit
 // for bit, for plain and grouped products.
 TEST_P(BackendKernels, SameBitsAtAnyThreadCount) {

@@ -5,7 +5,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "switchyard/nn/attention.h"
@@ -55,6 +57,63 @@ TEST(Attention, IsCausalAndSequencesAreIndependent) {
       if (t < 4 || t >= 6) {
         EXPECT_EQ(a, b) << "row " << t;
       }
+    }
+}
+
+// Decode in chunks (one row, up to the direct limit of 16, and longer chunks on the GEMM path)
+// equals the full forward, for head widths on the vector path (multiples of 16, with 1 to 5
+// vectors) and off it, in f64 and f32.
+TEST(Attention, DecodeBatchInChunksMatchesForward) {
+  struct Shape {
+    int64_t d, heads;
+  };
+  for (const Shape sh : {Shape{8, 2}, Shape{48, 1}, Shape{64, 2}, Shape{160, 2}, Shape{42, 3}})
+    for (const DType dt : {DType::kF64, DType::kF32}) {
+      const int64_t L = 37, S = 3;
+      const AttentionConfig cfg{.d_model = sh.d, .n_heads = sh.heads, .max_context = 40};
+      Attention attn(cfg);
+      const AttentionParams p = init_attention_params(cfg, dt, 31);
+      const Tensor x = random_tensor({S * L, sh.d}, dt, 32);
+      Tensor want, got;
+      AttentionCache cache;
+      attn.forward(p, x, S, want, cache, {});
+      // chunks[s]: the rows sequence s feeds, step after step (0: nothing that step).
+      const std::vector<std::vector<int64_t>> chunks = {{1, 1, 1, 17, 1, 16},  // 37
+                                                        {20, 0, 16, 1},        // 37
+                                                        {16, 5, 0, 1, 15}};    // 37
+      std::vector<KvCache> kv;
+      for (int64_t s = 0; s < S; ++s) kv.push_back(attn.start(dt));
+      std::vector<int64_t> fed(static_cast<size_t>(S), 0);
+      for (size_t step = 0;; ++step) {
+        std::vector<int64_t> starts = {0};
+        std::vector<int64_t> rows;  // the forward rows fed this step
+        std::vector<KvCache*> kvs;
+        for (int64_t s = 0; s < S; ++s) {
+          const int64_t n = step < chunks[s].size() ? chunks[s][step] : 0;
+          for (int64_t i = 0; i < n; ++i) rows.push_back(s * L + fed[s] + i);
+          fed[s] += n;
+          starts.push_back(int64_t(rows.size()));
+          kvs.push_back(&kv[s]);
+        }
+        if (rows.empty()) break;
+        Tensor xs({int64_t(rows.size()), sh.d}, dt);
+        const size_t es = dtype_size(dt);
+        for (size_t r = 0; r < rows.size(); ++r)
+          std::memcpy(xs.bytes() + r * sh.d * es, x.bytes() + rows[r] * sh.d * es, sh.d * es);
+        attn.decode_batch(p, xs, starts, kvs, got, {});
+        const double tol = dt == DType::kF64 ? 1e-12 : 2e-5;
+        for (size_t r = 0; r < rows.size(); ++r)
+          for (int64_t j = 0; j < sh.d; ++j) {
+            const double a = dt == DType::kF64 ? got.data<double>()[r * sh.d + j]
+                                               : got.data<float>()[r * sh.d + j];
+            const double b = dt == DType::kF64 ? want.data<double>()[rows[r] * sh.d + j]
+                                               : want.data<float>()[rows[r] * sh.d + j];
+            ASSERT_NEAR(a, b, tol * (1 + std::abs(b)))
+                << "d " << sh.d << " heads " << sh.heads << " " << dtype_name(dt) << " step "
+                << step << " forward row " << rows[r] << " column " << j;
+          }
+      }
+      for (int64_t s = 0; s < S; ++s) EXPECT_EQ(kv[s].n_pos, L);
     }
 }
 
@@ -192,6 +251,63 @@ TEST(LanguageModel, DecodeBatchEqualsEachSequenceAlone) {
   }
   EXPECT_EQ(batched[0].n_pos(), before0);
   EXPECT_EQ(batched[2].n_pos(), before2);
+}
+
+// bf16_expert_params: decoding reads the experts as bf16, exactly as f32 weights holding the
+// same rounded values would give; training and the full forward refuse them by name.
+TEST(LanguageModel, Bf16ExpertsDecodeAsTheirRoundedValues) {
+  LmConfig cfg = tiny_config(2, /*dropless=*/true);  // layer 0 dense, layer 1 MoE
+  cfg.context = 24;
+  cfg.d_model = 20;
+  cfg.moe.d_ff = 19;
+  LanguageModel model(cfg);
+  const LmParams p = init_lm_params(cfg, DType::kF32, 41);
+  const LmParams half = bf16_expert_params(p);
+  LmParams rounded = bf16_expert_params(p);
+  for (LayerParams& l : rounded.layers)
+    for (Tensor* w : {&l.moe.w1, &l.moe.w3, &l.moe.w2})
+      if (!w->empty()) *w = convert(*w, DType::kF32);
+  EXPECT_EQ(half.layers[1].moe.w1.dtype(), DType::kBF16);
+  EXPECT_EQ(half.layers[1].moe.w_gate.dtype(), DType::kF32);
+  EXPECT_EQ(half.layers[0].w1.dtype(), DType::kF32);  // dense layers stay f32
+  ExecContext eval;
+  eval.training = false;
+  const std::vector<std::vector<int32_t>> seqs = {{3, 1, 4, 1, 5}, {9}, {2, 6, 5, 3, 5, 8, 9, 7}};
+  std::vector<DecodeState> a(seqs.size()), b(seqs.size());
+  std::vector<std::span<const int32_t>> tokens(seqs.begin(), seqs.end());
+  std::vector<DecodeState*> pa, pb;
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    pa.push_back(&a[s]);
+    pb.push_back(&b[s]);
+  }
+  Tensor la, lb;
+  for (int step = 0; step < 3; ++step) {
+    model.decode_batch(half, tokens, pa, la, eval);
+    model.decode_batch(rounded, tokens, pb, lb, eval);
+    for (int64_t i = 0; i < la.numel(); ++i)
+      ASSERT_EQ(la.data<float>()[i], lb.data<float>()[i]) << "step " << step << " logit " << i;
+  }
+  // Somewhat different from the f32 experts: the rounding is real.
+  std::vector<DecodeState> c(1);
+  DecodeState* pc[1] = {&c[0]};
+  Tensor lc, lh;
+  const std::span<const int32_t> one[1] = {seqs[2]};
+  model.decode_batch(p, one, pc, lc, eval);
+  c[0] = DecodeState{};
+  model.decode_batch(half, one, pc, lh, eval);
+  double diff = 0;
+  for (int64_t i = 0; i < lc.numel(); ++i)
+    diff = std::max(diff, double(std::abs(lc.data<float>()[i] - lh.data<float>()[i])));
+  EXPECT_GT(diff, 0.0);
+  EXPECT_LT(diff, 0.05);
+  LmCache cache;
+  const std::vector<int32_t> toks = {1, 2, 3, 4}, targets = {2, 3, 4, 5};
+  try {
+    model.forward(half, toks, targets, 1, cache, eval);
+    FAIL() << "forward took bf16 experts";
+  } catch (const ShapeError& e) {
+    EXPECT_NE(std::string(e.what()).find("layers.1.moe.w1 is bf16"), std::string::npos) << e.what();
+  }
 }
 
 // Every backend (f32 and bf16 compute, each library): the bits never depend on the thread count.

@@ -8,8 +8,10 @@
 //   be.gemm(false, false, 1.0f, a, b, 0.0f, c);           // a: [M, K], b: [K, N] -> c: [M, N]
 //
 // Precision kBf16 is mixed precision: GEMM inputs are rounded to bf16, products accumulate in
-// f32 and outputs are f32; everything else (weights kept by the optimizer, norms, softmax,
-// losses) stays f32. double GEMMs (gradient checks) always take the f64 OpenBLAS path.
+// f32 and outputs are f32. Products with too few multiply-adds per rounded element for the
+// rounding to pay (under 64: decode rows against a weight matrix) are computed in f32 instead;
+// everything else (weights kept by the optimizer, norms, softmax, losses) stays f32. double GEMMs
+// (gradient checks) always take the f64 OpenBLAS path.
 #pragma once
 
 #include <cstdint>

@@ -28,8 +28,8 @@
 namespace sy {
 
 struct LmConfig {
-  int64_t vocab = 256;     // byte-level
-  int64_t context = 256;   // longest sequence
+  int64_t vocab = 256;    // byte-level
+  int64_t context = 256;  // longest sequence
   int64_t d_model = 256;
   int64_t n_layers = 4;
   int64_t n_heads = 4;
@@ -63,9 +63,9 @@ struct LmConfig {
 struct LayerParams {
   Tensor norm_attn;  // [d]
   AttentionParams attn;
-  Tensor norm_ffn;   // [d]
-  MoeParams moe;     // MoE layers
-  Tensor w1, w3, w2; // dense layers: [d, f], [d, f], [f, d]
+  Tensor norm_ffn;    // [d]
+  MoeParams moe;      // MoE layers
+  Tensor w1, w3, w2;  // dense layers: [d, f], [d, f], [f, d]
 };
 
 struct LmParams {
@@ -82,10 +82,18 @@ struct LmParams {
 LmParams init_lm_params(const LmConfig& cfg, DType dtype, uint64_t seed);
 LmParams zeros_like(const LmParams& p);
 
+// Parameters for decoding on a bf16 backend: the routed experts' weights (moe.w1/w3/w2 of every
+// MoE layer) rounded to bf16 once, everything else copied as is. A decode step streams each
+// touched expert's weights once, and past about E/k sequences every expert is touched every
+// step, so the expert bank is most of what a batched step reads: bf16 halves it. The router,
+// attention, norms and embeddings stay f32. Only decode and decode_batch take these (bf16
+// weights have no gradients).
+LmParams bf16_expert_params(const LmParams& p);
+
 struct LayerCache {
-  Tensor x_attn, x_ffn;          // [T, d] residual stream entering each half
-  Tensor h_attn, h_ffn, out;     // [T, d] normalised inputs and a sublayer's output
-  Tensor rstd_attn, rstd_ffn;    // [T]
+  Tensor x_attn, x_ffn;        // [T, d] residual stream entering each half
+  Tensor h_attn, h_ffn, out;   // [T, d] normalised inputs and a sublayer's output
+  Tensor rstd_attn, rstd_ffn;  // [T]
   AttentionCache attn;
   MoeCache moe;
   ExpertsCache ffn;
@@ -102,8 +110,8 @@ struct LmCache {
 };
 
 struct LmStep {
-  double loss = 0;             // mean cross-entropy over the targets, in nats
-  double aux = 0;              // sum of the MoE layers' weighted auxiliary losses
+  double loss = 0;  // mean cross-entropy over the targets, in nats
+  double aux = 0;   // sum of the MoE layers' weighted auxiliary losses
   int64_t n_targets = 0;
   std::vector<RoutingStats> routing;  // one per MoE layer, in layer order
 };
@@ -141,15 +149,16 @@ class LanguageModel {
   // Several sequences in one step (continuous batching): sequence i feeds tokens[i] (one or
   // more) at its next positions in *states[i]. Every projection, the MoE and the dense layers
   // take every sequence's rows at once, so each weight is read once per step; only attention
-  // over the cache runs per sequence. logits: [n_seq, V], each sequence's last position. routing, when
-  // given, receives what the MoE layers did. With a dropless MoE config each sequence's
-  // logits are what decode() gives it alone.
+  // over the cache runs per sequence. logits: [n_seq, V], each sequence's last position. routing,
+  // when given, receives what the MoE layers did. With a dropless MoE config each sequence's logits
+  // are what decode() gives it alone.
   void decode_batch(const LmParams& p, std::span<const std::span<const int32_t>> tokens,
                     std::span<DecodeState* const> states, Tensor& logits, const ExecContext& ctx,
                     DecodeRouting* routing = nullptr) const;
 
   // Throws ShapeError naming the tensor; ep_size > 1: expert weights hold E / ep_size experts.
-  void check_params(const LmParams& p, int64_t ep_size = 1) const;
+  // for_decode: routed expert weights may also be bf16 (bf16_expert_params).
+  void check_params(const LmParams& p, int64_t ep_size = 1, bool for_decode = false) const;
 
  private:
   template <class T>

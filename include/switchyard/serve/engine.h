@@ -167,7 +167,8 @@ class Engine {
   void finish(Sequence& s, Finish why);
 
   LmConfig cfg_;
-  const LmParams& params_;
+  LmParams bf16_params_;    // on a bf16 backend: the caller's with bf16 experts
+  const LmParams& params_;  // what decoding reads: the caller's, or bf16_params_
   EngineOptions opt_;
   LanguageModel model_;
   ExecContext ctx_;

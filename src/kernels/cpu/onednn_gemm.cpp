@@ -5,8 +5,9 @@
 // (tile_shape), each one single-threaded oneDNN call inside our parallel region (oneDNN runs one
 // thread when called from inside one): each output element is reduced in one fixed order, so
 // results do not depend on the thread count. bf16 compute rounds each operand to bf16 once per
-// call, before tiling. Groups of at most kSkinnyRows rows (decode) take the memory-bound
-// kernel of gemm.cpp. Reference: ref::gemm / ref::grouped_gemm.
+// call, before tiling, where that pays (bf16_pays); smaller products stay f32. Products and
+// groups of at most kSkinnyRows rows (decode) take the memory-bound kernel of gemm.cpp. Reference:
+// ref::gemm / ref::grouped_gemm.
 #include "kernels/cpu/onednn_gemm.h"
 
 #include <omp.h>
@@ -207,6 +208,14 @@ bool scale_for_beta(float beta, MatrixView<float> c) {
   return true;
 }
 
+// bf16 compute rounds both operands first, which pays only when each rounded element feeds
+// enough multiply-adds: an [M, K] x [K, N] product below kBf16MinMacs per rounded element runs
+// in f32 (decode rows against a whole weight matrix, small attention heads). Shapes alone decide.
+constexpr double kBf16MinMacs = 64;
+bool bf16_pays(int64_t M, int64_t N, int64_t K) {
+  return double(M) * double(N) * double(K) >= kBf16MinMacs * double(M * K + K * N);
+}
+
 // The skinny groups of a grouped product, one at a time on gemm.cpp's streaming kernel.
 template <class W>
 void skinny_group(ConstMatrixView<float> xs, MatrixView<const W> wg, int64_t r0, int64_t r1,
@@ -239,6 +248,14 @@ void gemm(Compute compute, bool trans_a, bool trans_b, float alpha, ConstMatrixV
     if (!accumulate) std::fill_n(c.data, c.size(), 0.0f);
     return;
   }
+  // A few rows times a weight matrix (decode) stream the weight once, as skinny groups do.
+  if (!trans_a && !trans_b && alpha == 1.0f && !accumulate && c.rows <= kSkinnyRows) {
+    const int32_t offsets[2] = {0, int32_t(c.rows)};
+    cpu::grouped_gemm(a, StackedView<const float>{b.data, 1, b.rows, b.cols},
+                      std::span<const int32_t>(offsets, 2), c);
+    return;
+  }
+  if (!bf16_pays(c.rows, c.cols, K)) compute = Compute::kF32;
   const Operands op = prepare(compute, a.data, a.size(), b.data, b.size());
   std::vector<Tile> tiles;
   add_tiles(trans_a, trans_b, op.es, op.a, a.cols, op.b, b.cols, c.data, c.cols, c.rows, c.cols, K,
@@ -272,22 +289,43 @@ void grouped_forward(Compute compute, const Operands& op, ConstMatrixView<float>
   run_tiles({compute, false, false, false}, tiles, 1.0f);
 }
 
-bool any_large_group(std::span<const int32_t> offsets) {
-  for (size_t g = 0; g + 1 < offsets.size(); ++g)
-    if (offsets[g + 1] - offsets[g] > kSkinnyRows) return true;
-  return false;
-}
 }  // namespace
 
 void grouped_gemm(Compute compute, ConstMatrixView<float> xs, StackedView<const float> w,
                   std::span<const int32_t> offsets, MatrixView<float> ys) {
   check_grouped(xs.rows, w.n, offsets);
   if (xs.rows == 0) return;
-  // When every group is skinny (decode) nothing is rounded to bf16: the weights are read once,
-  // by the streaming kernel.
-  if (!any_large_group(offsets)) compute = Compute::kF32;
-  const Operands op = prepare(compute, xs.data, xs.size(), w.data, w.n * w.rows * w.cols);
-  grouped_forward<float>(compute, op, xs, w, offsets, ys);
+  // Per group: the streaming kernel (skinny: decode), oneDNN in f32, or oneDNN in bf16 where
+  // rounding pays; only the bf16 groups' weights are rounded, so a step with a few large
+  // groups does not round every expert.
+  const int64_t K = w.rows, N = w.cols, per = K * N;
+  std::vector<Tile> f32_tiles, bf16_tiles;
+  const bf16* xb = nullptr;
+  std::vector<bf16>& wb = buffers().b;
+  for (int64_t g = 0; g < w.n; ++g) {
+    const int64_t r0 = offsets[g], r1 = offsets[g + 1], rows = r1 - r0;
+    if (rows == 0) continue;
+    if (rows <= kSkinnyRows) {
+      skinny_group<float>(xs, w[g], r0, r1, ys);
+      continue;
+    }
+    if (compute == Compute::kF32 || !bf16_pays(rows, N, K)) {
+      add_tiles(false, false, sizeof(float), reinterpret_cast<const char*>(xs.data + r0 * K), K,
+                reinterpret_cast<const char*>(w.data + g * per), N, ys.data + r0 * N, N, rows, N, K,
+                f32_tiles);
+      continue;
+    }
+    if (xb == nullptr) xb = to_bf16_buffer(xs.data, xs.size(), buffers().a);
+    if (wb.size() < size_t(w.n * per)) wb.resize(size_t(w.n * per));  // grows only
+    const float* src = w.data + g * per;
+    bf16* dst = wb.data() + g * per;
+#pragma omp parallel for schedule(static) if (per > (1 << 16) && !omp_in_parallel())
+    for (int64_t i = 0; i < per; ++i) dst[i] = to_bf16(src[i]);
+    add_tiles(false, false, sizeof(bf16), reinterpret_cast<const char*>(xb + r0 * K), K,
+              reinterpret_cast<const char*>(dst), N, ys.data + r0 * N, N, rows, N, K, bf16_tiles);
+  }
+  run_tiles({Compute::kF32, false, false, false}, f32_tiles, 1.0f);
+  run_tiles({Compute::kBf16, false, false, false}, bf16_tiles, 1.0f);
 }
 
 void grouped_gemm(Compute compute, ConstMatrixView<float> xs, StackedView<const bf16> w,
@@ -306,7 +344,8 @@ void grouped_gemm(Compute compute, ConstMatrixView<float> xs, StackedView<const 
   // resize down and up again would zero the regrown part on every call), and is not touched
   // when every group is skinny (decode), so a step reads each weight byte once.
   bool any_wide = false;
-  for (int64_t g = 0; g < w.n; ++g) any_wide = any_wide || offsets[g + 1] - offsets[g] > kSkinnyRows;
+  for (int64_t g = 0; g < w.n; ++g)
+    any_wide = any_wide || offsets[g + 1] - offsets[g] > kSkinnyRows;
   std::vector<float>& wide = buffers().wide;
   if (any_wide && wide.size() < size_t(w.n * per)) wide.resize(size_t(w.n * per));
   for (int64_t g = 0; g < w.n; ++g) {
