@@ -254,6 +254,7 @@ std::string svg(const std::vector<Point>& points, const std::string& title) {
 }  // namespace
 
 int run_bench_serve(const BenchServeOptions& opt) {
+  keep_freed_memory_for_reuse();  // as switchyard serve does
   LmConfig cfg;
   LmParams params;
   std::string what;

@@ -378,6 +378,7 @@ int run_serve(const ServeCliOptions& o) {
                                   : parse_precision(o.precision, "--precision");
   eo.backend = &pick_backend(cpu_features(), precision);
   fmt::print(stderr, "{}\n", describe_kernels(precision));
+  keep_freed_memory_for_reuse();
   Engine engine(ck.cfg.model, ck.params, eo);
   ServerOptions so;
   so.host = o.host;

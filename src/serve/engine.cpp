@@ -1,6 +1,8 @@
 // Continuous batching: see engine.h.
 #include "switchyard/serve/engine.h"
 
+#include <malloc.h>
+
 #include <algorithm>
 #include <chrono>
 #include <set>
@@ -163,6 +165,12 @@ int64_t Completion::completion_tokens() const {
 double Completion::first_token_at() const {
   std::lock_guard lock(mutex_);
   return first_token_;
+}
+
+void keep_freed_memory_for_reuse() {
+  // Fixed thresholds also stop glibc's dynamic mmap threshold from moving with the scratch.
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  mallopt(M_MMAP_THRESHOLD, 64 << 20);
 }
 
 namespace {

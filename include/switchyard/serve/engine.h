@@ -142,6 +142,13 @@ inline constexpr double kLatencyBuckets[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 
                                              0.25,  0.5,    1,     2.5,  5,     10};
 inline constexpr int64_t kBatchBuckets[] = {1, 2, 4, 8, 16, 32, 64, 128};
 
+// For a process that decodes step after step (serve, its benchmarks): glibc keeps freed memory
+// for reuse instead of returning it to the kernel. Each step allocates and frees its scratch
+// (tens of MiB at batch 32); with glibc's default trim threshold the top of the heap goes back
+// to the kernel and every step faults it in again, zeroed: about a tenth of a batched step on
+// the machines here. Process-wide; call once at start.
+void keep_freed_memory_for_reuse();
+
 class Engine {
  public:
   // The model's config is used dropless (see above). Throws ConfigError for bad options.
