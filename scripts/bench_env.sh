@@ -15,9 +15,9 @@ fi
 if [[ ! -x $venv/bin/python ]]; then
   python3 -m venv "$venv"
 fi
-if ! "$venv/bin/python" -c "import torch, transformers, tokenizers, safetensors" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import torch, transformers, tokenizers, safetensors, fastapi, uvicorn" 2>/dev/null; then
   "$venv/bin/pip" install --quiet --upgrade pip
-  "$venv/bin/pip" install --quiet torch==2.15.0 transformers==5.24.0 tokenizers==0.23.3 safetensors numpy
+  "$venv/bin/pip" install --quiet torch==2.15.0 "transformers[serving]==5.24.0" tokenizers==0.23.3 safetensors numpy
 fi
 "$venv/bin/python" -c "import torch, transformers; print('bench_env: torch', torch.__version__, 'transformers', transformers.__version__)" >&2
 echo "$venv/bin/python"
