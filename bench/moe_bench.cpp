@@ -13,6 +13,7 @@
 #include "switchyard/kernels/cpu.h"
 #include "switchyard/moe/moe_layer.h"
 #include "switchyard/nn/model.h"
+#include "switchyard/serve/engine.h"
 #include "switchyard/train/run_config.h"
 
 namespace {
@@ -77,6 +78,7 @@ void dense(benchmark::State& state, const cli::MoeShape& s) {
 // B sequences decode one token each after a 64-byte prompt; the caches are rolled back to 64
 // positions after every step so each step sees the same context length.
 void decode(benchmark::State& state, const std::string& config) {
+  keep_freed_memory_for_reuse();  // as switchyard serve does
   LmConfig cfg = load_run_config(config, {}).model;
   cfg.moe.dropless = true;
   const LanguageModel model(cfg);

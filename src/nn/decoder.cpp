@@ -372,11 +372,11 @@ void rope_rows(float* x, int64_t heads, int64_t stride, int64_t at, int64_t dim,
 
 }  // namespace
 
-void DecoderModel::attention(const DecoderLayerParams& lp, int64_t layer, DecoderState& s,
-                             int64_t n, DecoderScratch& sc, const Backend& be) const {
+void DecoderModel::attention(const DecoderLayerParams& lp, int64_t layer, const Rows& rows,
+                             DecoderScratch& sc, const Backend& be) const {
   const DecoderConfig& c = cfg_;
   const int64_t H = c.n_heads, Hkv = c.mla() ? c.n_heads : c.n_kv_heads;
-  const int64_t dk = c.head_dim, dv = c.v_head_dim, p0 = s.n_pos;
+  const int64_t dk = c.head_dim, dv = c.v_head_dim, n = rows.n();
   ConstMatrixView<float> h = sc.h.matrix<float>();
 
   // RoPE tables for the new positions: [n, dim/2], float32 angles as transformers forms them.
@@ -384,16 +384,24 @@ void DecoderModel::attention(const DecoderLayerParams& lp, int64_t layer, Decode
   std::vector<float> cos(static_cast<size_t>(n * half)), sin(static_cast<size_t>(n * half));
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < half; ++j) {
-      const float angle = float(p0 + i) * inv_freq_[j];
+      const float angle = float(rows.pos[i]) * inv_freq_[j];
       cos[i * half + j] = float(std::cos(angle)) * rope_scale_;
       sin[i * half + j] = float(std::sin(angle)) * rope_scale_;
     }
 
-  DecoderState::Layer& kv = s.layers[layer];
-  kv.k.resize(size_t((p0 + n) * Hkv * dk));
-  kv.v.resize(size_t((p0 + n) * Hkv * dv));
-  float* knew = kv.k.data() + p0 * Hkv * dk;
-  float* vnew = kv.v.data() + p0 * Hkv * dv;
+  // Each sequence's cache grows by its new rows; row i's key and value go to its position.
+  for (size_t q = 0; q < rows.states.size(); ++q) {
+    DecoderState::Layer& kv = rows.states[q]->layers[layer];
+    const int64_t m = rows.states[q]->n_pos + rows.start[q + 1] - rows.start[q];
+    kv.k.resize(size_t(m * Hkv * dk));
+    kv.v.resize(size_t(m * Hkv * dv));
+  }
+  auto knew = [&](int64_t i) {
+    return rows.states[rows.seq[i]]->layers[layer].k.data() + rows.pos[i] * Hkv * dk;
+  };
+  auto vnew = [&](int64_t i) {
+    return rows.states[rows.seq[i]]->layers[layer].v.data() + rows.pos[i] * Hkv * dv;
+  };
 
   if (c.mla()) {
     const int64_t dn = c.qk_nope_dim, dr = c.qk_rope_dim, r = c.kv_lora_rank;
@@ -422,10 +430,10 @@ void DecoderModel::attention(const DecoderLayerParams& lp, int64_t layer, Decode
       rope_rows(krot.data(), 1, dr, 0, dr, c.rope.interleaved, &cos[i * half], &sin[i * half]);
       for (int64_t hh = 0; hh < H; ++hh) {
         const float* src = kvp + (i * H + hh) * (dn + dv);
-        float* kd = knew + (i * H + hh) * dk;
+        float* kd = knew(i) + hh * dk;
         std::copy_n(src, dn, kd);
         std::copy_n(krot.data(), dr, kd + dn);
-        std::copy_n(src + dn, dv, vnew + (i * H + hh) * dv);
+        std::copy_n(src + dn, dv, vnew(i) + hh * dv);
       }
     }
   } else {
@@ -451,26 +459,29 @@ void DecoderModel::attention(const DecoderLayerParams& lp, int64_t layer, Decode
       rope_rows(k + i * Hkv * dk, Hkv, dk, 0, c.rope.dim, c.rope.interleaved, &cos[i * half],
                 &sin[i * half]);
     }
-    std::copy_n(k, n * Hkv * dk, knew);
-    std::copy_n(v, n * Hkv * dv, vnew);
+    for (int64_t i = 0; i < n; ++i) {
+      std::copy_n(k + i * Hkv * dk, Hkv * dk, knew(i));
+      std::copy_n(v + i * Hkv * dv, Hkv * dv, vnew(i));
+    }
   }
 
   // Causal (and windowed) softmax attention of the new queries over every cached key.
   sc.o.resize_for_overwrite({n, H * dv}, DType::kF32);
   const float* q = sc.q.data<float>();
-  const float* K = kv.k.data();
-  const float* V = kv.v.data();
   float* o = sc.o.data<float>();
   const int64_t group = H / Hkv, window = c.window[layer];
   const float scale = float(c.attn_scale);
+  const int64_t max_pos = *std::max_element(rows.pos.begin(), rows.pos.end());
 #pragma omp parallel
   {
-    std::vector<float> p(static_cast<size_t>(p0 + n));
+    std::vector<float> p(static_cast<size_t>(max_pos + 1));
     std::vector<double> acc(static_cast<size_t>(dv));
 #pragma omp for collapse(2) schedule(dynamic, 4)
     for (int64_t i = 0; i < n; ++i)
       for (int64_t hh = 0; hh < H; ++hh) {
-        const int64_t pos = p0 + i, g = hh / group;
+        const DecoderState::Layer& kv = rows.states[rows.seq[i]]->layers[layer];
+        const float *K = kv.k.data(), *V = kv.v.data();
+        const int64_t pos = rows.pos[i], g = hh / group;
         const int64_t j0 = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
         const float* qi = q + (i * H + hh) * dk;
         float mx = -INFINITY;
@@ -543,19 +554,67 @@ void DecoderModel::feed_forward(const DecoderLayerParams& lp, int64_t layer, int
 
 void DecoderModel::forward(const DecoderParams& p, std::span<const int32_t> tokens, DecoderState& s,
                            Tensor& logits, const ExecContext& ctx, bool all_positions) const {
+  const std::span<const int32_t> one[1] = {tokens};
+  DecoderState* const state[1] = {&s};
+  const int64_t n = int64_t(tokens.size());
+  forward_rows(p, one, state, ctx);
+  const ConstMatrixView<float> h = scratch_.h.matrix<float>();
+  linear(backend_of(ctx), all_positions ? h : h.slice_rows(n - 1, n), p.lm_head, {}, logits);
+}
+
+void DecoderModel::forward_batch(const DecoderParams& p,
+                                 std::span<const std::span<const int32_t>> tokens,
+                                 std::span<DecoderState* const> states, Tensor& logits,
+                                 const ExecContext& ctx) const {
+  forward_rows(p, tokens, states, ctx);
+  // Only each sequence's last position's logits: one skinny product over those rows.
+  const int64_t d = cfg_.d_model, S = int64_t(tokens.size());
+  DecoderScratch& sc = scratch_;
+  sc.last.resize_for_overwrite({S, d}, DType::kF32);
+  int64_t end = 0;
+  for (int64_t q = 0; q < S; ++q) {
+    end += int64_t(tokens[q].size());
+    std::copy_n(sc.h.data<float>() + (end - 1) * d, d, sc.last.data<float>() + q * d);
+  }
+  linear(backend_of(ctx), sc.last.matrix<float>(), p.lm_head, {}, logits);
+}
+
+void DecoderModel::forward_rows(const DecoderParams& p,
+                                std::span<const std::span<const int32_t>> tokens,
+                                std::span<DecoderState* const> states,
+                                const ExecContext& ctx) const {
   const DecoderConfig& c = cfg_;
-  const int64_t n = int64_t(tokens.size()), d = c.d_model;
-  if (n == 0) throw ShapeError("decoder forward: no tokens");
-  if (s.n_pos + n > c.max_context)
+  if (tokens.empty() || tokens.size() != states.size())
     throw ShapeError(
-        fmt::format("{} positions after {}: past the context of {} "
-                    "(max_position_embeddings)",
-                    n, s.n_pos, c.max_context));
-  if (int64_t(s.layers.size()) != c.n_layers)
-    throw ShapeError("decoder state: not from this model's start()");
-  for (int32_t t : tokens)
-    if (t < 0 || t >= c.vocab)
-      throw ShapeError(fmt::format("token {} outside the vocabulary [0, {})", t, c.vocab));
+        fmt::format("decoder forward: {} token lists for {} sequences: expected as "
+                    "many, at least one",
+                    tokens.size(), states.size()));
+  Rows rows;
+  rows.states = states;
+  rows.start.push_back(0);
+  std::vector<int32_t> all;  // every sequence's new tokens, one after another
+  for (size_t q = 0; q < tokens.size(); ++q) {
+    const DecoderState& s = *states[q];
+    const int64_t n = int64_t(tokens[q].size());
+    if (n == 0) throw ShapeError(fmt::format("decoder forward: sequence {}: no tokens", q));
+    if (s.n_pos + n > c.max_context)
+      throw ShapeError(
+          fmt::format("{} positions after {}: past the context of {} "
+                      "(max_position_embeddings)",
+                      n, s.n_pos, c.max_context));
+    if (int64_t(s.layers.size()) != c.n_layers)
+      throw ShapeError("decoder state: not from this model's start()");
+    for (int32_t t : tokens[q])
+      if (t < 0 || t >= c.vocab)
+        throw ShapeError(fmt::format("token {} outside the vocabulary [0, {})", t, c.vocab));
+    for (int64_t i = 0; i < n; ++i) {
+      rows.seq.push_back(int32_t(q));
+      rows.pos.push_back(s.n_pos + i);
+    }
+    all.insert(all.end(), tokens[q].begin(), tokens[q].end());
+    rows.start.push_back(int64_t(all.size()));
+  }
+  const int64_t n = rows.n(), d = c.d_model;
   const Backend& be = backend_of(ctx);
   const ThreadScope threads(ctx.n_threads);
   DecoderScratch& sc = scratch_;
@@ -565,9 +624,9 @@ void DecoderModel::forward(const DecoderParams& p, std::span<const int32_t> toke
   float* x = sc.x.data<float>();
   for (int64_t i = 0; i < n; ++i) {
     if (p.embed.dtype() == DType::kF32) {
-      std::copy_n(p.embed.data<float>() + int64_t(tokens[i]) * d, d, x + i * d);
+      std::copy_n(p.embed.data<float>() + int64_t(all[i]) * d, d, x + i * d);
     } else {
-      const bf16* e = p.embed.data<bf16>() + int64_t(tokens[i]) * d;
+      const bf16* e = p.embed.data<bf16>() + int64_t(all[i]) * d;
       for (int64_t j = 0; j < d; ++j) x[i * d + j] = to_float(e[j]);
     }
   }
@@ -575,7 +634,7 @@ void DecoderModel::forward(const DecoderParams& p, std::span<const int32_t> toke
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const DecoderLayerParams& lp = p.layers[l];
     rms_norm(x, sc.h.data<float>(), n, d, lp.norm_attn.data<float>(), c.norm_eps);
-    attention(lp, l, s, n, sc, be);
+    attention(lp, l, rows, sc, be);
     const float* y = sc.y.data<float>();
     for (int64_t i = 0; i < n * d; ++i) x[i] += y[i];
     rms_norm(x, sc.h.data<float>(), n, d, lp.norm_ffn.data<float>(), c.norm_eps);
@@ -583,10 +642,8 @@ void DecoderModel::forward(const DecoderParams& p, std::span<const int32_t> toke
     y = sc.y.data<float>();
     for (int64_t i = 0; i < n * d; ++i) x[i] += y[i];
   }
-  s.n_pos += n;
+  for (size_t q = 0; q < states.size(); ++q) states[q]->n_pos += rows.start[q + 1] - rows.start[q];
   rms_norm(x, sc.h.data<float>(), n, d, p.norm_out.data<float>(), c.norm_eps);
-  const ConstMatrixView<float> h = sc.h.matrix<float>();
-  linear(be, all_positions ? h : h.slice_rows(n - 1, n), p.lm_head, {}, logits);
 }
 
 }  // namespace sy

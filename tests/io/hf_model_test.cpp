@@ -12,7 +12,6 @@
 #include <sstream>
 
 #include "io/fixtures.h"
-
 #include "switchyard/io/hf_export.h"
 #include "switchyard/io/safetensors.h"
 #include "switchyard/kernels/backend.h"
@@ -83,6 +82,57 @@ TEST_P(HfFixture, LogitsAndGreedyTokensEqualTransformers) {
     next = argmax(logits.data<float>(), V);
   }
   EXPECT_EQ(greedy, want["greedy"].get<std::vector<int32_t>>()) << GetParam();
+}
+
+// Three sequences batched (unequal prompts from the fixture's ids, then steps that mix one-token
+// decodes with a prefill chunk): each sequence's logits are what forward() gives it alone, for
+// every architecture (GQA, sliding windows, q/k norms, MLA, shared experts, dense first layers).
+TEST_P(HfFixture, ForwardBatchEqualsEachSequenceAlone) {
+  const std::string dir = fixture("models/" + GetParam());
+  const HfModel m = load_hf_model(dir);
+  const auto ids =
+      nlohmann::json::parse(read(dir + "/expected.json"))["input_ids"].get<std::vector<int32_t>>();
+  ASSERT_GE(ids.size(), 7u);
+  const DecoderModel model(m.config);
+  const ExecContext ctx = f32_context();
+  const int64_t V = m.config.vocab;
+  auto slice = [&](size_t a, size_t n) {
+    return std::vector<int32_t>(ids.begin() + long(a), ids.begin() + long(a + n));
+  };
+  // steps[t][q]: what sequence q feeds at step t.
+  const std::vector<std::vector<std::vector<int32_t>>> steps = {
+      {slice(0, 5), slice(1, 1), slice(2, 7)},
+      {slice(3, 1), slice(0, 4), slice(4, 1)},
+      {slice(5, 2), slice(6, 1), slice(1, 1)}};
+  std::vector<DecoderState> batched, alone;
+  for (int q = 0; q < 3; ++q) {
+    batched.push_back(model.start());
+    alone.push_back(model.start());
+  }
+  for (size_t t = 0; t < steps.size(); ++t) {
+    std::vector<std::span<const int32_t>> tokens(steps[t].begin(), steps[t].end());
+    std::vector<DecoderState*> states = {&batched[0], &batched[1], &batched[2]};
+    Tensor logits, want;
+    model.forward_batch(m.params, tokens, states, logits, ctx);
+    ASSERT_EQ(logits.shape(), (std::vector<int64_t>{3, V}));
+    for (int q = 0; q < 3; ++q) {
+      model.forward(m.params, steps[t][q], alone[q], want, ctx, /*all_positions=*/false);
+      EXPECT_EQ(batched[q].n_pos, alone[q].n_pos);
+      double worst = 0;
+      for (int64_t v = 0; v < V; ++v)
+        worst = std::max(worst,
+                         double(std::abs(logits.data<float>()[q * V + v] - want.data<float>()[v])));
+      EXPECT_LE(worst, 1e-5) << GetParam() << " step " << t << " sequence " << q;
+    }
+  }
+  // A sequence past the context is refused before any state moves.
+  const std::vector<int32_t> one = {ids[0]}, too_long(size_t(m.config.max_context), ids[0]);
+  const std::span<const int32_t> tokens[2] = {one, too_long};
+  DecoderState* const states[2] = {&batched[0], &batched[1]};
+  const int64_t before = batched[0].n_pos;
+  Tensor logits;
+  EXPECT_THROW(model.forward_batch(m.params, tokens, states, logits, ctx), ShapeError);
+  EXPECT_EQ(batched[0].n_pos, before);
 }
 
 INSTANTIATE_TEST_SUITE_P(Architectures, HfFixture,

@@ -125,7 +125,7 @@ struct DecoderState {
 
 // Scratch reused between calls (no allocation in the steady state of decoding).
 struct DecoderScratch {
-  Tensor x, h, q, k, v, o, y, a, b, c, latent, kv;
+  Tensor x, h, q, k, v, o, y, a, b, c, latent, kv, last;
   Tensor logits_all;
   MoeCache moe;
   ExpertsCache experts;
@@ -144,14 +144,35 @@ class DecoderModel {
   // [0, vocab) or past max_context.
   void forward(const DecoderParams& p, std::span<const int32_t> tokens, DecoderState& s,
                Tensor& logits, const ExecContext& ctx, bool all_positions = true) const;
+  // Several sequences in one call (continuous batching): sequence i feeds tokens[i] at its next
+  // positions in *states[i]. Projections, norms and the feed-forward layers (the MoE's experts
+  // each read once for all the rows that chose them) take every sequence's rows at once;
+  // attention runs per row over its own sequence's cache. logits: [n_seq, V] (=), each
+  // sequence's last position. Each sequence's logits are those forward() gives it alone, up to
+  // the GEMMs' rounding at different row counts (dropless MoE: routing is per token).
+  void forward_batch(const DecoderParams& p, std::span<const std::span<const int32_t>> tokens,
+                     std::span<DecoderState* const> states, Tensor& logits,
+                     const ExecContext& ctx) const;
   // Routing of the last forward: one RoutingStats per MoE layer, in layer order.
   const std::vector<RoutingStats>& last_routing() const { return routing_; }
 
   void check_params(const DecoderParams& p) const;  // throws ShapeError naming the tensor
 
  private:
-  void attention(const DecoderLayerParams& lp, int64_t layer, DecoderState& s, int64_t n,
-                 DecoderScratch& sc, const Backend& be) const;
+  // The rows of one call: row i belongs to sequence seq[i] at position pos[i]; sequence q's rows
+  // are [start[q], start[q + 1]).
+  struct Rows {
+    std::span<DecoderState* const> states;
+    std::vector<int32_t> seq;
+    std::vector<int64_t> pos, start;
+    int64_t n() const { return int64_t(seq.size()); }
+  };
+  // Every layer over the rows; leaves the final norm's output in scratch_.h and advances the
+  // states.
+  void forward_rows(const DecoderParams& p, std::span<const std::span<const int32_t>> tokens,
+                    std::span<DecoderState* const> states, const ExecContext& ctx) const;
+  void attention(const DecoderLayerParams& lp, int64_t layer, const Rows& rows, DecoderScratch& sc,
+                 const Backend& be) const;
   void feed_forward(const DecoderLayerParams& lp, int64_t layer, int64_t n, DecoderScratch& sc,
                     const ExecContext& ctx) const;
 
