@@ -35,7 +35,8 @@ ap.add_argument("--requests", type=int, default=4)
 ap.add_argument("--max-tokens", type=int, default=64)
 ap.add_argument("--threads", type=int, default=1)
 ap.add_argument("--servers", nargs="+",
-                default=["switchyard", "switchyard-off", "transformers", "transformers-bf16"])
+                default=["switchyard", "switchyard-off", "transformers", "transformers-bf16",
+                         "llama.cpp"])
 ap.add_argument("--json")
 args = ap.parse_args()
 
@@ -62,30 +63,48 @@ def start(kind):
             if m:
                 return p, int(m.group(1)), None
     port = 18000 + os.getpid() % 1000
+    if kind == "llama.cpp":
+        # llama.cpp's own server with continuous batching: one slot per client at the most
+        # clients, each slot the model's context (256); the GGUF converted from the export.
+        bindir = subprocess.run(["bash", "bench/llama_cpp.sh", hf, f"{work}/model.gguf"], check=True,
+                                capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        slots = max(args.clients)
+        cmd = [f"{bindir}/llama-server", "-m", f"{work}/model.gguf", "--host", "127.0.0.1",
+               "--port", str(port), "-t", str(args.threads), "-tb", str(args.threads), "-np",
+               str(slots), "-c", str(256 * slots), "--cont-batching"]
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return p, wait_ready(p, port, "/health"), None
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     cmd = [os.path.join(os.path.dirname(args.python), "transformers"), "serve", hf, "--continuous-batching",
            "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--log-level", "error"]
     if kind == "transformers-bf16":
         cmd += ["--dtype", "bfloat16"]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    return p, wait_ready(p, port, "/v1/models"), hf
+
+
+def wait_ready(p, port, path):
     deadline = time.time() + 300
-    while time.time() < deadline:
+    while time.time() < deadline and p.poll() is None:
         try:
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            c.request("GET", "/v1/models")
-            c.getresponse().read()
-            return p, port, hf
+            c.request("GET", path)
+            if c.getresponse().status == 200:
+                return port
         except OSError:
-            time.sleep(1)
-    raise SystemExit("transformers serve did not start")
+            pass
+        time.sleep(1)
+    raise SystemExit(f"server on port {port} did not start")
 
 
-def one_request(port, model, seed):
+def one_request(port, model, seed, kind=""):
     """Streams one completion; returns (ttft, itl, tokens) or raises."""
     body = {"prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 1.0, "seed": seed,
             "stream": True}
     if model:
         body["model"] = model
+    if kind == "llama.cpp":
+        body["ignore_eos"] = True  # a byte model has no end-of-text token; never stop early
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     t0 = time.perf_counter()
     c.request("POST", "/v1/completions", body=json.dumps(body),
@@ -116,7 +135,7 @@ def one_request(port, model, seed):
     return first - t0, (last - first) / max(1, args.max_tokens - 1), args.max_tokens
 
 
-def run(port, model, n):
+def run(port, model, n, kind):
     ttft, itl, errors = [], [], []
     tokens = 0
     lock = threading.Lock()
@@ -125,7 +144,7 @@ def run(port, model, n):
         nonlocal tokens
         for i in range(args.requests):
             try:
-                a, b, t = one_request(port, model, 1000 * c + i)
+                a, b, t = one_request(port, model, 1000 * c + i, kind)
             except Exception as e:  # noqa: BLE001 (reported, not hidden)
                 with lock:
                     errors.append(str(e))
@@ -161,11 +180,11 @@ results = []
 for kind in args.servers:
     proc, port, model = start(kind)
     try:
-        one_request(port, model, 1)  # warm-up (model load, kernel selection)
+        one_request(port, model, 1, kind)  # warm-up (model load, kernel selection)
         for n in args.clients:
             if kind == "switchyard-off" and n not in (1, max(args.clients)):
                 continue
-            r = run(port, model, n)
+            r = run(port, model, n, kind)
             r["server"] = kind
             results.append(r)
             print(f"{kind:>16} {n:>7} {r['tokens_per_s']:>9.1f} {1e3 * r['ttft_p50']:>7.1f}ms "
