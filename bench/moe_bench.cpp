@@ -5,6 +5,7 @@
 // each, 64 positions cached), the serving engine's inner loop, on the auto-precision kernels.
 //   ./build/bench/moe_bench --benchmark_filter='A|dense_A'
 //   ./build/bench/moe_bench --benchmark_filter=decode
+// prefill_<config>/P: one sequence's P-token prompt in one decode_batch call.
 #include <benchmark/benchmark.h>
 
 #include "cli/bench_moe.h"
@@ -112,7 +113,38 @@ void decode(benchmark::State& state, const std::string& config) {
       benchmark::Counter(double(B), benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// One sequence's prompt of P tokens in one call (the step that decides time to first token).
+void prefill(benchmark::State& state, const std::string& config) {
+  keep_freed_memory_for_reuse();
+  LmConfig cfg = load_run_config(config, {}).model;
+  cfg.moe.dropless = true;
+  const LanguageModel model(cfg);
+  ExecContext ctx;
+  ctx.n_threads = 1;
+  ctx.backend = &pick_backend(cpu_features(), Precision::kAuto);
+  LmParams params = init_lm_params(cfg, DType::kF32, 1);
+  if (ctx.backend->precision == Precision::kBf16) params = bf16_expert_params(params);
+  std::vector<int32_t> prompt(static_cast<size_t>(state.range(0)));
+  for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = int32_t('a' + i % 26);
+  const std::span<const int32_t> tokens[1] = {prompt};
+  DecodeState st;
+  DecodeState* const states[1] = {&st};
+  Tensor logits;
+  for (auto _ : state) {
+    model.decode_batch(params, tokens, states, logits, ctx);
+    for (KvCache& kv : st.kv) kv.n_pos = 0;
+  }
+  state.counters["tokens/s"] =
+      benchmark::Counter(double(state.range(0)), benchmark::Counter::kIsIterationInvariantRate);
+}
+
 const bool registered = [] {
+  benchmark::RegisterBenchmark("prefill_austen-moe", prefill, "austen-moe")
+      ->Arg(32)
+      ->Arg(64)
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime()
+      ->MinWarmUpTime(0.3);
   for (const std::string config : {"austen-moe", "austen-dense"})
     benchmark::RegisterBenchmark(("decode_" + config).c_str(), decode, config)
         ->Arg(1)
