@@ -19,6 +19,7 @@ packages=(
   libopenmpi-dev openmpi-bin  # expert parallelism across processes (mpirun)
   python3                  # tools/extract_udhr.py, run by a test against its fixture
   iproute2                 # network namespaces: the multi-host expert-parallel test
+  dataset-fashion-mnist    # Fashion-MNIST IDX files for the vision models (MIT, Zalando)
 )
 
 missing=()
