@@ -187,11 +187,12 @@ TEST_P(BackendKernels, GroupedGemmWithBf16Weights) {
 }
 
 // Decode: every row count the streaming kernel takes (1..16), odd and even K, column counts
-// that leave partial vectors and blocks.
+// that leave partial vectors and blocks of odd and even vector counts.
 TEST_P(BackendKernels, SkinnyGroupsWithBf16WeightsEveryRowCount) {
   for (int64_t K : {33, 64})
-    for (int32_t M = 1; M <= 16; ++M)
-      check_bf16_weights(*GetParam(), {M}, K, 300, 60 + uint64_t(M));
+    for (int64_t N : {300, 304})  // blocks of odd and even vector counts, partial vectors
+      for (int32_t M = 1; M <= 16; ++M)
+        check_bf16_weights(*GetParam(), {M}, K, N, 60 + uint64_t(M));
 }
 
 // bf16 compute rounds operands only where the product has enough multiply-adds per rounded
