@@ -10,6 +10,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <optional>
 
 #include "cli/bench_moe.h"
 #include "switchyard/core/exec_context.h"
@@ -360,30 +361,43 @@ int run_generate(const GenerateCliOptions& o) {
 }
 
 int run_serve(const ServeCliOptions& o) {
-  if (!o.model.empty())
-    throw ConfigError("serve --model: Hugging Face model directories are not served yet (their "
-                      "decoder has no batched decode); serve takes --checkpoint, a Switchyard "
-                      "byte-level model (export one with `switchyard export`)");
-  if (o.checkpoint.empty()) throw ConfigError("serve: expected --checkpoint (a run directory or a checkpoint)");
-  const std::string path = find_checkpoint(o.checkpoint);
-  const Checkpoint ck = load_checkpoint(path, /*with_optimizer=*/false);
+  if (o.model.empty() == o.checkpoint.empty())
+    throw ConfigError(
+        "serve: expected one of --checkpoint (a Switchyard run or checkpoint) or --model (a "
+        "Hugging Face model directory)");
   EngineOptions eo;
   eo.max_batch = o.max_batch;
   eo.max_waiting = o.max_waiting;
   eo.prefill_chunk = o.prefill_chunk;
   eo.step_tokens = std::max(o.step_tokens, o.max_batch);
   eo.n_threads = o.threads;
-  const Precision precision = o.precision.empty()
-                                  ? ck.cfg.model.precision
-                                  : parse_precision(o.precision, "--precision");
+  std::optional<Checkpoint> ck;
+  std::optional<HfModel> hf;
+  Precision precision = Precision::kAuto;
+  std::string what;  // for the start line
+  if (!o.checkpoint.empty()) {
+    const std::string path = find_checkpoint(o.checkpoint);
+    ck = load_checkpoint(path, /*with_optimizer=*/false);
+    precision = ck->cfg.model.precision;
+    what = fmt::format("{} (step {})", path, ck->step);
+  } else {
+    hf = load_hf_model(o.model);
+    what = fmt::format("{} ({}, {} weights)", o.model, hf->model_type, hf->weights_dtype);
+  }
+  if (!o.precision.empty()) precision = parse_precision(o.precision, "--precision");
   eo.backend = &pick_backend(cpu_features(), precision);
   fmt::print(stderr, "{}\n", describe_kernels(precision));
   keep_freed_memory_for_reuse();
-  Engine engine(ck.cfg.model, ck.params, eo);
+  const std::string name = !o.name.empty() ? o.name
+                           : ck            ? ck->cfg.name
+                                           : std::filesystem::path(o.model).filename().string();
+  Engine engine(ck ? serve_byte_model(ck->cfg.model, ck->params, eo)
+                   : serve_hf_model(std::move(*hf), eo),
+                eo);
   ServerOptions so;
   so.host = o.host;
   so.port = o.port;
-  so.model_name = o.name.empty() ? ck.cfg.name : o.name;
+  so.model_name = name;
   so.request_timeout_s = o.timeout;
   so.max_body_bytes = o.max_body;
   // A client that vanishes mid-write must not end the process.
@@ -394,8 +408,8 @@ int run_serve(const ServeCliOptions& o) {
     while (!g_stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
     server.stop();
   });
-  print_log(stdout, "serving {} (step {}) as '{}' on http://{}:{} (batch {}, queue {})\n", path,
-            ck.step, so.model_name, o.host, server.port(), eo.max_batch, eo.max_waiting);
+  print_log(stdout, "serving {} as '{}' on http://{}:{} (batch {}, queue {})\n", what,
+            so.model_name, o.host, server.port(), eo.max_batch, eo.max_waiting);
   server.run();
   g_stop.store(true);  // run() can also end by itself (the listener failed)
   watcher.join();

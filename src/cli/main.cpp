@@ -229,7 +229,7 @@ int main(int argc, char** argv) {
   CLI::App* serve = app.add_subcommand(
       "serve", "Serve a model over HTTP: OpenAI-style completions with continuous batching");
   serve->add_option("--checkpoint", serve_opt.checkpoint, "Run directory or checkpoint");
-  serve->add_option("--model", serve_opt.model, "Hugging Face model directory (not served yet)");
+  serve->add_option("--model", serve_opt.model, "Hugging Face model directory (" + sy::supported_hf_architectures() + ")");
   serve->add_option("--host", serve_opt.host, "Address to listen on")->capture_default_str();
   serve->add_option("--port", serve_opt.port, "Port (0: any free one, printed)")
       ->capture_default_str()

@@ -527,6 +527,9 @@ void DecoderModel::feed_forward(const DecoderLayerParams& lp, int64_t layer, int
   eval.training = false;
   MoeForward f = moe_->forward(lp.moe, sc.h, sc.y, sc.moe, eval);
   routing_.push_back(std::move(f.stats));
+  const int64_t k = moe_->config().slots_per_token();
+  std::vector<int32_t>& top1 = top1_.emplace_back(static_cast<size_t>(n));
+  for (int64_t t = 0; t < n; ++t) top1[size_t(t)] = sc.moe.router.expert[size_t(t * k)];
   float* y = sc.y.data<float>();
   if (c.routed_scaling != 1.0) {
     const float s = float(c.routed_scaling);
@@ -619,6 +622,7 @@ void DecoderModel::forward_rows(const DecoderParams& p,
   const ThreadScope threads(ctx.n_threads);
   DecoderScratch& sc = scratch_;
   routing_.clear();
+  top1_.clear();
 
   sc.x.resize_for_overwrite({n, d}, DType::kF32);
   float* x = sc.x.data<float>();

@@ -128,7 +128,8 @@ void add_to_histogram(std::vector<int64_t>& hist, double value, std::span<const 
 struct Engine::Sequence {
   CompletionRequest req;
   std::shared_ptr<Completion> out;
-  DecodeState state;
+  std::unique_ptr<SequenceState> state;
+  std::unique_ptr<ServedModel::Detokenizer> detok;
   Philox rng{0, 0};
   int64_t fed = 0;       // prompt tokens fed
   int64_t feeding = 0;   // of them, in the step being run
@@ -174,26 +175,186 @@ void keep_freed_memory_for_reuse() {
 }
 
 namespace {
+
 bool bf16_experts(const EngineOptions& o) {
   return o.backend != nullptr && o.backend->precision == Precision::kBf16;
 }
+
+ExecContext eval_context(const EngineOptions& o) {
+  ExecContext ctx;
+  ctx.n_threads = o.n_threads;
+  ctx.backend = o.backend;
+  ctx.training = false;
+  return ctx;
+}
+
+LmConfig dropless(LmConfig c) {
+  c.moe.dropless = true;
+  return c;
+}
+
+class ByteModel final : public ServedModel {
+ public:
+  struct State final : SequenceState {
+    DecodeState s;
+    int64_t n_pos() const override { return s.n_pos(); }
+  };
+  ByteModel(const LmConfig& cfg, const LmParams& params, const EngineOptions& o)
+      : cfg_(dropless(cfg)),
+        // On a bf16 backend the experts are read as bf16 (bf16_expert_params says why).
+        bf16_params_(bf16_experts(o) ? bf16_expert_params(params) : LmParams{}),
+        params_(bf16_experts(o) ? bf16_params_ : params),
+        model_(cfg_),
+        ctx_(eval_context(o)) {
+    if (cfg_.vocab != 256)
+      throw ConfigError(
+          fmt::format("serve: model.vocab = {}: expected 256 (a byte-level model)", cfg_.vocab));
+    model_.check_params(params_, 1, /*for_decode=*/true);
+  }
+  Shape shape() const override {
+    return {cfg_.vocab, cfg_.context, cfg_.n_moe_layers(), cfg_.moe.n_experts, cfg_.moe.top_k};
+  }
+  std::unique_ptr<SequenceState> start() const override {
+    auto st = std::make_unique<State>();
+    st->s = model_.start(DType::kF32);
+    return st;
+  }
+  void step(std::span<const std::span<const int32_t>> tokens,
+            std::span<SequenceState* const> states, Tensor& logits,
+            DecodeRouting& routing) override {
+    std::vector<DecodeState*> ds;
+    for (SequenceState* st : states) ds.push_back(&static_cast<State*>(st)->s);
+    model_.decode_batch(params_, tokens, ds, logits, ctx_, &routing);
+  }
+  std::vector<int32_t> encode(std::string_view text) const override {
+    return std::vector<int32_t>(reinterpret_cast<const unsigned char*>(text.data()),
+                                reinterpret_cast<const unsigned char*>(text.data()) + text.size());
+  }
+  // Token = byte: each byte as it comes; TextStream makes UTF-8 of them.
+  std::unique_ptr<Detokenizer> detokenizer(std::span<const int32_t>) const override {
+    struct Bytes final : Detokenizer {
+      std::string push(int32_t id) override { return std::string(1, char(id)); }
+      std::string flush() override { return {}; }
+    };
+    return std::make_unique<Bytes>();
+  }
+  bool is_end(int32_t) const override { return false; }
+
+ private:
+  LmConfig cfg_;
+  LmParams bf16_params_;    // on a bf16 backend: the caller's with bf16 experts
+  const LmParams& params_;  // what decoding reads: the caller's, or bf16_params_
+  LanguageModel model_;
+  ExecContext ctx_;
+};
+
+// Text of a growing token list, shown as soon as it is stable: the decoding of the tokens since
+// the last shown ones, with a few tokens before them as context (so that a decoder's
+// start-of-text rules, such as a stripped leading space, fall on the context), less the
+// decoding of that context; held while it ends in U+FFFD (a character whose bytes span
+// tokens). The decoders replace incomplete UTF-8, so the shown text is always valid.
+class Incremental final : public ServedModel::Detokenizer {
+ public:
+  Incremental(const Tokenizer& tok, std::span<const int32_t> prompt)
+      : tok_(tok),
+        ids_(prompt.end() - std::min<ptrdiff_t>(ptrdiff_t(prompt.size()), kContext), prompt.end()),
+        shown_(ids_.size()) {}
+  std::string push(int32_t id) override {
+    ids_.push_back(id);
+    std::string out = delta();
+    if (out.empty() || out.ends_with("\xef\xbf\xbd")) return {};
+    // Shown: keep the last few shown tokens as the next context.
+    ids_.erase(ids_.begin(), ids_.end() - std::min<ptrdiff_t>(ptrdiff_t(ids_.size()), kContext));
+    shown_ = ids_.size();
+    return out;
+  }
+  std::string flush() override {
+    std::string out = delta();
+    ids_.clear();
+    shown_ = 0;
+    return out;
+  }
+
+ private:
+  static constexpr ptrdiff_t kContext = 4;
+  // decode(ids_) less decode(the context ids_[0, shown_)).
+  std::string delta() const {
+    const std::span<const int32_t> all(ids_);
+    const std::string head = tok_.decode(all.first(shown_), /*skip_special_tokens=*/true);
+    const std::string text = tok_.decode(all, /*skip_special_tokens=*/true);
+    if (text.starts_with(head)) return text.substr(head.size());
+    // A decoder that rewrote the context once more followed: the new tokens alone.
+    return tok_.decode(all.subspan(shown_), /*skip_special_tokens=*/true);
+  }
+  const Tokenizer& tok_;
+  std::vector<int32_t> ids_;
+  size_t shown_;
+};
+
+class HfServed final : public ServedModel {
+ public:
+  struct State final : SequenceState {
+    DecoderState s;
+    int64_t n_pos() const override { return s.n_pos; }
+  };
+  HfServed(HfModel m, const EngineOptions& o)
+      : m_(std::move(m)), model_(m_.config), ctx_(eval_context(o)) {
+    if (!m_.tokenizer)
+      throw ConfigError(
+          fmt::format("serve --model {}: no tokenizer.json: expected one to turn "
+                      "prompts into tokens and tokens into text",
+                      m_.dir));
+  }
+  Shape shape() const override {
+    const DecoderConfig& c = m_.config;
+    return {c.vocab, c.max_context, c.n_moe_layers(), c.moe.n_experts, c.moe.top_k};
+  }
+  std::unique_ptr<SequenceState> start() const override {
+    auto st = std::make_unique<State>();
+    st->s = model_.start();
+    return st;
+  }
+  void step(std::span<const std::span<const int32_t>> tokens,
+            std::span<SequenceState* const> states, Tensor& logits,
+            DecodeRouting& routing) override {
+    std::vector<DecoderState*> ds;
+    for (SequenceState* st : states) ds.push_back(&static_cast<State*>(st)->s);
+    model_.forward_batch(m_.params, tokens, ds, logits, ctx_);
+    routing.layers = model_.last_routing();
+    routing.top1 = model_.last_top1();
+  }
+  std::vector<int32_t> encode(std::string_view text) const override {
+    return m_.tokenizer->encode(text);
+  }
+  std::unique_ptr<Detokenizer> detokenizer(std::span<const int32_t> prompt) const override {
+    return std::make_unique<Incremental>(*m_.tokenizer, prompt);
+  }
+  bool is_end(int32_t id) const override {
+    return std::find(m_.eos_ids.begin(), m_.eos_ids.end(), id) != m_.eos_ids.end();
+  }
+
+ private:
+  HfModel m_;
+  DecoderModel model_;
+  ExecContext ctx_;
+};
+
 }  // namespace
 
+std::unique_ptr<ServedModel> serve_byte_model(const LmConfig& cfg, const LmParams& params,
+                                              const EngineOptions& options) {
+  return std::make_unique<ByteModel>(cfg, params, options);
+}
+
+std::unique_ptr<ServedModel> serve_hf_model(HfModel model, const EngineOptions& options) {
+  return std::make_unique<HfServed>(std::move(model), options);
+}
+
 Engine::Engine(const LmConfig& cfg, const LmParams& params, const EngineOptions& options)
-    : cfg_(cfg),
-      // On a bf16 backend the experts are read as bf16 (bf16_expert_params says why).
-      bf16_params_(bf16_experts(options) ? bf16_expert_params(params) : LmParams{}),
-      params_(bf16_experts(options) ? bf16_params_ : params),
-      opt_(options),
-      model_([&] {
-        LmConfig c = cfg;
-        c.moe.dropless = true;
-        return c;
-      }()) {
-  cfg_.moe.dropless = true;
-  if (cfg_.vocab != 256)
-    throw ConfigError(
-        fmt::format("serve: model.vocab = {}: expected 256 (a byte-level model)", cfg_.vocab));
+    : Engine(serve_byte_model(cfg, params, options), options) {}
+
+Engine::Engine(std::unique_ptr<ServedModel> model, const EngineOptions& options)
+    : model_(std::move(model)), shape_(model_->shape()), opt_(options) {
   for (auto [name, v] :
        {std::pair{"max_batch", opt_.max_batch}, std::pair{"prefill_chunk", opt_.prefill_chunk},
         std::pair{"step_tokens", opt_.step_tokens}})
@@ -205,18 +366,14 @@ Engine::Engine(const LmConfig& cfg, const LmParams& params, const EngineOptions&
         fmt::format("serve: step_tokens = {} < max_batch = {}: every running "
                     "sequence needs a row per step",
                     opt_.step_tokens, opt_.max_batch));
-  if (opt_.kv_positions == 0) opt_.kv_positions = opt_.max_batch * cfg_.context;
-  if (opt_.kv_positions < cfg_.context)
+  if (opt_.kv_positions == 0) opt_.kv_positions = opt_.max_batch * shape_.context;
+  if (opt_.kv_positions < shape_.context)
     throw ConfigError(fmt::format("serve: kv_positions = {}: expected at least the context ({})",
-                                  opt_.kv_positions, cfg_.context));
-  model_.check_params(params_, 1, /*for_decode=*/true);
-  ctx_.n_threads = opt_.n_threads;
-  ctx_.backend = opt_.backend;
-  ctx_.training = false;
+                                  opt_.kv_positions, shape_.context));
   metrics_.kv_capacity = opt_.kv_positions;
   metrics_.finished_by_reason.assign(6, 0);
-  metrics_.routed.assign(size_t(cfg_.n_moe_layers()),
-                         std::vector<int64_t>(size_t(cfg_.moe.n_experts)));
+  metrics_.routed.assign(size_t(shape_.n_moe_layers),
+                         std::vector<int64_t>(size_t(shape_.n_experts)));
   metrics_.dropped = metrics_.routed;
   thread_ = std::thread([this] { loop(); });
 }
@@ -235,11 +392,12 @@ void Engine::shutdown() {
 std::shared_ptr<Completion> Engine::submit(CompletionRequest r) {
   const int64_t n = int64_t(r.prompt.size());
   if (n == 0) throw ConfigError("prompt is empty: expected at least one token");
-  if (n > cfg_.context)
-    throw ConfigError(fmt::format("prompt: {} tokens, the model's context is {}", n, cfg_.context));
+  if (n > shape_.context)
+    throw ConfigError(
+        fmt::format("prompt: {} tokens, the model's context is {}", n, shape_.context));
   for (int32_t t : r.prompt)
-    if (t < 0 || t >= cfg_.vocab)
-      throw ConfigError(fmt::format("prompt: token {}: expected 0..{}", t, cfg_.vocab - 1));
+    if (t < 0 || t >= shape_.vocab)
+      throw ConfigError(fmt::format("prompt: token {}: expected 0..{}", t, shape_.vocab - 1));
   if (r.max_tokens < 1)
     throw ConfigError(fmt::format("max_tokens {}: expected >= 1", r.max_tokens));
   check_sampling(r.sampling, FieldNames::kJson);
@@ -249,7 +407,8 @@ std::shared_ptr<Completion> Engine::submit(CompletionRequest r) {
     if (s.empty()) throw ConfigError("stop: an empty string, expected non-empty ones");
   auto s = std::make_unique<Sequence>();
   // Positions it can fill: the prompt and every sampled token but the last, within the context.
-  s->reserved = std::min(cfg_.context, n + r.max_tokens - 1);
+  s->reserved = std::min(shape_.context, n + r.max_tokens - 1);
+  s->detok = model_->detokenizer(r.prompt);
   s->rng = sampling_stream(r.seed);
   s->text = TextStream(r.stop);
   s->out = std::make_shared<Completion>();
@@ -287,8 +446,10 @@ void Engine::finish(Sequence& s, Finish why) {
     if (s.admitted) metrics_.running = --running_count_;
   }
   {
+    std::string rest;
+    for (char c : s.detok->flush()) rest += s.text.push(static_cast<unsigned char>(c));
     std::lock_guard lock(s.out->mutex_);
-    s.out->pending_.text += s.text.flush();
+    s.out->pending_.text += rest + s.text.flush();
     s.out->pending_.done = true;
     s.out->pending_.finish = why;
   }
@@ -314,7 +475,7 @@ void Engine::loop() {
       while (!stopping_ && !waiting_.empty() && int64_t(running.size()) < opt_.max_batch &&
              reserved + waiting_.front()->reserved <= opt_.kv_positions) {
         reserved += waiting_.front()->reserved;
-        waiting_.front()->state = model_.start(DType::kF32);
+        waiting_.front()->state = model_->start();
         waiting_.front()->admitted = true;
         ++running_count_;
         running.push_back(std::move(waiting_.front()));
@@ -344,20 +505,20 @@ void Engine::loop() {
     drop_done();
     std::lock_guard lock(mutex_);
     int64_t filled = 0;
-    for (auto& s : running) filled += s->state.n_pos();
+    for (auto& s : running) filled += s->state->n_pos();
     metrics_.kv_used = filled;
   }
 }
 
 void Engine::step(std::vector<std::unique_ptr<Sequence>>& running) {
   std::vector<std::span<const int32_t>> tokens;
-  std::vector<DecodeState*> states;
+  std::vector<SequenceState*> states;
   std::vector<Sequence*> in_step;
   int64_t budget = opt_.step_tokens;
   for (auto& s : running)  // decodes first: one row each
     if (s->fed == int64_t(s->req.prompt.size())) {
       tokens.emplace_back(&s->last, 1);
-      states.push_back(&s->state);
+      states.push_back(s->state.get());
       in_step.push_back(s.get());
       --budget;
     }
@@ -367,14 +528,14 @@ void Engine::step(std::vector<std::unique_ptr<Sequence>>& running) {
     s->feeding = std::min({left, opt_.prefill_chunk, budget});
     tokens.push_back(
         std::span<const int32_t>(s->req.prompt).subspan(size_t(s->fed), size_t(s->feeding)));
-    states.push_back(&s->state);
+    states.push_back(s->state.get());
     in_step.push_back(s.get());
     budget -= s->feeding;
   }
   Tensor logits;
   DecodeRouting routing;
   const double t0 = wall_seconds();
-  model_.decode_batch(params_, tokens, states, logits, ctx_, &routing);
+  model_->step(tokens, states, logits, routing);
   const double now = wall_seconds();
 
   // The counters first: a client told of its completion's end finds them up to date.
@@ -432,12 +593,15 @@ void Engine::step(std::vector<std::unique_ptr<Sequence>>& running) {
       if (s.fed < int64_t(s.req.prompt.size())) continue;  // more prompt to feed first
     }
     const int32_t t =
-        sample_token({logits.data<float>() + i * size_t(cfg_.vocab), size_t(cfg_.vocab)},
+        sample_token({logits.data<float>() + i * size_t(shape_.vocab), size_t(shape_.vocab)},
                      s.req.sampling, s.rng, s.made, scratch);
     ++s.made;
     s.last = t;
     s.last_token_at = now;
-    const std::string text = s.text.push(static_cast<unsigned char>(t));
+    const bool end = model_->is_end(t);
+    std::string text;
+    if (!end)
+      for (char c : s.detok->push(t)) text += s.text.push(static_cast<unsigned char>(c));
     {
       std::lock_guard lock(s.out->mutex_);
       Completion::Update& u = s.out->pending_;
@@ -449,9 +613,9 @@ void Engine::step(std::vector<std::unique_ptr<Sequence>>& running) {
       if (s.made == 1) s.out->first_token_ = now;
     }
     s.out->changed_.notify_all();
-    if (s.text.stopped())
+    if (end || s.text.stopped())
       finish(s, Finish::kStop);
-    else if (s.made >= s.req.max_tokens || s.state.n_pos() >= cfg_.context)
+    else if (s.made >= s.req.max_tokens || s.state->n_pos() >= shape_.context)
       finish(s, Finish::kLength);
   }
 }

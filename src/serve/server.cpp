@@ -5,7 +5,6 @@
 #include "switchyard/serve/server.h"
 
 #include <httplib.h>
-
 #include <sys/socket.h>
 
 #include <chrono>
@@ -82,7 +81,7 @@ struct Parsed {
   bool experts = false;  // the Switchyard extension: each token's experts in the events
 };
 
-Parsed parse_completion(const std::string& text, const LmConfig& cfg, const std::string& model,
+Parsed parse_completion(const std::string& text, const Engine& engine, const std::string& model,
                         uint64_t fallback_seed) {
   json body;
   try {
@@ -113,10 +112,12 @@ Parsed parse_completion(const std::string& text, const LmConfig& cfg, const std:
   }
   if (!prompt->is_string())
     bad("prompt", fmt::format("prompt: expected a string, got {}", prompt->type_name()));
-  for (unsigned char c : prompt->get_ref<const std::string&>()) p.request.prompt.push_back(c);
-  if (p.request.prompt.empty()) bad("prompt", "prompt: empty, expected at least one byte");
+  const ServedModel::Shape cfg = engine.shape();
+  const std::string& text_in = prompt->get_ref<const std::string&>();
+  if (text_in.empty()) bad("prompt", "prompt: empty, expected at least one character");
+  p.request.prompt = engine.model().encode(text_in);
   if (int64_t(p.request.prompt.size()) > cfg.context)
-    bad("prompt", fmt::format("prompt: {} bytes, over the model's context of {}",
+    bad("prompt", fmt::format("prompt: {} tokens, over the model's context of {}",
                               p.request.prompt.size(), cfg.context));
   p.request.max_tokens = integer(body, "max_tokens", 16, 1, cfg.context);
   p.request.sampling.temperature = number(body, "temperature", 1.0);
@@ -262,7 +263,7 @@ struct Server::Impl {
     std::shared_ptr<Completion> c;
     const uint64_t n = next_id++;
     try {
-      p = parse_completion(req.body, engine.config(), opt.model_name,
+      p = parse_completion(req.body, engine, opt.model_name,
                            n * 0x9E3779B97F4A7C15ull ^ uint64_t(std::time(nullptr)));
       if (opt.request_timeout_s > 0) p.request.deadline = wall_seconds() + opt.request_timeout_s;
       c = engine.submit(p.request);
@@ -359,10 +360,10 @@ Server::Server(Engine& engine, const ServerOptions& options)
     res.set_content(kPage, sizeof(kPage) - 1, "text/html; charset=utf-8");
   });
   s.http.Get("/switchyard/info", [&s](const httplib::Request&, httplib::Response& res) {
-    const LmConfig& c = s.engine.config();
-    const json body = {{"name", s.opt.model_name},     {"moe_layers", c.n_moe_layers()},
-                       {"experts", c.moe.n_experts},   {"top_k", c.moe.top_k},
-                       {"context", c.context},         {"vocab", c.vocab}};
+    const ServedModel::Shape c = s.engine.shape();
+    const json body = {{"name", s.opt.model_name}, {"moe_layers", c.n_moe_layers},
+                       {"experts", c.n_experts},   {"top_k", c.top_k},
+                       {"context", c.context},     {"vocab", c.vocab}};
     res.set_content(body.dump() + "\n", "application/json");
   });
   s.http.Get("/v1/models", [&s](const httplib::Request&, httplib::Response& res) {

@@ -6,9 +6,14 @@
 
 #include <gtest/gtest.h>
 
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
 #include <thread>
 
 #include "switchyard/core/rng.h"
+#include "switchyard/io/hf_model.h"
+#include "switchyard/io/tokenizer.h"
 
 namespace sy {
 namespace {
@@ -292,6 +297,68 @@ TEST(Engine, BadRequestsNameTheField) {
   EXPECT_THROW(Engine(words, init_lm_params(words, DType::kF32, 1), {}), ConfigError);
   EXPECT_THROW(Engine(cfg, p, {.max_batch = 8, .step_tokens = 4}), ConfigError);
 }
+
+// Hugging Face models through the engine: greedy completions equal transformers' greedy tokens
+// from the fixture (up to an end-of-text token, which ends the completion), the streamed text
+// equals the tokenizer's decoding of the tokens, and three requests batched give what each
+// gives alone. Mixtral's tokenizer is SentencePiece-style (a leading space per word, stripped
+// at the start of a text), Qwen3-MoE's byte-level BPE.
+class HfEngine : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(HfEngine, GreedyEqualsTransformersAndBatchedEqualsAlone) {
+  const std::string dir = std::string(SY_FIXTURES) + "/models/" + GetParam();
+  std::ifstream in(dir + "/expected.json");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const auto want = nlohmann::json::parse(ss.str());
+  const auto greedy = want["greedy"].get<std::vector<int32_t>>();
+  const std::string prompt = want["prompt"].get<std::string>();
+  const HfModel loaded = load_hf_model(dir);
+  const Tokenizer tok = *loaded.tokenizer;
+  const std::vector<int32_t> eos = loaded.eos_ids;
+
+  EngineOptions one;
+  one.max_batch = 1;
+  Engine alone_engine(serve_hf_model(load_hf_model(dir), one), one);
+  EXPECT_EQ(alone_engine.model().encode(prompt), want["input_ids"].get<std::vector<int32_t>>());
+  auto greedy_request = [&](const Engine& e, std::string_view text, int64_t n) {
+    CompletionRequest r;
+    r.prompt = e.model().encode(text);
+    r.max_tokens = n;
+    r.sampling.temperature = 0;
+    return r;
+  };
+  const Result r = drain(*alone_engine.submit(greedy_request(alone_engine, prompt, 32)));
+  // transformers' 32 greedy tokens, cut after the first end-of-text token if one comes.
+  std::vector<int32_t> expect;
+  for (int32_t t : greedy) {
+    expect.push_back(t);
+    if (std::find(eos.begin(), eos.end(), t) != eos.end()) break;
+  }
+  EXPECT_EQ(r.tokens, expect) << GetParam();
+  EXPECT_EQ(r.finish, expect.size() < greedy.size() ? Finish::kStop : Finish::kLength);
+  std::vector<int32_t> shown = r.tokens;
+  if (r.finish == Finish::kStop) shown.pop_back();  // the end-of-text token adds no text
+  EXPECT_EQ(r.text, sanitize_utf8(tok.decode(shown, /*skip_special_tokens=*/true))) << GetParam();
+
+  EngineOptions three;
+  three.max_batch = 3;
+  three.prefill_chunk = 5;  // prompts over several steps beside the others' decodes
+  Engine batched(serve_hf_model(load_hf_model(dir), three), three);
+  const std::vector<std::string> prompts = {prompt.substr(0, 20), prompt.substr(5, 9),
+                                            prompt.substr(30, 25)};
+  std::vector<std::shared_ptr<Completion>> running;
+  for (const std::string& p : prompts)
+    running.push_back(batched.submit(greedy_request(batched, p, 12)));
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const Result b = drain(*running[i]);
+    const Result a = drain(*alone_engine.submit(greedy_request(alone_engine, prompts[i], 12)));
+    EXPECT_EQ(b.tokens, a.tokens) << GetParam() << " prompt " << i;
+    EXPECT_EQ(b.text, a.text) << GetParam() << " prompt " << i;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, HfEngine, ::testing::Values("mixtral", "qwen3_moe", "olmoe"));
 
 }  // namespace
 }  // namespace sy

@@ -155,6 +155,8 @@ class DecoderModel {
                      const ExecContext& ctx) const;
   // Routing of the last forward: one RoutingStats per MoE layer, in layer order.
   const std::vector<RoutingStats>& last_routing() const { return routing_; }
+  // [MoE layer][row] of the last forward: each row's first-choice expert.
+  const std::vector<std::vector<int32_t>>& last_top1() const { return top1_; }
 
   void check_params(const DecoderParams& p) const;  // throws ShapeError naming the tensor
 
@@ -182,6 +184,7 @@ class DecoderModel {
   std::optional<MoeLayer> moe_;
   mutable DecoderScratch scratch_;
   mutable std::vector<RoutingStats> routing_;
+  mutable std::vector<std::vector<int32_t>> top1_;
 };
 
 }  // namespace sy

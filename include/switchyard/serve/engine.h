@@ -1,22 +1,24 @@
 // The serving engine: continuous batching of completions over one language model.
 //
-//   Engine engine(model, params, options);           // starts the scheduler thread
+//   Engine engine(config, params, options);          // a Switchyard byte-level model, or
+//   Engine engine(serve_hf_model(load_hf_model(dir), options), options);  // a Hugging Face one
 //   std::shared_ptr<Completion> c = engine.submit(request);   // any thread
 //   for (Completion::Update u; !(u = c->next()).done;) send(u.text);
 //
 // One scheduler thread runs every step: all running sequences go through the model together
-// (LanguageModel::decode_batch), so each MoE layer sees every sequence's rows at once and reads
-// each expert's weights once per step. A step takes one token of each decoding sequence and
-// then prompt chunks of at most `prefill_chunk` tokens while `step_tokens` allows, so a long
-// prompt is fed over several steps without stalling the decodes. New requests join between
-// steps while the batch and the KV budget allow; the rest wait in a bounded queue, and past
-// that submit() refuses (Overloaded). A sequence leaves the step it finishes, is cancelled or
-// passes its deadline.
+// (ServedModel::step: LanguageModel::decode_batch or DecoderModel::forward_batch), so each MoE
+// layer sees every sequence's rows at once and reads each expert's weights once per step. A step
+// takes one token of each decoding sequence and then prompt chunks of at most `prefill_chunk`
+// tokens while `step_tokens` allows, so a long prompt is fed over several steps without stalling
+// the decodes. New requests join between steps while the batch and the KV budget allow; the rest
+// wait in a bounded queue, and past that submit() refuses (Overloaded). A sequence leaves the step
+// it finishes, is cancelled or passes its deadline.
 //
-// Byte-level models only (token = byte): text goes out as UTF-8, an incomplete character held
-// until its last byte, a byte that cannot start or continue one replaced by U+FFFD. Stop
-// strings end a completion before them; text that may be the start of a stop string is held
-// until it is known not to be.
+// Each sampled token adds the bytes its tokenizer gives it (a byte model: the byte itself); text
+// goes out as UTF-8, an incomplete character held until its last byte, a byte that cannot start
+// or continue one replaced by U+FFFD. Stop strings end a completion before them; text that may
+// be the start of a stop string is held until it is known not to be; a model's end-of-text
+// token ends it too (finish "stop").
 //
 // The MoE layers run dropless here whatever the training config's eval capacity, so that a
 // sequence's tokens do not depend on what it was batched with: with the same seed, a request
@@ -29,12 +31,15 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
 #include "switchyard/core/error.h"
 #include "switchyard/core/exec_context.h"
+#include "switchyard/io/hf_model.h"
 #include "switchyard/nn/model.h"
 #include "switchyard/serve/sampling.h"
 
@@ -55,6 +60,49 @@ struct EngineOptions {
   int n_threads = 0;           // 0: OpenMP's default
   const Backend* backend = nullptr;  // the GEMM kernels; nullptr: the f32 ones for this CPU
 };
+
+// One sequence's decoding state inside a ServedModel (its KV cache).
+struct SequenceState {
+  virtual ~SequenceState() = default;
+  virtual int64_t n_pos() const = 0;  // positions filled
+};
+
+// What the engine runs: one model family behind a batch step, with its text side.
+class ServedModel {
+ public:
+  struct Shape {
+    int64_t vocab = 0, context = 0, n_moe_layers = 0, n_experts = 0, top_k = 0;
+  };
+  virtual ~ServedModel() = default;
+  virtual Shape shape() const = 0;
+  virtual std::unique_ptr<SequenceState> start() const = 0;
+  // Sequence i feeds tokens[i] at its next positions; logits: [n_seq, vocab], each sequence's
+  // last position; routing: per MoE layer, the step's stats and each row's first choice.
+  virtual void step(std::span<const std::span<const int32_t>> tokens,
+                    std::span<SequenceState* const> states, Tensor& logits,
+                    DecodeRouting& routing) = 0;
+  // The prompt's tokens (with the tokenizer's special tokens, such as BOS).
+  virtual std::vector<int32_t> encode(std::string_view text) const = 0;
+  // Turns one sequence's sampled tokens into bytes as they come: push(id) returns what can be
+  // shown now, flush() the rest at the end. prompt: the sequence's prompt (a decoder may treat
+  // a text's first token apart, such as SentencePiece's leading space).
+  class Detokenizer {
+   public:
+    virtual ~Detokenizer() = default;
+    virtual std::string push(int32_t id) = 0;
+    virtual std::string flush() = 0;
+  };
+  virtual std::unique_ptr<Detokenizer> detokenizer(std::span<const int32_t> prompt) const = 0;
+  virtual bool is_end(int32_t id) const = 0;  // an end-of-text token
+};
+
+// A Switchyard byte-level model (token = byte, vocab 256), dropless; on a bf16 backend its
+// experts are read as bf16 (bf16_expert_params). Throws ConfigError for another vocabulary.
+std::unique_ptr<ServedModel> serve_byte_model(const LmConfig& cfg, const LmParams& params,
+                                              const EngineOptions& options);
+// A Hugging Face model directory's model (load_hf_model) with its tokenizer.json; its MoE layers
+// are dropless as transformers' are. Throws ConfigError without a tokenizer.
+std::unique_ptr<ServedModel> serve_hf_model(HfModel model, const EngineOptions& options);
 
 struct CompletionRequest {
   std::vector<int32_t> prompt;  // at least one token, at most the model's context
@@ -153,6 +201,7 @@ class Engine {
  public:
   // The model's config is used dropless (see above). Throws ConfigError for bad options.
   Engine(const LmConfig& cfg, const LmParams& params, const EngineOptions& options);
+  Engine(std::unique_ptr<ServedModel> model, const EngineOptions& options);
   ~Engine();  // shutdown(), then joins the scheduler
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
@@ -164,7 +213,8 @@ class Engine {
   // step boundary. Returns at once; the destructor waits for the scheduler.
   void shutdown();
   EngineMetrics metrics() const;
-  const LmConfig& config() const { return cfg_; }
+  ServedModel::Shape shape() const { return shape_; }
+  const ServedModel& model() const { return *model_; }
   const EngineOptions& options() const { return opt_; }
 
  private:
@@ -173,12 +223,9 @@ class Engine {
   void step(std::vector<std::unique_ptr<Sequence>>& running);
   void finish(Sequence& s, Finish why);
 
-  LmConfig cfg_;
-  LmParams bf16_params_;    // on a bf16 backend: the caller's with bf16 experts
-  const LmParams& params_;  // what decoding reads: the caller's, or bf16_params_
+  std::unique_ptr<ServedModel> model_;
+  ServedModel::Shape shape_;
   EngineOptions opt_;
-  LanguageModel model_;
-  ExecContext ctx_;
 
   mutable std::mutex mutex_;  // guards waiting_, metrics_, stopping_, kv_used_
   std::condition_variable wake_;
