@@ -76,18 +76,35 @@ void dense(benchmark::State& state, const cli::MoeShape& s) {
                                                 benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// A built-in config's model as switchyard serve runs it: dropless, random weights, one thread,
+// the auto-precision kernels (bf16 experts on a bf16 backend), freed memory kept.
+struct ServeSetup {
+  LmConfig cfg;
+  LanguageModel model;
+  ExecContext ctx;
+  LmParams params;
+  explicit ServeSetup(const std::string& config)
+      : cfg([&] {
+          keep_freed_memory_for_reuse();
+          LmConfig c = load_run_config(config, {}).model;
+          c.moe.dropless = true;
+          return c;
+        }()),
+        model(cfg) {
+    ctx.n_threads = 1;
+    ctx.backend = &pick_backend(cpu_features(), Precision::kAuto);
+    params = init_lm_params(cfg, DType::kF32, 1);
+    if (ctx.backend->precision == Precision::kBf16) params = bf16_expert_params(params);
+  }
+};
+
 // B sequences decode one token each after a 64-byte prompt; the caches are rolled back to 64
 // positions after every step so each step sees the same context length.
 void decode(benchmark::State& state, const std::string& config) {
-  keep_freed_memory_for_reuse();  // as switchyard serve does
-  LmConfig cfg = load_run_config(config, {}).model;
-  cfg.moe.dropless = true;
-  const LanguageModel model(cfg);
-  ExecContext ctx;
-  ctx.n_threads = 1;
-  ctx.backend = &pick_backend(cpu_features(), Precision::kAuto);
-  LmParams params = init_lm_params(cfg, DType::kF32, 1);
-  if (ctx.backend->precision == Precision::kBf16) params = bf16_expert_params(params);
+  const ServeSetup u(config);
+  const LanguageModel& model = u.model;
+  const LmParams& params = u.params;
+  const ExecContext& ctx = u.ctx;
   const int64_t B = state.range(0), prompt_len = 64;
   std::vector<DecodeState> states(static_cast<size_t>(B));
   std::vector<DecodeState*> ptrs;
@@ -115,15 +132,10 @@ void decode(benchmark::State& state, const std::string& config) {
 
 // One sequence's prompt of P tokens in one call (the step that decides time to first token).
 void prefill(benchmark::State& state, const std::string& config) {
-  keep_freed_memory_for_reuse();
-  LmConfig cfg = load_run_config(config, {}).model;
-  cfg.moe.dropless = true;
-  const LanguageModel model(cfg);
-  ExecContext ctx;
-  ctx.n_threads = 1;
-  ctx.backend = &pick_backend(cpu_features(), Precision::kAuto);
-  LmParams params = init_lm_params(cfg, DType::kF32, 1);
-  if (ctx.backend->precision == Precision::kBf16) params = bf16_expert_params(params);
+  const ServeSetup u(config);
+  const LanguageModel& model = u.model;
+  const LmParams& params = u.params;
+  const ExecContext& ctx = u.ctx;
   std::vector<int32_t> prompt(static_cast<size_t>(state.range(0)));
   for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = int32_t('a' + i % 26);
   const std::span<const int32_t> tokens[1] = {prompt};

@@ -15,15 +15,13 @@
 
 namespace sy {
 
-namespace {
-
-std::vector<uint8_t> read_bytes(const std::string& path) {
+std::vector<uint8_t> read_maybe_gzip(const std::string& path, std::string_view what,
+                                     std::string_view expected) {
   if (!std::filesystem::is_regular_file(path))
-    throw IoError(fmt::format("data file {}: not found (expected a text or .gz text file, or a "
-                              ".jsonl(.gz) labelled corpus)",
-                              path));
+    throw IoError(fmt::format("{} file {}: not found (expected {})", what, path, expected));
   gzFile f = gzopen(path.c_str(), "rb");
-  if (f == nullptr) throw IoError(fmt::format("data file {}: cannot open: {}", path, std::strerror(errno)));
+  if (f == nullptr)
+    throw IoError(fmt::format("{} file {}: cannot open: {}", what, path, std::strerror(errno)));
   std::vector<uint8_t> bytes;
   std::vector<uint8_t> chunk(1 << 20);
   while (true) {
@@ -32,12 +30,20 @@ std::vector<uint8_t> read_bytes(const std::string& path) {
       int code = 0;
       const std::string msg = gzerror(f, &code);
       gzclose(f);
-      throw IoError(fmt::format("data file {}: read failed (corrupt gzip?): {}", path, msg));
+      throw IoError(fmt::format("{} file {}: read failed (corrupt gzip?): {}", what, path, msg));
     }
     if (got == 0) break;
     bytes.insert(bytes.end(), chunk.begin(), chunk.begin() + got);
   }
   gzclose(f);
+  return bytes;
+}
+
+namespace {
+
+std::vector<uint8_t> read_bytes(const std::string& path) {
+  std::vector<uint8_t> bytes = read_maybe_gzip(
+      path, "data", "a text or .gz text file, or a .jsonl(.gz) labelled corpus");
   if (bytes.empty()) throw IoError(fmt::format("data file {}: empty, expected text", path));
   return bytes;
 }

@@ -1,7 +1,5 @@
-// IDX files through zlib's gz* interface, which reads gzip'd and plain files alike.
+// IDX files, gzip'd or not (read_maybe_gzip).
 #include "switchyard/train/images.h"
-
-#include <zlib.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -10,35 +8,16 @@
 #include <numeric>
 
 #include "switchyard/core/error.h"
+#include "switchyard/train/data.h"
 
 namespace sy {
 
 namespace {
 
 std::vector<uint8_t> read_all(const std::string& path, const char* what) {
-  if (!std::filesystem::is_regular_file(path))
-    throw IoError(
-        fmt::format("{} file {}: not found (expected an IDX file, gzip'd or not; "
-                    "Fashion-MNIST: apt-get install dataset-fashion-mnist)",
-                    what, path));
-  gzFile f = gzopen(path.c_str(), "rb");
-  if (f == nullptr)
-    throw IoError(fmt::format("{} file {}: cannot open: {}", what, path, std::strerror(errno)));
-  std::vector<uint8_t> bytes;
-  std::vector<uint8_t> chunk(1 << 20);
-  while (true) {
-    const int got = gzread(f, chunk.data(), unsigned(chunk.size()));
-    if (got < 0) {
-      int code = 0;
-      const std::string msg = gzerror(f, &code);
-      gzclose(f);
-      throw IoError(fmt::format("{} file {}: read failed (corrupt gzip?): {}", what, path, msg));
-    }
-    if (got == 0) break;
-    bytes.insert(bytes.end(), chunk.begin(), chunk.begin() + got);
-  }
-  gzclose(f);
-  return bytes;
+  return read_maybe_gzip(path, what,
+                         "an IDX file, gzip'd or not; Fashion-MNIST: apt-get install "
+                         "dataset-fashion-mnist");
 }
 
 uint32_t big_endian(const std::vector<uint8_t>& b, size_t at) {

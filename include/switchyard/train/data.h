@@ -11,14 +11,15 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace sy {
 
 struct CorpusDoc {
   std::string id, language, script, name;  // language and script default to id, "unknown"
-  int64_t train_begin = 0, train_end = 0;   // [begin, end) of Corpus::train
-  int64_t val_begin = 0, val_end = 0;       // [begin, end) of Corpus::val
+  int64_t train_begin = 0, train_end = 0;  // [begin, end) of Corpus::train
+  int64_t val_begin = 0, val_end = 0;      // [begin, end) of Corpus::val
 };
 
 struct Corpus {
@@ -31,6 +32,12 @@ struct Corpus {
   std::vector<std::string> scripts() const;
   std::vector<int32_t> doc_scripts() const;
 };
+
+// The bytes of a file, gunzipped when it is gzip'd (zlib reads plain files alike). Throws
+// IoError "<what> file <path>: ..." for a missing, unreadable or corrupt file; `expected` says
+// what the file should be.
+std::vector<uint8_t> read_maybe_gzip(const std::string& path, std::string_view what,
+                                     std::string_view expected);
 
 // Reads a text file or a labelled corpus (by the suffix .jsonl / .jsonl.gz). Throws IoError
 // naming the file (and the line, for a labelled corpus) when it is missing, unreadable,
@@ -53,7 +60,6 @@ Batch train_batch(const Corpus& c, int64_t n_seq, int64_t seq_len, uint64_t seed
 // labelled corpus: windows that stay inside one document, each document's held-out part
 // covered whole (its last window padded); with max_tokens, windows spread evenly over all of
 // them, so every part of the corpus is sampled.
-std::vector<Batch> val_batches(const Corpus& c, int64_t n_seq, int64_t seq_len,
-                               int64_t max_tokens);
+std::vector<Batch> val_batches(const Corpus& c, int64_t n_seq, int64_t seq_len, int64_t max_tokens);
 
 }  // namespace sy
