@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Throughput and latency of OpenAI-compatible completion servers on the same model, driven by
-the same Python clients: `switchyard serve` (continuous batching, and with batching off) and
+the same Python clients: `switchyard serve` (continuous batching, with batching off, and on the exported Hugging Face
+directory: `switchyard-hf`) and
 `transformers serve --continuous-batching` on the model exported to Hugging Face format, with
 its weights as exported (f32) and with --dtype bfloat16.
 
@@ -55,7 +56,9 @@ PROMPT = "It is a truth universally acknow"  # 32 bytes, 32 tokens in either ser
 def start(kind):
     """Starts a server; returns (process, port, model name)."""
     if kind.startswith("switchyard"):
-        cmd = [args.bin, "serve", "--checkpoint", ck, "--port", "0", "--threads", str(args.threads),
+        # switchyard-hf: the exported Hugging Face directory through the DecoderModel path
+        source = ["--model", hf] if kind == "switchyard-hf" else ["--checkpoint", ck]
+        cmd = [args.bin, "serve", *source, "--port", "0", "--threads", str(args.threads),
                "--max-batch", "1" if kind == "switchyard-off" else "64"]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         while True:
