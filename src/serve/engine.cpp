@@ -304,6 +304,13 @@ class HfServed final : public ServedModel {
           fmt::format("serve --model {}: no tokenizer.json: expected one to turn "
                       "prompts into tokens and tokens into text",
                       m_.dir));
+    // As for byte models (bf16_expert_params): on a bf16 backend f32 routed experts are read
+    // as bf16, rounded once here.
+    if (bf16_experts(o))
+      for (DecoderLayerParams& l : m_.params.layers)
+        for (Tensor* w : {&l.moe.w1, &l.moe.w3, &l.moe.w2})
+          if (!w->empty() && w->dtype() == DType::kF32) *w = convert(*w, DType::kBF16);
+    model_.check_params(m_.params);
   }
   Shape shape() const override {
     const DecoderConfig& c = m_.config;

@@ -14,6 +14,7 @@
 #include "switchyard/core/rng.h"
 #include "switchyard/io/hf_model.h"
 #include "switchyard/io/tokenizer.h"
+#include "switchyard/kernels/backend.h"
 
 namespace sy {
 namespace {
@@ -356,6 +357,27 @@ TEST_P(HfEngine, GreedyEqualsTransformersAndBatchedEqualsAlone) {
     EXPECT_EQ(b.tokens, a.tokens) << GetParam() << " prompt " << i;
     EXPECT_EQ(b.text, a.text) << GetParam() << " prompt " << i;
   }
+}
+
+// On a bf16 backend the served model's f32 experts are rounded to bf16 once at start: it serves
+// (every token sampled, within the vocabulary), where this CPU has such a backend.
+TEST(HfEngineBf16, ServesWithBf16Experts) {
+  const Backend* bf16_backend = nullptr;
+  for (const Backend* b : available_backends(cpu_features()))
+    if (b->precision == Precision::kBf16) bf16_backend = b;
+  if (bf16_backend == nullptr) GTEST_SKIP() << "no bf16 backend on this CPU";
+  EngineOptions o;
+  o.backend = bf16_backend;
+  const std::string dir = std::string(SY_FIXTURES) + "/models/qwen3_moe";
+  Engine e(serve_hf_model(load_hf_model(dir), o), o);
+  CompletionRequest r;
+  r.prompt = e.model().encode("It is a truth universally acknowledged");
+  r.max_tokens = 10;
+  r.sampling.temperature = 0;
+  const Result got = drain(*e.submit(r));
+  ASSERT_FALSE(got.tokens.empty());
+  for (int32_t t : got.tokens) EXPECT_LT(t, e.shape().vocab);
+  EXPECT_TRUE(got.finish == Finish::kLength || got.finish == Finish::kStop);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, HfEngine, ::testing::Values("mixtral", "qwen3_moe", "olmoe"));
