@@ -35,14 +35,16 @@ std::vector<int64_t> idx_dims(const std::vector<uint8_t>& b, uint32_t magic, int
     throw IoError(fmt::format("{} file {}: magic {:#x}, expected {:#x} (IDX {} of uint8)", what,
                               path, big_endian(b, 0), magic, rank == 3 ? "images" : "labels"));
   std::vector<int64_t> dims;
-  int64_t count = 1;
+  // The product in double: dimensions of up to 2^32 each would overflow an int64 (they are
+  // checked against the bytes present, which bound any real file).
+  double count = 1;
   for (int i = 0; i < rank; ++i) {
     dims.push_back(int64_t(big_endian(b, 4 + 4 * size_t(i))));
-    count *= dims.back();
+    count *= double(dims.back());
   }
-  if (int64_t(b.size() - header) != count)
+  if (double(b.size() - header) != count)
     throw IoError(
-        fmt::format("{} file {}: {} data bytes after the header, expected {} for "
+        fmt::format("{} file {}: {} data bytes after the header, expected {:.0f} for "
                     "dimensions {}",
                     what, path, b.size() - header, count, fmt::join(dims, " x ")));
   return dims;

@@ -85,6 +85,11 @@ TEST(Images, DamagedFilesAreNamedWithWhatWasExpected) {
   expect_io(good_im, write_file("sy_lbl_three", three), "2 images but 3 labels");
   expect_io(good_im, "/nonexistent/labels.gz", "not found");
   expect_io(write_file("sy_img_tiny", {8, 3}), good_lb, "shorter than its IDX header");
+  // Dimensions whose product overflows 64 bits: named, not wrapped into a match.
+  std::vector<uint8_t> huge = header(0x803, {0x80000000u, 0x80000000u, 4});
+  huge.insert(huge.end(), {1, 2, 3, 4});
+  expect_io(write_file("sy_img_huge", huge), good_lb,
+            "4 data bytes after the header, expected 18446744073709551616 for dimensions");
 }
 
 TEST(Images, SplitIsDisjointCompleteAndRepeatable) {
