@@ -137,8 +137,10 @@ Attention::Attention(const AttentionConfig& cfg) : cfg_(cfg) {
   sin_.resize(cos_.size());
   for (int64_t pos = 0; pos < cfg_.max_context; ++pos)
     for (int64_t i = 0; i < half; ++i) {
+      // Without RoPE every angle is 0: the rotation is the identity, exactly.
       const double angle =
-          double(pos) * std::pow(cfg_.rope_theta, -2.0 * double(i) / double(2 * half));
+          cfg_.rope ? double(pos) * std::pow(cfg_.rope_theta, -2.0 * double(i) / double(2 * half))
+                    : 0.0;
       cos_[pos * half + i] = std::cos(angle);
       sin_[pos * half + i] = std::sin(angle);
     }
@@ -235,7 +237,12 @@ void Attention::forward_impl(const AttentionParams& p, const Tensor& x, int64_t 
     MatrixView<T> ph{c.probs.data<T>() + bh * L * L, L, L};
     MatrixView<T> oh{c.scratch.data<T>() + omp_get_thread_num() * L * (L + dh), L, dh};
     be.gemm<T>(false, true, scale, qh, kh, T(0), ph);
-    cpu::softmax_causal_rows<T>(ph, 0, ph);
+    if (cfg_.causal) {
+      cpu::softmax_causal_rows<T>(ph, 0, ph);
+    } else {
+      std::vector<T> lse(static_cast<size_t>(L));  // not needed, but the kernel writes it
+      cpu::softmax_rows<T>(ph, ph, lse);
+    }
     be.gemm<T>(false, false, T(1), ph, vh, T(0), oh);
     copy_head_in(oh.data, L, dh, o + b * L * d + h * dh, d);
   }
@@ -318,6 +325,10 @@ void Attention::decode(const AttentionParams& p, const Tensor& x, KvCache& kv, T
 void Attention::decode_batch(const AttentionParams& p, const Tensor& x,
                              std::span<const int64_t> starts, std::span<KvCache* const> kvs,
                              Tensor& y, const ExecContext& ctx) const {
+  if (!cfg_.causal)
+    throw ConfigError(
+        "decode: the attention is bidirectional (causal = false): a KV cache needs "
+        "causal attention");
   check_params(p);
   if (x.rank() != 2 || x.dim(1) != cfg_.d_model)
     throw ShapeError(

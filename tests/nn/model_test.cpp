@@ -41,6 +41,57 @@ TEST(AttentionGradcheck, InputAndWeights) {
   expect_grad_close(loss, p.w_o.span<double>(), g.w_o.span<double>(), "dw_o");
 }
 
+// The vision encoder's attention: bidirectional, no RoPE. Gradients by finite differences in
+// float64; every position sees every other one of its sequence (and none of the next); with no
+// position information, permuting a sequence's rows permutes its outputs the same way.
+TEST(AttentionGradcheck, BidirectionalWithoutRope) {
+  const AttentionConfig cfg{
+      .d_model = 12, .n_heads = 3, .max_context = 7, .causal = false, .rope = false};
+  Attention attn(cfg);
+  const int64_t n_seq = 2, L = 5, T = n_seq * L, d = 12;
+  AttentionParams p = init_attention_params(cfg, DType::kF64, 13);
+  AttentionParams g{Tensor(p.w_qkv.shape(), DType::kF64), Tensor(p.w_o.shape(), DType::kF64)};
+  Tensor x = random_tensor({T, d}, DType::kF64, 14), r = random_tensor({T, d}, DType::kF64, 15);
+  Tensor y, dx;
+  AttentionCache cache;
+  const ExecContext ctx;
+  auto loss = [&] {
+    attn.forward(p, x, n_seq, y, cache, ctx);
+    return dot(y.span<double>(), r.span<double>());
+  };
+  loss();
+  attn.backward(p, cache, r, g, dx, ctx);
+  expect_grad_close(loss, x.span<double>(), dx.span<double>(), "dx");
+  expect_grad_close(loss, p.w_qkv.span<double>(), g.w_qkv.span<double>(), "dw_qkv");
+  expect_grad_close(loss, p.w_o.span<double>(), g.w_o.span<double>(), "dw_o");
+
+  Tensor y0, y1;
+  attn.forward(p, x, n_seq, y0, cache, ctx);
+  Tensor x1 = x.clone();
+  for (int64_t j = 0; j < d; ++j) x1.data<double>()[4 * d + j] += 0.5;  // sequence 0, position 4
+  attn.forward(p, x1, n_seq, y1, cache, ctx);
+  for (int64_t t = 0; t < T; ++t) {
+    double change = 0;
+    for (int64_t j = 0; j < d; ++j)
+      change += std::abs(y1.data<double>()[t * d + j] - y0.data<double>()[t * d + j]);
+    if (t < L)
+      EXPECT_GT(change, 1e-6) << "position " << t << " does not see position 4";
+    else
+      EXPECT_EQ(change, 0.0) << "sequence 1 saw sequence 0";
+  }
+  const int64_t perm[5] = {3, 0, 4, 1, 2};  // row t of sequence 0 takes row perm[t]
+  Tensor xp = x.clone(), yp;
+  for (int64_t t = 0; t < L; ++t)
+    std::memcpy(xp.data<double>() + t * d, x.data<double>() + perm[t] * d, d * sizeof(double));
+  attn.forward(p, xp, n_seq, yp, cache, ctx);
+  for (int64_t t = 0; t < L; ++t)
+    for (int64_t j = 0; j < d; ++j)
+      EXPECT_NEAR(yp.data<double>()[t * d + j], y0.data<double>()[perm[t] * d + j], 1e-12);
+  KvCache kv = attn.start(DType::kF64);
+  Tensor one = random_tensor({1, d}, DType::kF64, 16), out;
+  EXPECT_THROW(attn.decode(p, one, kv, out, ctx), ConfigError);
+}
+
 TEST(Attention, IsCausalAndSequencesAreIndependent) {
   const AttentionConfig cfg{.d_model = 8, .n_heads = 2, .max_context = 6};
   Attention attn(cfg);

@@ -25,7 +25,11 @@ struct AttentionConfig {
   int64_t n_heads = 1;      // d_model / n_heads is the head width dh, which must be even
   int64_t max_context = 0;  // longest sequence (RoPE table size, KV cache length)
   double rope_theta = 10000.0;
-  void validate() const;    // throws ConfigError naming `model.<field>`
+  // A language model's attention is causal with RoPE; a vision encoder's (ViT) attends both ways
+  // and takes its positions from learned embeddings added to the input instead.
+  bool causal = true;
+  bool rope = true;
+  void validate() const;  // throws ConfigError naming `model.<field>`
 };
 
 struct AttentionParams {
@@ -46,8 +50,8 @@ struct AttentionCache {
 
 // Keys and values of the positions seen so far, for generating one sequence token by token.
 struct KvCache {
-  Tensor k, v;       // [H, max_context, dh], k rotated
-  int64_t n_pos = 0; // positions filled
+  Tensor k, v;        // [H, max_context, dh], k rotated
+  int64_t n_pos = 0;  // positions filled
 };
 
 class Attention {
@@ -64,7 +68,8 @@ class Attention {
                 AttentionParams& g, Tensor& dx, const ExecContext& ctx) const;
 
   // n new positions of one sequence: x: [n, d] -> y: [n, d] (=); their keys and values are
-  // appended to kv (which start() sized). Throws ShapeError past max_context.
+  // appended to kv (which start() sized). Throws ShapeError past max_context, ConfigError for
+  // bidirectional attention (a later position would change earlier outputs).
   void decode(const AttentionParams& p, const Tensor& x, KvCache& kv, Tensor& y,
               const ExecContext& ctx) const;
   // Several sequences at once: rows [starts[s], starts[s+1]) of x are sequence s's new
