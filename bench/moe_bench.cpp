@@ -94,7 +94,7 @@ struct ServeSetup {
     ctx.n_threads = 1;
     ctx.backend = &pick_backend(cpu_features(), Precision::kAuto);
     params = init_lm_params(cfg, DType::kF32, 1);
-    if (ctx.backend->precision == Precision::kBf16) params = bf16_expert_params(params);
+    if (decodes_with_bf16_experts(ctx.backend)) params = bf16_expert_params(params);
   }
 };
 

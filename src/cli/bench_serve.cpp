@@ -289,9 +289,9 @@ int run_bench_serve(const BenchServeOptions& opt) {
              describe_kernels(precision), opt.requests, opt.max_tokens, opt.prompt_bytes);
   const double copy_bw = copy_bandwidth(5);
   // What a decode step reads: the engine's own copy, with bf16 experts on a bf16 backend.
-  LmParams bf16_params;
-  if (eo.backend->precision == Precision::kBf16) bf16_params = bf16_expert_params(params);
-  const LmParams& decode_p = bf16_params.layers.empty() ? params : bf16_params;
+  const bool bf16 = decodes_with_bf16_experts(eo.backend);
+  const LmParams bf16_params = bf16 ? bf16_expert_params(params) : LmParams{};
+  const LmParams& decode_p = bf16 ? bf16_params : params;
   const double weight_bytes = decode_weight_bytes(cfg, decode_p);
   const double ceiling_s = weight_bytes / copy_bw;
 

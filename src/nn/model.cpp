@@ -168,6 +168,10 @@ LmParams zeros_like(const LmParams& p) {
       p, [](const Tensor& t, bool) { return t.empty() ? Tensor() : Tensor(t.shape(), t.dtype()); });
 }
 
+bool decodes_with_bf16_experts(const Backend* backend) {
+  return backend != nullptr && backend->precision == Precision::kBf16;
+}
+
 LmParams bf16_expert_params(const LmParams& p) {
   return map_params(p, [](const Tensor& t, bool routed_expert) {
     if (t.empty()) return Tensor();

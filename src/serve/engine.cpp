@@ -107,6 +107,12 @@ std::string TextStream::push(unsigned char byte) {
   return out;
 }
 
+std::string TextStream::push(std::string_view bytes) {
+  std::string out;
+  for (char c : bytes) out += push(static_cast<unsigned char>(c));
+  return out;
+}
+
 std::string TextStream::flush() {
   if (stopped_) return {};
   if (!bytes_.empty()) held_ += kReplacement;  // a character cut short
@@ -176,16 +182,20 @@ void keep_freed_memory_for_reuse() {
 
 namespace {
 
-bool bf16_experts(const EngineOptions& o) {
-  return o.backend != nullptr && o.backend->precision == Precision::kBf16;
-}
-
 ExecContext eval_context(const EngineOptions& o) {
   ExecContext ctx;
   ctx.n_threads = o.n_threads;
   ctx.backend = o.backend;
   ctx.training = false;
   return ctx;
+}
+
+// The engine's states as a model's own: State holds it as s.
+template <class State>
+auto own_states(std::span<SequenceState* const> states) {
+  std::vector<decltype(&static_cast<State*>(nullptr)->s)> out;
+  for (SequenceState* st : states) out.push_back(&static_cast<State*>(st)->s);
+  return out;
 }
 
 LmConfig dropless(LmConfig c) {
@@ -202,8 +212,9 @@ class ByteModel final : public ServedModel {
   ByteModel(const LmConfig& cfg, const LmParams& params, const EngineOptions& o)
       : cfg_(dropless(cfg)),
         // On a bf16 backend the experts are read as bf16 (bf16_expert_params says why).
-        bf16_params_(bf16_experts(o) ? bf16_expert_params(params) : LmParams{}),
-        params_(bf16_experts(o) ? bf16_params_ : params),
+        bf16_params_(decodes_with_bf16_experts(o.backend) ? bf16_expert_params(params)
+                                                          : LmParams{}),
+        params_(decodes_with_bf16_experts(o.backend) ? bf16_params_ : params),
         model_(cfg_),
         ctx_(eval_context(o)) {
     if (cfg_.vocab != 256)
@@ -222,9 +233,7 @@ class ByteModel final : public ServedModel {
   void step(std::span<const std::span<const int32_t>> tokens,
             std::span<SequenceState* const> states, Tensor& logits,
             DecodeRouting& routing) override {
-    std::vector<DecodeState*> ds;
-    for (SequenceState* st : states) ds.push_back(&static_cast<State*>(st)->s);
-    model_.decode_batch(params_, tokens, ds, logits, ctx_, &routing);
+    model_.decode_batch(params_, tokens, own_states<State>(states), logits, ctx_, &routing);
   }
   std::vector<int32_t> encode(std::string_view text) const override {
     return std::vector<int32_t>(reinterpret_cast<const unsigned char*>(text.data()),
@@ -255,40 +264,43 @@ class ByteModel final : public ServedModel {
 // tokens). The decoders replace incomplete UTF-8, so the shown text is always valid.
 class Incremental final : public ServedModel::Detokenizer {
  public:
-  Incremental(const Tokenizer& tok, std::span<const int32_t> prompt)
-      : tok_(tok),
-        ids_(prompt.end() - std::min<ptrdiff_t>(ptrdiff_t(prompt.size()), kContext), prompt.end()),
-        shown_(ids_.size()) {}
+  Incremental(const Tokenizer& tok, std::span<const int32_t> prompt) : tok_(tok) {
+    set_context(prompt);
+  }
   std::string push(int32_t id) override {
     ids_.push_back(id);
     std::string out = delta();
     if (out.empty() || out.ends_with("\xef\xbf\xbd")) return {};
-    // Shown: keep the last few shown tokens as the next context.
-    ids_.erase(ids_.begin(), ids_.end() - std::min<ptrdiff_t>(ptrdiff_t(ids_.size()), kContext));
-    shown_ = ids_.size();
+    const std::vector<int32_t> seen = std::move(ids_);
+    set_context(seen);  // shown: its last tokens are the next context
     return out;
   }
   std::string flush() override {
     std::string out = delta();
-    ids_.clear();
-    shown_ = 0;
+    set_context({});
     return out;
   }
 
  private:
   static constexpr ptrdiff_t kContext = 4;
-  // decode(ids_) less decode(the context ids_[0, shown_)).
+  // The last kContext tokens of `ids` become the context, decoded once here.
+  void set_context(std::span<const int32_t> ids) {
+    ids_.assign(ids.end() - std::min<ptrdiff_t>(ptrdiff_t(ids.size()), kContext), ids.end());
+    shown_ = ids_.size();
+    head_ = tok_.decode(ids_, /*skip_special_tokens=*/true);
+  }
+  // decode(ids_) less the context's decoding.
   std::string delta() const {
     const std::span<const int32_t> all(ids_);
-    const std::string head = tok_.decode(all.first(shown_), /*skip_special_tokens=*/true);
     const std::string text = tok_.decode(all, /*skip_special_tokens=*/true);
-    if (text.starts_with(head)) return text.substr(head.size());
+    if (text.starts_with(head_)) return text.substr(head_.size());
     // A decoder that rewrote the context once more followed: the new tokens alone.
     return tok_.decode(all.subspan(shown_), /*skip_special_tokens=*/true);
   }
   const Tokenizer& tok_;
-  std::vector<int32_t> ids_;
-  size_t shown_;
+  std::vector<int32_t> ids_;  // the context, then the tokens not shown yet
+  size_t shown_ = 0;          // of ids_, the context
+  std::string head_;          // the context's decoding
 };
 
 class HfServed final : public ServedModel {
@@ -306,7 +318,7 @@ class HfServed final : public ServedModel {
                       m_.dir));
     // As for byte models (bf16_expert_params): on a bf16 backend f32 routed experts are read
     // as bf16, rounded once here.
-    if (bf16_experts(o))
+    if (decodes_with_bf16_experts(o.backend))
       for (DecoderLayerParams& l : m_.params.layers)
         for (Tensor* w : {&l.moe.w1, &l.moe.w3, &l.moe.w2})
           if (!w->empty() && w->dtype() == DType::kF32) *w = convert(*w, DType::kBF16);
@@ -324,9 +336,7 @@ class HfServed final : public ServedModel {
   void step(std::span<const std::span<const int32_t>> tokens,
             std::span<SequenceState* const> states, Tensor& logits,
             DecodeRouting& routing) override {
-    std::vector<DecoderState*> ds;
-    for (SequenceState* st : states) ds.push_back(&static_cast<State*>(st)->s);
-    model_.forward_batch(m_.params, tokens, ds, logits, ctx_);
+    model_.forward_batch(m_.params, tokens, own_states<State>(states), logits, ctx_);
     routing.layers = model_.last_routing();
     routing.top1 = model_.last_top1();
   }
@@ -453,8 +463,7 @@ void Engine::finish(Sequence& s, Finish why) {
     if (s.admitted) metrics_.running = --running_count_;
   }
   {
-    std::string rest;
-    for (char c : s.detok->flush()) rest += s.text.push(static_cast<unsigned char>(c));
+    const std::string rest = s.text.push(s.detok->flush());
     std::lock_guard lock(s.out->mutex_);
     s.out->pending_.text += rest + s.text.flush();
     s.out->pending_.done = true;
@@ -606,9 +615,7 @@ void Engine::step(std::vector<std::unique_ptr<Sequence>>& running) {
     s.last = t;
     s.last_token_at = now;
     const bool end = model_->is_end(t);
-    std::string text;
-    if (!end)
-      for (char c : s.detok->push(t)) text += s.text.push(static_cast<unsigned char>(c));
+    const std::string text = end ? std::string() : s.text.push(s.detok->push(t));
     {
       std::lock_guard lock(s.out->mutex_);
       Completion::Update& u = s.out->pending_;

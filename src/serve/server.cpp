@@ -112,17 +112,17 @@ Parsed parse_completion(const std::string& text, const Engine& engine, const std
   }
   if (!prompt->is_string())
     bad("prompt", fmt::format("prompt: expected a string, got {}", prompt->type_name()));
-  const ServedModel::Shape cfg = engine.shape();
+  const ServedModel::Shape shape = engine.shape();
   const std::string& text_in = prompt->get_ref<const std::string&>();
   if (text_in.empty()) bad("prompt", "prompt: empty, expected at least one character");
   p.request.prompt = engine.model().encode(text_in);
-  if (int64_t(p.request.prompt.size()) > cfg.context)
+  if (int64_t(p.request.prompt.size()) > shape.context)
     bad("prompt", fmt::format("prompt: {} tokens, over the model's context of {}",
-                              p.request.prompt.size(), cfg.context));
-  p.request.max_tokens = integer(body, "max_tokens", 16, 1, cfg.context);
+                              p.request.prompt.size(), shape.context));
+  p.request.max_tokens = integer(body, "max_tokens", 16, 1, shape.context);
   p.request.sampling.temperature = number(body, "temperature", 1.0);
   p.request.sampling.top_p = number(body, "top_p", 1.0);
-  p.request.sampling.top_k = integer(body, "top_k", 0, 0, cfg.vocab);
+  p.request.sampling.top_k = integer(body, "top_k", 0, 0, shape.vocab);
   if (!(p.request.sampling.temperature >= 0 && p.request.sampling.temperature <= 2))
     bad("temperature",
         fmt::format("temperature: {}, expected 0..2", p.request.sampling.temperature));

@@ -89,6 +89,8 @@ LmParams zeros_like(const LmParams& p);
 // attention, norms and embeddings stay f32. Only decode and decode_batch take these (bf16
 // weights have no gradients).
 LmParams bf16_expert_params(const LmParams& p);
+// Whether decoding on `backend` reads the routed experts that way: on a bf16 backend.
+bool decodes_with_bf16_experts(const Backend* backend);
 
 struct LayerCache {
   Tensor x_attn, x_ffn;        // [T, d] residual stream entering each half

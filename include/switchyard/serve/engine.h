@@ -121,6 +121,8 @@ class TextStream {
   explicit TextStream(std::vector<std::string> stops = {}) : stops_(std::move(stops)) {}
   // The text this byte lets go out now; after a stop string, stopped() and nothing more.
   std::string push(unsigned char byte);
+  // The same for a token's bytes, one after another.
+  std::string push(std::string_view bytes);
   // At the end (not stopped): everything held, an incomplete character as U+FFFD.
   std::string flush();
   bool stopped() const { return stopped_; }
