@@ -1,8 +1,9 @@
-// Causal multi-head attention with RoPE. The projections are whole-batch GEMMs; the score and
-// value products run one (sequence, head) pair per task, each a single-tile GEMM, in parallel;
-// in decode, a sequence's few new rows are attended directly (attend_row) in f32 or f64, the
-// input's type, whatever the backend's precision. Every output element is still computed by
-// one thread in a fixed order, so the result does not depend on the thread count.
+// Multi-head attention, causal with RoPE (or bidirectional, without: AttentionConfig). The
+// projections are whole-batch GEMMs; the score and value products run one (sequence, head) pair per
+// task, each a single-tile GEMM, in parallel; in decode, a sequence's few new rows are attended
+// directly (attend_row) in f32 or f64, the input's type, whatever the backend's precision. Every
+// output element is still computed by one thread in a fixed order, so the result does not depend on
+// the thread count.
 #include "switchyard/nn/attention.h"
 
 #include <omp.h>
@@ -10,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "switchyard/core/rng.h"
@@ -46,8 +48,8 @@ constexpr int64_t kDirectRows = 16;
 
 // One query row against the first `seen` cached keys of a head:
 //   out = softmax(scale q K[0:seen]^T) V[0:seen]
-// q: [dh], k, v: [seen, dh] (rows dh apart), out: [dh]; scores is scratch. The generic form;
-// float with dh a multiple of 16 takes the vector one below.
+// q: [dh], k, v: [seen, dh] (rows dh apart), out: [dh]; scores is scratch. attend_row picks
+// this plain form or, for float with dh a multiple of 16, the vector one below.
 template <class T>
 void attend_row_plain(const T* q, const T* k, const T* v, int64_t seen, int64_t dh, T scale,
                       std::vector<T>& scores, T* out) {
@@ -93,15 +95,9 @@ void weighted_sum(const float* p, const float* v, int64_t seen, int64_t dh, int6
   for (int i = 0; i < NV; ++i) std::memcpy(out + c0 + i * kVf, &acc[i], sizeof(Vf));
 }
 
-template <class T>
-void attend_row(const T* q, const T* k, const T* v, int64_t seen, int64_t dh, T scale,
-                std::vector<T>& scores, T* out) {
-  attend_row_plain(q, k, v, seen, dh, scale, scores, out);
-}
-template <>
-void attend_row<float>(const float* q, const float* k, const float* v, int64_t seen, int64_t dh,
-                       float scale, std::vector<float>& scores, float* out) {
-  if (dh % kVf != 0) return attend_row_plain(q, k, v, seen, dh, scale, scores, out);
+// attend_row for float with dh a multiple of 16.
+void attend_row_vec(const float* q, const float* k, const float* v, int64_t seen, int64_t dh,
+                    float scale, std::vector<float>& scores, float* out) {
   scores.resize(size_t(seen));
   for (int64_t j = 0; j < seen; ++j) {
     const float* kj = k + j * dh;
@@ -126,6 +122,14 @@ void attend_row<float>(const float* q, const float* k, const float* v, int64_t s
     default:
       break;
   }
+}
+
+template <class T>
+void attend_row(const T* q, const T* k, const T* v, int64_t seen, int64_t dh, T scale,
+                std::vector<T>& scores, T* out) {
+  if constexpr (std::is_same_v<T, float>)
+    if (dh % kVf == 0) return attend_row_vec(q, k, v, seen, dh, scale, scores, out);
+  attend_row_plain(q, k, v, seen, dh, scale, scores, out);
 }
 
 }  // namespace

@@ -2,6 +2,8 @@
 //   qkv = x w_qkv; q, k rotated by their position; per head  P = causal_softmax(q k^T / sqrt(dh)),
 //   o = P v; heads concatenated; y = o w_o.
 // RoPE rotates the pair (i, i + dh/2) of each head by the angle pos * theta^(-2i/dh).
+// AttentionConfig::causal = false and rope = false give a vision encoder's attention instead:
+// P = softmax(q k^T / sqrt(dh)) over the whole sequence, q and k unrotated.
 // Backward (docs/transformer_backward.md) keeps P from forward, so it recomputes nothing.
 //
 //   Attention attn({.d_model = 256, .n_heads = 4, .max_context = 256});
