@@ -34,6 +34,7 @@ void MoeConfig::validate() const {
   weight("loss_z_weight", loss_z_weight);
   weight("loss_importance_weight", loss_importance_weight);
   weight("loss_load_weight", loss_load_weight);
+  weight("loss_guide_weight", loss_guide_weight);
   weight("bias_update_rate", bias_update_rate);
   if (!(jitter_eps >= 0 && jitter_eps < 1))
     throw ConfigError(fmt::format("moe.jitter_eps = {}: expected in [0, 1)", jitter_eps));

@@ -57,6 +57,30 @@ void rank_by_probability(const RouterCache& rc, std::vector<int32_t>& rank) {
                    [&](int32_t a, int32_t b) { return probs[a] > probs[b]; });
 }
 
+// Routing by groups: each row takes its group's experts and weights, and the group ranking (when
+// capacity is granted in ranked order) becomes a ranking of rows that keeps a group's rows
+// together, so that capacity, counted in rows, keeps or drops groups whole.
+template <class T>
+void expand_group_routing(MoeCache& c, int64_t n_grp, int64_t slots, bool ranked) {
+  const int64_t rows = c.group_rows, n_tok = n_grp * rows;
+  c.row_expert.resize(size_t(n_tok * slots));
+  c.row_weight.resize({n_tok, slots}, dtype_of<T>());
+  MatrixView<T> rw = c.row_weight.matrix<T>();
+  ConstMatrixView<T> gw = c.router.weight.matrix<T>();
+  for (int64_t t = 0; t < n_tok; ++t)
+    for (int64_t j = 0; j < slots; ++j) {
+      c.row_expert[size_t(t * slots + j)] = c.router.expert[size_t((t / rows) * slots + j)];
+      rw(t, j) = gw(t / rows, j);
+    }
+  if (!ranked) return;  // choice-major row order already keeps each group's rows together
+  c.rank.resize(size_t(n_tok * slots));
+  for (int64_t q = 0; q < n_grp * slots; ++q) {
+    const int64_t g = c.group_rank[size_t(q)] / slots, j = c.group_rank[size_t(q)] % slots;
+    for (int64_t r = 0; r < rows; ++r)
+      c.rank[size_t(q * rows + r)] = int32_t((g * rows + r) * slots + j);
+  }
+}
+
 }  // namespace
 
 RoutingStats routing_stats(const DispatchPlan& plan, double router_entropy) {
@@ -146,7 +170,17 @@ void MoeLayer::check_params(const MoeParams& p, int64_t ep_size) const {
 }
 
 MoeForward MoeLayer::forward(const MoeParams& p, const Tensor& x, Tensor& y, MoeCache& cache,
-                             const ExecContext& ctx, std::span<const int32_t> token_ids) const {
+                             const ExecContext& ctx, std::span<const int32_t> token_ids,
+                             const RouteGroups& groups) const {
+  if (groups.rows > 1 && (ctx.parallel != nullptr || cfg_.gating == Gating::kHash))
+    throw ConfigError(fmt::format(
+        "routing by groups of {} rows with {}: expected a single-process layer whose router "
+        "takes the group's mean row",
+        groups.rows, ctx.parallel != nullptr ? "expert parallelism" : "moe.router = hash"));
+  if (groups.rows < 1 || (x.rank() == 2 && x.dim(0) % groups.rows != 0))
+    throw ShapeError(fmt::format("moe input {} routed in groups of {} rows: expected a group "
+                                 "size >= 1 that divides the rows",
+                                 x.shape_str(), groups.rows));
   if (ctx.parallel != nullptr) {
     if (cfg_.gating == Gating::kExpertChoice || cfg_.batch_prioritized)
       throw ConfigError(fmt::format(
@@ -168,11 +202,11 @@ MoeForward MoeLayer::forward(const MoeParams& p, const Tensor& x, Tensor& y, Moe
                                  dtype_name(p.w_gate.dtype()), dtype_name(xt)));
   ThreadScope threads(ctx.n_threads);
   if (xt == DType::kF32 && wt == DType::kF32)
-    return forward_impl<float, float>(p, x, y, cache, ctx, token_ids);
+    return forward_impl<float, float>(p, x, y, cache, ctx, token_ids, groups);
   if (xt == DType::kF64 && wt == DType::kF64)
-    return forward_impl<double, double>(p, x, y, cache, ctx, token_ids);
+    return forward_impl<double, double>(p, x, y, cache, ctx, token_ids, groups);
   if (xt == DType::kF32 && wt == DType::kBF16)
-    return forward_impl<float, bf16>(p, x, y, cache, ctx, token_ids);
+    return forward_impl<float, bf16>(p, x, y, cache, ctx, token_ids, groups);
   throw ShapeError(
       fmt::format("moe: x {} with expert weights {}: expected f32/f32, f64/f64 or "
                   "f32 x with bf16 weights",
@@ -181,8 +215,11 @@ MoeForward MoeLayer::forward(const MoeParams& p, const Tensor& x, Tensor& y, Moe
 
 template <class T, class W>
 MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y, MoeCache& c,
-                                  const ExecContext& ctx, std::span<const int32_t> token_ids) const {
+                                  const ExecContext& ctx, std::span<const int32_t> token_ids,
+                                  const RouteGroups& groups) const {
   const int64_t n_tok = x.dim(0), d = cfg_.d_model;
+  const int64_t rows = groups.rows, n_grp = n_tok / rows;
+  const bool grouped = rows > 1;
   const DType dt = dtype_of<T>();
   const bool prof = ctx.profile;
   const Backend& be = backend_of(ctx);
@@ -192,24 +229,42 @@ MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y
   std::copy_n(x.data<T>(), x.numel(), c.x.data<T>());
   y.resize({n_tok, d}, dt);
   ConstMatrixView<T> xv = c.x.matrix<T>();
+  c.group_rows = rows;
+  ConstMatrixView<T> xr = xv;  // what the router sees: the rows, or each group's mean row
+  if (grouped) {
+    c.x_group.resize({n_grp, d}, dt);
+    c.x_group.fill_zero();
+    MatrixView<T> xg = c.x_group.matrix<T>();
+    for (int64_t g = 0; g < n_grp; ++g)
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t i = 0; i < d; ++i) xg(g, i) += xv(g * rows + r, i) / T(rows);
+    xr = xg;
+  }
 
   std::span<const T> bias;
   if (!p.expert_bias.empty()) bias = p.expert_bias.span<T>();
-  const RouterInput in{token_ids, ctx.seed, ctx.training, ctx.parallel, &be};
+  const RouterInput in{token_ids, ctx.seed, ctx.training, ctx.parallel, &be, groups.guide};
   ConstMatrixView<T> w_noise;
   if (!p.w_noise.empty()) w_noise = p.w_noise.matrix<T>();
   timed(prof, &tm.router,
-        [&] { router_.forward<T>(p.w_gate.matrix<T>(), xv, c.router, bias, in, w_noise); });
+        [&] { router_.forward<T>(p.w_gate.matrix<T>(), xr, c.router, bias, in, w_noise); });
   const int64_t slots = cfg_.slots_per_token();
   const bool ranked = cfg_.batch_prioritized || cfg_.gating == Gating::kExpertChoice;
   timed(prof, &tm.plan, [&] {
     if (ctx.parallel != nullptr) return plan_parallel(c, n_tok, ctx);
-    if (cfg_.batch_prioritized) rank_by_priority<T>(c.router, n_tok, slots, c.rank);
-    if (cfg_.gating == Gating::kExpertChoice) rank_by_probability<T>(c.router, c.rank);
-    build_dispatch_plan(c.router.expert, n_tok, slots, cfg_.n_experts,
-                        cfg_.capacity(n_tok, ctx.training), c.plan,
+    std::vector<int32_t>& group_rank = grouped ? c.group_rank : c.rank;
+    if (cfg_.batch_prioritized) rank_by_priority<T>(c.router, n_grp, slots, group_rank);
+    if (cfg_.gating == Gating::kExpertChoice) rank_by_probability<T>(c.router, group_rank);
+    int64_t capacity = cfg_.capacity(n_grp, ctx.training);
+    if (grouped) {
+      expand_group_routing<T>(c, n_grp, slots, ranked);
+      if (capacity > 0) capacity *= rows;
+    }
+    build_dispatch_plan(grouped ? c.row_expert : c.router.expert, n_tok, slots, cfg_.n_experts,
+                        capacity, c.plan,
                         ranked ? std::span<const int32_t>(c.rank) : std::span<const int32_t>());
   });
+  const Tensor& weight = grouped ? c.row_weight : c.router.weight;
   const int64_t n = c.plan.n_rows();
   c.xs.resize_for_overwrite({n, d}, dt);  // gather writes every row
   c.ys.resize_for_overwrite({n, d}, dt);  // the experts write every row
@@ -221,7 +276,7 @@ MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y
                     c.experts);
   });
   timed(prof, &tm.combine, [&] {
-    combine_rows<T>(c.ys.matrix<T>(), c.plan, c.router.weight.matrix<T>(), y.matrix<T>());
+    combine_rows<T>(c.ys.matrix<T>(), c.plan, weight.matrix<T>(), y.matrix<T>());
   });
   // Shared experts: every token, weight 1, added to y.
   const int64_t S = cfg_.n_shared_experts;
@@ -240,7 +295,7 @@ MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y
   double h = 0;
   for (T p : c.router.probs.template span<T>())
     if (p > 0) h -= double(p) * std::log(double(p));
-  RoutingStats stats = routing_stats(c.plan, n_tok > 0 ? h / double(n_tok) : 0.0);
+  RoutingStats stats = routing_stats(c.plan, n_grp > 0 ? h / double(n_grp) : 0.0);
   if (cfg_.gating == Gating::kExpertChoice) {
     // Every token offers itself to every expert; what an expert takes is its load, and a
     // token that no expert took is the one that is dropped.
@@ -256,7 +311,7 @@ MoeForward MoeLayer::forward_impl(const MoeParams& p, const Tensor& x, Tensor& y
     stats.load_max_over_mean =
         mean > 0 ? double(*std::max_element(stats.rows.begin(), stats.rows.end())) / mean : 0.0;
   }
-  return {c.router.loss_balance, c.router.loss_z, std::move(stats)};
+  return {c.router.loss_balance, c.router.loss_z, c.router.loss_guide, std::move(stats)};
 }
 
 void MoeLayer::backward(const MoeParams& p, MoeCache& cache, const Tensor& dy, MoeParams& g,
@@ -284,17 +339,20 @@ template <class T>
 void MoeLayer::backward_impl(const MoeParams& p, MoeCache& c, const Tensor& dy, MoeParams& g,
                              Tensor& dx, const ExecContext& ctx) const {
   const int64_t n_tok = c.x.dim(0), d = cfg_.d_model, n = c.plan.n_rows();
+  const int64_t rows = c.group_rows, n_grp = n_tok / rows, slots = cfg_.slots_per_token();
+  const bool grouped = rows > 1;
   const DType dt = dtype_of<T>();
   const bool prof = ctx.profile;
   const Backend& be = backend_of(ctx);
   MoeTimes& tm = c.times;
   c.dys.resize({n, d}, dt);
   c.dxs.resize({n, d}, dt);
-  c.dweight.resize({n_tok, cfg_.slots_per_token()}, dt);
+  c.dweight.resize({n_tok, slots}, dt);
   dx.resize({n_tok, d}, dt);
 
   timed(prof, &tm.backward_combine, [&] {
-    combine_rows_backward<T>(c.ys.matrix<T>(), c.plan, c.router.weight.matrix<T>(), dy.matrix<T>(),
+    const Tensor& weight = grouped ? c.row_weight : c.router.weight;
+    combine_rows_backward<T>(c.ys.matrix<T>(), c.plan, weight.matrix<T>(), dy.matrix<T>(),
                              c.dys.matrix<T>(), c.dweight.matrix<T>());
   });
   timed(prof, &tm.backward_experts, [&] {
@@ -309,8 +367,25 @@ void MoeLayer::backward_impl(const MoeParams& p, MoeCache& c, const Tensor& dy, 
     ConstMatrixView<T> w_noise;
     MatrixView<T> dw_noise;
     if (!p.w_noise.empty()) w_noise = p.w_noise.matrix<T>(), dw_noise = g.w_noise.matrix<T>();
-    router_.backward<T>(p.w_gate.matrix<T>(), c.x.matrix<T>(), c.router, c.dweight.matrix<T>(),
-                        g.w_gate.matrix<T>(), dx.matrix<T>(), w_noise, dw_noise);
+    if (!grouped)
+      return router_.backward<T>(p.w_gate.matrix<T>(), c.x.matrix<T>(), c.router,
+                                 c.dweight.matrix<T>(), g.w_gate.matrix<T>(), dx.matrix<T>(),
+                                 w_noise, dw_noise);
+    // A group's weights serve all its rows: their gradients add up. The group's mean row fed the
+    // router, so each row gets 1/rows of the gradient to it.
+    c.dweight_group.resize({n_grp, slots}, dt);
+    c.dweight_group.fill_zero();
+    c.dx_group.resize({n_grp, d}, dt);
+    MatrixView<T> dwg = c.dweight_group.matrix<T>();
+    ConstMatrixView<T> dw = c.dweight.matrix<T>();
+    for (int64_t t = 0; t < n_tok; ++t)
+      for (int64_t j = 0; j < slots; ++j) dwg(t / rows, j) += dw(t, j);
+    router_.backward<T>(p.w_gate.matrix<T>(), c.x_group.matrix<T>(), c.router, dwg,
+                        g.w_gate.matrix<T>(), c.dx_group.matrix<T>(), w_noise, dw_noise);
+    ConstMatrixView<T> dxg = c.dx_group.matrix<T>();
+    MatrixView<T> dxv = dx.matrix<T>();
+    for (int64_t t = 0; t < n_tok; ++t)
+      for (int64_t i = 0; i < d; ++i) dxv(t, i) = dxg(t / rows, i) / T(rows);
   });
   timed(prof, &tm.backward_scatter,
         [&] { cpu::scatter_add_rows<T>(c.dxs.matrix<T>(), c.plan.row_token, {}, dx.matrix<T>()); });

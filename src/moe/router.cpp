@@ -217,8 +217,22 @@ void Router::forward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCach
   c.weight.resize({n_tok, k}, dt);
   c.expert.resize(size_t(n_tok * k));
   c.demand.assign(size_t(E), 0);
-  c.loss_balance = c.loss_z = 0;
+  c.loss_balance = c.loss_z = c.loss_guide = 0;
   c.balance_grad.assign(size_t(E), 0.0);
+  c.guide.assign(in.guide.begin(), in.guide.end());
+  if (!c.guide.empty()) {
+    if (int64_t(c.guide.size()) != n_tok)
+      throw ShapeError(fmt::format("router guidance: {} targets for {} rows: expected one per row",
+                                   c.guide.size(), n_tok));
+    if (!cfg_.router_trained())
+      throw ConfigError("router guidance with an untrained router (moe.router = hash or random): "
+                        "expected a router with weights to guide");
+    for (int32_t e : c.guide)
+      if (e < -1 || e >= E)
+        throw ShapeError(fmt::format("router guidance target {}: expected -1 (none) or 0..{} "
+                                     "(moe.n_experts - 1)",
+                                     e, E - 1));
+  }
   if (n_tok == 0) {
     balance_loss<T>(c, in);  // other ranks' collective needs this one's zeros
     return;
@@ -327,6 +341,13 @@ void Router::forward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCach
     for (T l : c.lse.span<T>()) s += double(l) * double(l);
     c.loss_z = cfg_.loss_z_weight * s / double(n_tok);
   }
+  if (const int64_t n_guided = guided_rows(c); n_guided > 0) {
+    double s = 0;
+    for (int64_t t = 0; t < n_tok; ++t)
+      if (const int32_t e = c.guide[size_t(t)]; e >= 0)
+        s += double(c.lse.data<T>()[t]) - double(c.logits.matrix<T>()(t, e));
+    c.loss_guide = cfg_.loss_guide_weight * s / double(n_guided);
+  }
 }
 
 template <class T>
@@ -386,6 +407,16 @@ void Router::backward(ConstMatrixView<T> w_gate, ConstMatrixView<T> x, RouterCac
     const T scale = T(2 * cfg_.loss_z_weight / double(n_tok));
     for (int64_t t = 0; t < n_tok; ++t)
       for (int64_t e = 0; e < E; ++e) dlogits(t, e) += scale * lse[t] * probs(t, e);
+  }
+  if (const int64_t n_guided = guided_rows(c); n_guided > 0) {
+    // d/dlogits[t] of w_g * mean CE = w_g / n_guided * (probs[t] - onehot(target_t)).
+    const T scale = T(cfg_.loss_guide_weight / double(n_guided));
+    for (int64_t t = 0; t < n_tok; ++t) {
+      const int32_t target = c.guide[size_t(t)];
+      if (target < 0) continue;
+      for (int64_t e = 0; e < E; ++e) dlogits(t, e) += scale * probs(t, e);
+      dlogits(t, target) -= scale;
+    }
   }
   if (cfg_.gating == Gating::kSigmoidBias) {
     // Through the chosen sigmoids: ds/dlogit = s (1 - s).

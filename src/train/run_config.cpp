@@ -129,6 +129,7 @@ void read_moe(const json& j, MoeConfig& m) {
   s.get("loss_z_weight", m.loss_z_weight);
   s.get("loss_importance_weight", m.loss_importance_weight);
   s.get("loss_load_weight", m.loss_load_weight);
+  s.get("loss_guide_weight", m.loss_guide_weight);
   s.get("bias_update_rate", m.bias_update_rate);
   s.finish();
 }
@@ -183,6 +184,8 @@ json model_json(const LmConfig& m) {
                                       {"loss_importance_weight", e.loss_importance_weight},
                                       {"loss_load_weight", e.loss_load_weight},
                                       {"bias_update_rate", e.bias_update_rate}};
+    // As precision above: only when set, so older configs keep their model_hash.
+    if (e.loss_guide_weight != 0) j["moe"]["loss_guide_weight"] = e.loss_guide_weight;
   }
   return j;
 }

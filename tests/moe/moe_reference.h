@@ -52,21 +52,27 @@ struct NaiveMoe {
   std::vector<int32_t> expert;  // [T*k]
 };
 
-// p, x in f64. capacity -1: none.
+// p, x in f64. capacity -1: none. group_rows > 1: routing by groups of that many consecutive
+// rows, each group routed by its mean row; expert, kept and capacity then count groups.
 inline NaiveMoe naive_moe(const MoeConfig& cfg, const MoeParams& p, const Tensor& x,
-                          int64_t capacity) {
+                          int64_t capacity, int64_t group_rows = 1) {
   const int64_t T = x.dim(0), d = cfg.d_model, f = cfg.d_ff, E = cfg.n_experts, k = cfg.top_k;
+  const int64_t G = T / group_rows;
   auto X = x.matrix<double>();
+  std::vector<double> mean(size_t(G * d), 0.0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t c = 0; c < d; ++c) mean[(t / group_rows) * d + c] += X(t, c) / double(group_rows);
+  auto R = [&](int64_t g, int64_t c) { return mean[g * d + c]; };
   auto Wg = p.w_gate.matrix<double>();
   auto W1 = p.w1.stacked<double>(), W3 = p.w3.stacked<double>(), W2 = p.w2.stacked<double>();
-  NaiveMoe out{std::vector<double>(size_t(T * d), 0.0), std::vector<bool>(size_t(T * k)),
-               std::vector<int32_t>(size_t(T * k))};
-  std::vector<std::vector<double>> weight(static_cast<size_t>(T));
-  std::vector<double> top1_prob(static_cast<size_t>(T));
-  for (int64_t t = 0; t < T; ++t) {
+  NaiveMoe out{std::vector<double>(size_t(T * d), 0.0), std::vector<bool>(size_t(G * k)),
+               std::vector<int32_t>(size_t(G * k))};
+  std::vector<std::vector<double>> weight(static_cast<size_t>(G));
+  std::vector<double> top1_prob(static_cast<size_t>(G));
+  for (int64_t t = 0; t < G; ++t) {
     std::vector<double> logit(static_cast<size_t>(E), 0.0);
     for (int64_t e = 0; e < E; ++e)
-      for (int64_t c = 0; c < d; ++c) logit[e] += X(t, c) * Wg(c, e);
+      for (int64_t c = 0; c < d; ++c) logit[e] += R(t, c) * Wg(c, e);
     const double mx = *std::max_element(logit.begin(), logit.end());
     double z = 0;
     for (double l : logit) z += std::exp(l - mx);
@@ -103,11 +109,11 @@ inline NaiveMoe naive_moe(const MoeConfig& cfg, const MoeParams& p, const Tensor
   }
   // Capacity: first choices of all tokens, then second choices, ...; tokens in index order,
   // or with batch prioritized routing by their top-1 probability, highest first.
-  std::vector<int64_t> token_order(static_cast<size_t>(T));
+  std::vector<int64_t> token_order(static_cast<size_t>(G));
   std::iota(token_order.begin(), token_order.end(), 0);
   if (cfg.batch_prioritized) {
-    std::vector<double> top1(static_cast<size_t>(T));
-    for (int64_t t = 0; t < T; ++t) top1[t] = top1_prob[t];
+    std::vector<double> top1(static_cast<size_t>(G));
+    for (int64_t t = 0; t < G; ++t) top1[t] = top1_prob[t];
     std::stable_sort(token_order.begin(), token_order.end(),
                      [&](int64_t a, int64_t b) { return top1[a] > top1[b]; });
   }
@@ -120,8 +126,9 @@ inline NaiveMoe naive_moe(const MoeConfig& cfg, const MoeParams& p, const Tensor
     }
   for (int64_t t = 0; t < T; ++t)
     for (int64_t j = 0; j < k; ++j) {
-      if (!out.kept[t * k + j]) continue;
-      const int32_t e = out.expert[t * k + j];
+      const int64_t slot = (t / group_rows) * k + j;
+      if (!out.kept[slot]) continue;
+      const int32_t e = out.expert[slot];
       std::vector<double> act(static_cast<size_t>(f));
       for (int64_t h = 0; h < f; ++h) {
         double g = 0, u = 0;
@@ -134,7 +141,7 @@ inline NaiveMoe naive_moe(const MoeConfig& cfg, const MoeParams& p, const Tensor
       for (int64_t c = 0; c < d; ++c) {
         double s = 0;
         for (int64_t h = 0; h < f; ++h) s += act[h] * W2[e](h, c);
-        out.y[t * d + c] += weight[t][j] * s;
+        out.y[t * d + c] += weight[t / group_rows][j] * s;
       }
     }
   // Shared experts: every token, weight 1.

@@ -63,6 +63,9 @@ struct MoeConfig {
   // v_e = sum_t weight_te, and of the smooth load v_e = sum_t P(token t picks e); see router.h.
   double loss_importance_weight = 0.01;
   double loss_load_weight = 0.01;
+  // Router guidance (Mobile V-MoE's super-class routing): when the caller gives each routed row
+  // a target expert, loss_guide_weight * mean cross-entropy of softmax(logits) against it.
+  double loss_guide_weight = 0.0;
   // kSigmoidBias: step of each bias update, b_e += rate * sign(mean load - load_e).
   double bias_update_rate = 0.001;
 

@@ -23,6 +23,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "switchyard/core/exec_context.h"
@@ -98,9 +99,27 @@ struct ExpertParallelCache {
   int64_t rows_computed = 0;         // rows this rank's experts computed, from every source
 };
 
+// Routing by groups of consecutive rows (Mobile V-MoE's per-image routing, Daxberger et al.
+// 2023): the router sees each group's mean row and decides once for the group; every row of the
+// group goes to the group's experts with the group's weights. Capacity counts groups, C =
+// capacity(T / rows) groups per expert, so a group is kept or dropped whole, and batch
+// prioritized routing and expert choice rank groups. rows = 1 is per-row routing.
+struct RouteGroups {
+  int64_t rows = 1;  // rows per group; must divide T
+  // [T / rows] or empty: each group's target expert for the guidance loss
+  // (MoeConfig::loss_guide_weight, super-class routing); -1: not scored.
+  std::span<const int32_t> guide;
+};
+
 struct MoeCache {
   Tensor x;  // [T, d] copy of the input (router backward needs it)
-  RouterCache router;
+  RouterCache router;  // of the groups' mean rows when routing by groups
+  // Routing by groups (group_rows > 1): the router's input, and its choice repeated per row.
+  int64_t group_rows = 1;
+  Tensor x_group, dx_group;           // [T / rows, d]
+  std::vector<int32_t> row_expert;    // [T * k]
+  Tensor row_weight, dweight_group;   // [T, k], [T / rows, k]
+  std::vector<int32_t> group_rank;    // [T / rows * k]
   DispatchPlan plan;
   std::vector<int32_t> rank;  // [T*k]: slot order for capacity (batch prioritized, expert choice)
   Tensor xs, ys;              // [n, d]: dispatched rows and expert outputs
@@ -115,6 +134,7 @@ struct MoeCache {
 struct MoeForward {
   double loss_balance = 0;  // weighted auxiliary losses, to add to the training loss
   double loss_z = 0;
+  double loss_guide = 0;  // weighted; 0 without guidance
   RoutingStats stats;
 };
 
@@ -126,8 +146,11 @@ class MoeLayer {
   // x: [T, d] -> y: [T, d] (=). Throws ShapeError for a shape or dtype that does not fit.
   // token_ids: [T], needed by hash routing only. ctx.seed drives random routing and jitter
   // (callers vary it per step); ctx.training selects the capacity factor and the jitter.
+  // groups: route groups of rows together (per-image routing); not with expert parallelism or
+  // hash routing.
   MoeForward forward(const MoeParams& p, const Tensor& x, Tensor& y, MoeCache& cache,
-                     const ExecContext& ctx, std::span<const int32_t> token_ids = {}) const;
+                     const ExecContext& ctx, std::span<const int32_t> token_ids = {},
+                     const RouteGroups& groups = {}) const;
   // dy: [T, d] -> dx: [T, d] (=), g (+=). Needs the cache of the forward call just before.
   void backward(const MoeParams& p, MoeCache& cache, const Tensor& dy, MoeParams& g, Tensor& dx,
                 const ExecContext& ctx) const;
@@ -148,7 +171,8 @@ class MoeLayer {
  private:
   template <class T, class W>
   MoeForward forward_impl(const MoeParams& p, const Tensor& x, Tensor& y, MoeCache& c,
-                          const ExecContext& ctx, std::span<const int32_t> token_ids) const;
+                          const ExecContext& ctx, std::span<const int32_t> token_ids,
+                          const RouteGroups& groups) const;
   template <class T>
   void backward_impl(const MoeParams& p, MoeCache& c, const Tensor& dy, MoeParams& g, Tensor& dx,
                      const ExecContext& ctx) const;

@@ -4,6 +4,8 @@
 //   loss_balance = w_b * E * sum_e f_e P_e   (Switch Transformer; f_e: share of the T*k slots
 //                  that chose e, not differentiable; P_e: mean router probability of e)
 //   loss_z       = w_z * mean_t logsumexp(logits_t)^2   (ST-MoE)
+//   loss_guide   = w_g * mean_t -log softmax(logits_t)[target_t], over the rows given a target
+//                  expert (RouterInput::guide; Mobile V-MoE's super-class guidance)
 // Noisy top-k (Shazeer et al. 2017) chooses by H = logits + n * softplus(x w_noise) and, in
 // place of loss_balance, adds
 //   w_imp * CV(importance)^2 + w_load * CV(load)^2,  CV(v)^2 = var_e(v) / (mean_e(v)^2 + 1e-10)
@@ -36,6 +38,9 @@ struct RouterInput {
   // The GEMM kernels; the router always runs on their f32 twin (its logits pick the experts, and
   // bf16 rounding would flip near-ties). nullptr: the default f32 backend.
   const Backend* backend = nullptr;
+  // [T] or empty: each row's target expert for the guidance loss (cfg.loss_guide_weight);
+  // -1: not scored.
+  std::span<const int32_t> guide;
 };
 
 struct RouterCache {
@@ -55,6 +60,8 @@ struct RouterCache {
   std::vector<double> balance_grad;  // [E]: d loss_balance / d probs[t, e], equal for all t
   double loss_balance = 0;      // weighted, as added to the training loss
   double loss_z = 0;            // weighted
+  std::vector<int32_t> guide;   // [T] or empty: forward's guidance targets
+  double loss_guide = 0;        // weighted
   Tensor dprobs, dlogits;       // [T, E]: backward's scratch, kept to avoid reallocation
   Tensor dnoise_logits;         // [T, E]: backward's scratch (noisy top-k)
   const Backend* backend = nullptr;  // forward's f32 kernels, for backward
@@ -85,6 +92,13 @@ class Router {
   bool normalises_weights() const {
     return (cfg_.gating == Gating::kSigmoidBias || cfg_.gating == Gating::kSoftmaxTopK) &&
            cfg_.renormalize;
+  }
+  // Rows with a guidance target, when the guidance loss is on; 0 otherwise.
+  int64_t guided_rows(const RouterCache& c) const {
+    if (cfg_.loss_guide_weight == 0) return 0;
+    int64_t n = 0;
+    for (int32_t e : c.guide) n += e >= 0;
+    return n;
   }
   bool uses_balance_loss() const {
     return cfg_.gating == Gating::kSoftmaxTopK || cfg_.gating == Gating::kSigmoidBias;
