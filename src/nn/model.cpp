@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "nn/block.h"
 #include "switchyard/core/parallel.h"
 #include "switchyard/core/rng.h"
 #include "switchyard/kernels/backend.h"
@@ -16,38 +17,9 @@ namespace sy {
 
 namespace {
 
-template <class T>
-void add_into(Tensor& dst, const Tensor& src) {
-  T* d = dst.data<T>();
-  const T* s = src.data<T>();
-  const int64_t n = dst.numel();
-#pragma omp parallel for schedule(static) if (n > (1 << 15))
-  for (int64_t i = 0; i < n; ++i) d[i] += s[i];
-}
-
-template <class T>
-void copy_into(Tensor& dst, const Tensor& src) {
-  dst.resize(src.shape(), src.dtype());
-  std::memcpy(dst.data<T>(), src.data<T>(), src.nbytes());
-}
-
-// A dense SwiGLU is an expert group of one that owns every row.
-template <class T>
-StackedView<const T> one(const Tensor& w) {
-  return {w.data<T>(), 1, w.dim(0), w.dim(1)};
-}
-template <class T>
-StackedView<T> one(Tensor& w) {
-  return {w.data<T>(), 1, w.dim(0), w.dim(1)};
-}
-
-// Each MoE layer draws its own random numbers (jitter, random routing): the caller's seed
-// mixed with the layer index.
-ExecContext layer_context(const ExecContext& ctx, int64_t layer) {
-  ExecContext c = ctx;
-  c.seed = (ctx.seed ^ 0x9E3779B97F4A7C15ull) * 0xBF58476D1CE4E5B9ull + uint64_t(layer);
-  return c;
-}
+using detail::add_into;
+using detail::layer_context;
+using detail::one;
 
 }  // namespace
 
@@ -267,33 +239,12 @@ LmStep LanguageModel::forward_impl(const LmParams& p, int64_t n_seq, LmCache& c,
 
   LmStep step;
   for (int64_t i = 0; i < cfg_.n_layers; ++i) {
-    const LayerParams& l = p.layers[i];
-    LayerCache& lc = c.layers[i];
-    copy_into<T>(lc.x_attn, x);
-    lc.h_attn.resize({n, d}, dt);
-    lc.rstd_attn.resize({n}, dt);
-    cpu::rmsnorm<T>(x.matrix<T>(), l.norm_attn.span<T>(), eps, lc.h_attn.matrix<T>(),
-                    lc.rstd_attn.span<T>());
-    attention_.forward(l.attn, lc.h_attn, n_seq, lc.out, lc.attn, ctx);
-    add_into<T>(x, lc.out);
-
-    copy_into<T>(lc.x_ffn, x);
-    lc.h_ffn.resize({n, d}, dt);
-    lc.rstd_ffn.resize({n}, dt);
-    cpu::rmsnorm<T>(x.matrix<T>(), l.norm_ffn.span<T>(), eps, lc.h_ffn.matrix<T>(),
-                    lc.rstd_ffn.span<T>());
-    if (cfg_.is_moe(i)) {
-      MoeForward mf =
-          moe_->forward(l.moe, lc.h_ffn, lc.out, lc.moe, layer_context(ctx, i), c.tokens);
-      step.aux += mf.loss_balance + mf.loss_z;
-      step.routing.push_back(std::move(mf.stats));
-    } else {
-      lc.out.resize({n, d}, dt);
-      const std::vector<int32_t> all = {0, int32_t(n)};
-      experts_forward<T>(be, one<T>(l.w1), one<T>(l.w3), one<T>(l.w2), lc.h_ffn.matrix<T>(), all,
-                         lc.out.matrix<T>(), lc.ffn);
-    }
-    add_into<T>(x, lc.out);
+    const detail::BlockKind kind{&attention_, cfg_.is_moe(i) ? &*moe_ : nullptr, cfg_.norm_eps};
+    MoeForward mf = detail::block_forward<T>(kind, p.layers[i], x, n_seq, c.layers[i],
+                                             layer_context(ctx, i), c.tokens);
+    if (kind.moe == nullptr) continue;
+    step.aux += mf.loss_balance + mf.loss_z;
+    step.routing.push_back(std::move(mf.stats));
   }
 
   c.h_out.resize({n, d}, dt);
@@ -342,30 +293,10 @@ void LanguageModel::backward_impl(const LmParams& p, LmCache& c, LmParams& g,
   cpu::rmsnorm_backward<T>(c.x_out.matrix<T>(), p.norm_out.span<T>(), c.rstd_out.span<T>(),
                            dh.matrix<T>(), dx.matrix<T>(), g.norm_out.span<T>());
 
-  Tensor& dsub = c.dsub;
   for (int64_t i = cfg_.n_layers - 1; i >= 0; --i) {
-    const LayerParams& l = p.layers[i];
-    LayerParams& gl = g.layers[i];
-    LayerCache& lc = c.layers[i];
-    // x_out = x_ffn + ffn(rmsnorm(x_ffn)): dx passes through and gains the branch's part.
-    if (cfg_.is_moe(i)) {
-      moe_->backward(l.moe, lc.moe, dx, gl.moe, dh, layer_context(ctx, i));
-    } else {
-      dh.resize({n, d}, dt);
-      const std::vector<int32_t> all = {0, int32_t(n)};
-      experts_backward<T>(be, one<T>(l.w1), one<T>(l.w3), one<T>(l.w2), lc.h_ffn.matrix<T>(), all,
-                          dx.matrix<T>(), lc.ffn, one<T>(gl.w1), one<T>(gl.w3), one<T>(gl.w2),
-                          dh.matrix<T>());
-    }
-    dsub.resize({n, d}, dt);
-    cpu::rmsnorm_backward<T>(lc.x_ffn.matrix<T>(), l.norm_ffn.span<T>(), lc.rstd_ffn.span<T>(),
-                             dh.matrix<T>(), dsub.matrix<T>(), gl.norm_ffn.span<T>());
-    add_into<T>(dx, dsub);
-    // x_ffn = x_attn + attention(rmsnorm(x_attn)).
-    attention_.backward(l.attn, lc.attn, dx, gl.attn, dh, ctx);
-    cpu::rmsnorm_backward<T>(lc.x_attn.matrix<T>(), l.norm_attn.span<T>(), lc.rstd_attn.span<T>(),
-                             dh.matrix<T>(), dsub.matrix<T>(), gl.norm_attn.span<T>());
-    add_into<T>(dx, dsub);
+    const detail::BlockKind kind{&attention_, cfg_.is_moe(i) ? &*moe_ : nullptr, cfg_.norm_eps};
+    detail::block_backward<T>(kind, p.layers[i], c.layers[i], g.layers[i], dx, dh, c.dsub,
+                              layer_context(ctx, i));
   }
   cpu::scatter_add_rows<T>(dx.matrix<T>(), c.tokens, {}, g.embed.matrix<T>());
 }

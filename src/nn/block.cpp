@@ -1,0 +1,108 @@
+// The pre-norm block of nn/block.h. Derivation of the backward: docs/transformer_backward.md.
+#include "nn/block.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "switchyard/kernels/backend.h"
+#include "switchyard/kernels/cpu.h"
+
+namespace sy::detail {
+
+namespace {
+
+template <class T>
+void copy_into(Tensor& dst, const Tensor& src) {
+  dst.resize(src.shape(), src.dtype());
+  std::memcpy(dst.data<T>(), src.data<T>(), src.nbytes());
+}
+
+}  // namespace
+
+ExecContext layer_context(const ExecContext& ctx, int64_t layer) {
+  ExecContext c = ctx;
+  c.seed = (ctx.seed ^ 0x9E3779B97F4A7C15ull) * 0xBF58476D1CE4E5B9ull + uint64_t(layer);
+  return c;
+}
+
+template <class T>
+void add_into(Tensor& dst, const Tensor& src) {
+  T* d = dst.data<T>();
+  const T* s = src.data<T>();
+  const int64_t n = dst.numel();
+#pragma omp parallel for schedule(static) if (n > (1 << 15))
+  for (int64_t i = 0; i < n; ++i) d[i] += s[i];
+}
+
+template <class T>
+MoeForward block_forward(const BlockKind& kind, const LayerParams& l, Tensor& x, int64_t n_seq,
+                         LayerCache& lc, const ExecContext& ctx,
+                         std::span<const int32_t> token_ids, const RouteGroups& groups) {
+  const int64_t n = x.dim(0), d = x.dim(1);
+  const DType dt = dtype_of<T>();
+  const T eps = T(kind.norm_eps);
+  copy_into<T>(lc.x_attn, x);
+  lc.h_attn.resize({n, d}, dt);
+  lc.rstd_attn.resize({n}, dt);
+  cpu::rmsnorm<T>(x.matrix<T>(), l.norm_attn.span<T>(), eps, lc.h_attn.matrix<T>(),
+                  lc.rstd_attn.span<T>());
+  kind.attention->forward(l.attn, lc.h_attn, n_seq, lc.out, lc.attn, ctx);
+  add_into<T>(x, lc.out);
+
+  copy_into<T>(lc.x_ffn, x);
+  lc.h_ffn.resize({n, d}, dt);
+  lc.rstd_ffn.resize({n}, dt);
+  cpu::rmsnorm<T>(x.matrix<T>(), l.norm_ffn.span<T>(), eps, lc.h_ffn.matrix<T>(),
+                  lc.rstd_ffn.span<T>());
+  MoeForward mf;
+  if (kind.moe != nullptr) {
+    mf = kind.moe->forward(l.moe, lc.h_ffn, lc.out, lc.moe, ctx, token_ids, groups);
+  } else {
+    lc.out.resize({n, d}, dt);
+    const std::vector<int32_t> all = {0, int32_t(n)};
+    experts_forward<T>(backend_of(ctx), one<T>(l.w1), one<T>(l.w3), one<T>(l.w2),
+                       lc.h_ffn.matrix<T>(), all, lc.out.matrix<T>(), lc.ffn);
+  }
+  add_into<T>(x, lc.out);
+  return mf;
+}
+
+template <class T>
+void block_backward(const BlockKind& kind, const LayerParams& l, LayerCache& lc, LayerParams& gl,
+                    Tensor& dx, Tensor& dh, Tensor& dsub, const ExecContext& ctx) {
+  const int64_t n = dx.dim(0), d = dx.dim(1);
+  const DType dt = dtype_of<T>();
+  // x_out = x_ffn + ffn(rmsnorm(x_ffn)): dx passes through and gains the branch's part.
+  if (kind.moe != nullptr) {
+    kind.moe->backward(l.moe, lc.moe, dx, gl.moe, dh, ctx);
+  } else {
+    dh.resize({n, d}, dt);
+    const std::vector<int32_t> all = {0, int32_t(n)};
+    experts_backward<T>(backend_of(ctx), one<T>(l.w1), one<T>(l.w3), one<T>(l.w2),
+                        lc.h_ffn.matrix<T>(), all, dx.matrix<T>(), lc.ffn, one<T>(gl.w1),
+                        one<T>(gl.w3), one<T>(gl.w2), dh.matrix<T>());
+  }
+  dsub.resize({n, d}, dt);
+  cpu::rmsnorm_backward<T>(lc.x_ffn.matrix<T>(), l.norm_ffn.span<T>(), lc.rstd_ffn.span<T>(),
+                           dh.matrix<T>(), dsub.matrix<T>(), gl.norm_ffn.span<T>());
+  add_into<T>(dx, dsub);
+  // x_ffn = x_attn + attention(rmsnorm(x_attn)).
+  kind.attention->backward(l.attn, lc.attn, dx, gl.attn, dh, ctx);
+  cpu::rmsnorm_backward<T>(lc.x_attn.matrix<T>(), l.norm_attn.span<T>(), lc.rstd_attn.span<T>(),
+                           dh.matrix<T>(), dsub.matrix<T>(), gl.norm_attn.span<T>());
+  add_into<T>(dx, dsub);
+}
+
+#define SY_INSTANTIATE_BLOCK(T)                                                                \
+  template void add_into<T>(Tensor&, const Tensor&);                                           \
+  template MoeForward block_forward<T>(const BlockKind&, const LayerParams&, Tensor&, int64_t, \
+                                       LayerCache&, const ExecContext&,                        \
+                                       std::span<const int32_t>, const RouteGroups&);          \
+  template void block_backward<T>(const BlockKind&, const LayerParams&, LayerCache&,           \
+                                  LayerParams&, Tensor&, Tensor&, Tensor&, const ExecContext&);
+SY_INSTANTIATE_BLOCK(float)
+SY_INSTANTIATE_BLOCK(double)
+#undef SY_INSTANTIATE_BLOCK
+
+}  // namespace sy::detail
