@@ -13,6 +13,7 @@
 #include <optional>
 
 #include "cli/bench_moe.h"
+#include "cli/vision_commands.h"
 #include "switchyard/core/exec_context.h"
 #include "switchyard/core/file.h"
 #include "switchyard/core/rng.h"
@@ -26,6 +27,7 @@
 #include "switchyard/train/routes.h"
 #include "switchyard/train/sweep.h"
 #include "switchyard/train/trainer.h"
+#include "switchyard/train/vision.h"
 #ifdef SY_WITH_MPI
 #include "switchyard/dist/comm.h"
 #endif
@@ -156,6 +158,7 @@ int train_with(const TrainCliOptions& o, const ParallelGroup* grid) {
 }  // namespace
 
 int run_train(const TrainCliOptions& o) {
+  if (is_vision_config(o.config)) return train_vision_cli(o);
   if (o.expert_parallel <= 0 && !mpi_launched()) return train_with(o, nullptr);
 #ifdef SY_WITH_MPI
   MpiSession mpi(nullptr, nullptr);
@@ -186,6 +189,8 @@ int run_eval(const EvalCliOptions& o) {
   if (o.checkpoint.empty() == o.model.empty())
     throw ConfigError("eval: expected one of --checkpoint or --model");
   if (!o.model.empty()) return eval_hf(o);
+  if (const std::string path = find_checkpoint(o.checkpoint); is_vision_checkpoint(path))
+    return eval_vision_cli(o, path);
   const Checkpoint ck = load_checkpoint(o.checkpoint, /*with_optimizer=*/false);
   const std::string data = resolve_data_path(o.data.empty() ? ck.cfg.data.path : o.data);
   const Corpus corpus = load_corpus(data, ck.cfg.data.val_fraction, ck.cfg.model.context);

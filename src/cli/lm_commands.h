@@ -27,6 +27,7 @@ struct EvalCliOptions {
   std::string model;       // a Hugging Face model directory instead of a checkpoint
   std::string data;        // default: the checkpoint's data.path
   int64_t max_tokens = 0;  // 0: the whole validation split
+  std::string split = "test";  // vision checkpoints: test or val
   int threads = 0;
 };
 int run_eval(const EvalCliOptions& o);

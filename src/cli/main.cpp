@@ -185,9 +185,9 @@ int main(int argc, char** argv) {
 #endif
 
   sy::cli::TrainCliOptions train_opt;
-  CLI::App* train = app.add_subcommand("train", "Train a language model (default: austen-moe)");
+  CLI::App* train = app.add_subcommand("train", "Train a language model or a vision transformer (default: austen-moe)");
   train->add_option("--config", train_opt.config,
-                    "Built-in config (austen-moe, austen-dense) or a JSON file")
+                    "Built-in config (austen-moe, austen-dense, fashion-vit, ...) or a JSON file")
       ->capture_default_str();
   train->add_option("--set", train_opt.overrides,
                     "Override a config value, e.g. --set train.lr=0.001 (repeatable)");
@@ -222,6 +222,8 @@ int main(int argc, char** argv) {
   eval->add_option("--model", eval_opt.model, "Hugging Face model directory (" + sy::supported_hf_architectures() + ")");
   eval->add_option("--data", eval_opt.data, "Text file (default: the checkpoint's data.path)");
   eval->add_option("--max-tokens", eval_opt.max_tokens, "Tokens to score (0: whole split)")
+      ->capture_default_str();
+  eval->add_option("--split", eval_opt.split, "Vision checkpoints: the test or val split")
       ->capture_default_str();
   eval->add_option("--threads", eval_opt.threads, "Threads (0: all cores)")->capture_default_str();
 

@@ -89,6 +89,13 @@ ImageSet read_idx(const std::string& images_path, const std::string& labels_path
   return set;
 }
 
+const std::vector<std::string>& fashion_mnist_classes() {
+  static const std::vector<std::string> names = {"T-shirt/top", "Trouser", "Pullover", "Dress",
+                                                 "Coat",        "Sandal",  "Shirt",    "Sneaker",
+                                                 "Bag",         "Ankle boot"};
+  return names;
+}
+
 std::string fashion_mnist_path(const std::string& file) {
   return "/usr/share/datasets/fashion-mnist/" + file;
 }

@@ -1,6 +1,8 @@
 // Run configs: JSON in, validated structs out; canonical JSON back out for checkpoints.
 #include "switchyard/train/run_config.h"
 
+#include "switchyard/train/vision.h"
+
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -21,6 +23,21 @@ const std::map<std::string, std::string>& builtin_configs() {
   };
   return configs;
 }
+
+// The text of a built-in config or a file.
+std::string config_text(const std::string& name_or_path) {
+  const auto& builtin = builtin_configs();
+  if (auto it = builtin.find(name_or_path); it != builtin.end()) return it->second;
+  std::ifstream in(name_or_path);
+  if (!in) {
+    std::string names;
+    for (const auto& [n, _] : builtin) names += (names.empty() ? "" : ", ") + n;
+    throw ConfigError(fmt::format("config {}: no such file or built-in config (built in: {})",
+                                  name_or_path, names));
+  }
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
 
 // One JSON object of the config: reads the keys it knows, then rejects any it did not read.
 class Section {
@@ -154,18 +171,8 @@ void read_model(const json& j, LmConfig& m) {
     throw ConfigError("model.moe: missing, but model.moe_every > 0 asks for MoE layers");
 }
 
-json model_json(const LmConfig& m) {
-  nlohmann::ordered_json j = {{"vocab", m.vocab},         {"context", m.context},
-                              {"d_model", m.d_model},     {"n_layers", m.n_layers},
-                              {"n_heads", m.n_heads},     {"rope_theta", m.rope_theta},
-                              {"norm_eps", m.norm_eps},   {"moe_every", m.moe_every},
-                              {"d_ff", m.d_ff}};
-  // Written only when not the default, so that an f32 model's config (and its model_hash) is
-  // what it was before the key existed.
-  if (m.precision != Precision::kF32) j["precision"] = precision_name(m.precision);
-  if (m.n_moe_layers() > 0) {
-    const MoeConfig& e = m.moe;
-    j["moe"] = nlohmann::ordered_json{{"n_experts", e.n_experts},
+nlohmann::ordered_json moe_json(const MoeConfig& e) {
+  nlohmann::ordered_json j = nlohmann::ordered_json{{"n_experts", e.n_experts},
                                       {"top_k", e.top_k},
                                       {"d_ff", e.d_ff},
                                       {"router", gating_name(e.gating)},
@@ -184,10 +191,53 @@ json model_json(const LmConfig& m) {
                                       {"loss_importance_weight", e.loss_importance_weight},
                                       {"loss_load_weight", e.loss_load_weight},
                                       {"bias_update_rate", e.bias_update_rate}};
-    // As precision above: only when set, so older configs keep their model_hash.
-    if (e.loss_guide_weight != 0) j["moe"]["loss_guide_weight"] = e.loss_guide_weight;
+  // As precision below: only when set, so older configs keep their model_hash.
+  if (e.loss_guide_weight != 0) j["loss_guide_weight"] = e.loss_guide_weight;
+  return j;
+}
+
+json model_json(const LmConfig& m) {
+  nlohmann::ordered_json j = {{"vocab", m.vocab},         {"context", m.context},
+                              {"d_model", m.d_model},     {"n_layers", m.n_layers},
+                              {"n_heads", m.n_heads},     {"rope_theta", m.rope_theta},
+                              {"norm_eps", m.norm_eps},   {"moe_every", m.moe_every},
+                              {"d_ff", m.d_ff}};
+  // Written only when not the default, so that an f32 model's config (and its model_hash) is
+  // what it was before the key existed.
+  if (m.precision != Precision::kF32) j["precision"] = precision_name(m.precision);
+  if (m.n_moe_layers() > 0) {
+    j["moe"] = moe_json(m.moe);
   }
   return j;
+}
+
+void read_train(const json& j, TrainConfig& t) {
+  Section s(j, "train.");
+  s.get("steps", t.steps);
+  s.get("batch", t.batch);
+  s.get("lr", t.lr);
+  s.get("min_lr", t.min_lr);
+  s.get("warmup", t.warmup);
+  s.get("weight_decay", t.weight_decay);
+  s.get("beta1", t.beta1);
+  s.get("beta2", t.beta2);
+  s.get("adam_eps", t.adam_eps);
+  s.get("grad_clip", t.grad_clip);
+  s.get("eval_interval", t.eval_interval);
+  s.get("eval_tokens", t.eval_tokens);
+  s.get("checkpoint_interval", t.checkpoint_interval);
+  s.get("checkpoint_format", t.checkpoint_format);
+  s.get("seed", t.seed);
+  s.finish();
+}
+
+nlohmann::ordered_json train_json(const TrainConfig& t) {
+  return {{"steps", t.steps},   {"batch", t.batch},         {"lr", t.lr},
+          {"min_lr", t.min_lr}, {"warmup", t.warmup},       {"weight_decay", t.weight_decay},
+          {"beta1", t.beta1},   {"beta2", t.beta2},         {"adam_eps", t.adam_eps},
+          {"grad_clip", t.grad_clip}, {"eval_interval", t.eval_interval},
+          {"eval_tokens", t.eval_tokens}, {"checkpoint_interval", t.checkpoint_interval},
+          {"checkpoint_format", t.checkpoint_format}, {"seed", t.seed}};
 }
 
 void apply_override(json& j, const std::string& kv) {
@@ -275,27 +325,12 @@ RunConfig parse_run_config(const std::string& json_text, const std::string& sour
   RunConfig cfg;
   cfg.name = source;
   Section top(j, "");
+  if (top.has("task") && top.at("task") != "lm")
+    throw ConfigError(fmt::format("{}: task = {}: a language-model run expected \"lm\" (a vision "
+                                  "config is read by the vision commands)",
+                                  source, top.at("task").dump()));
   if (top.has("model")) read_model(top.at("model"), cfg.model);
-  if (top.has("train")) {
-    Section s(top.at("train"), "train.");
-    TrainConfig& t = cfg.train;
-    s.get("steps", t.steps);
-    s.get("batch", t.batch);
-    s.get("lr", t.lr);
-    s.get("min_lr", t.min_lr);
-    s.get("warmup", t.warmup);
-    s.get("weight_decay", t.weight_decay);
-    s.get("beta1", t.beta1);
-    s.get("beta2", t.beta2);
-    s.get("adam_eps", t.adam_eps);
-    s.get("grad_clip", t.grad_clip);
-    s.get("eval_interval", t.eval_interval);
-    s.get("eval_tokens", t.eval_tokens);
-    s.get("checkpoint_interval", t.checkpoint_interval);
-    s.get("checkpoint_format", t.checkpoint_format);
-    s.get("seed", t.seed);
-    s.finish();
-  }
+  if (top.has("train")) read_train(top.at("train"), cfg.train);
   if (top.has("data")) {
     Section s(top.at("data"), "data.");
     s.get("path", cfg.data.path);
@@ -311,18 +346,7 @@ RunConfig parse_run_config(const std::string& json_text, const std::string& sour
 
 RunConfig load_run_config(const std::string& name_or_path,
                           const std::vector<std::string>& overrides) {
-  const auto& builtin = builtin_configs();
-  if (auto it = builtin.find(name_or_path); it != builtin.end())
-    return parse_run_config(it->second, name_or_path, overrides);
-  std::ifstream in(name_or_path);
-  if (!in) {
-    std::string names;
-    for (const auto& [n, _] : builtin) names += (names.empty() ? "" : ", ") + n;
-    throw ConfigError(fmt::format("config {}: no such file or built-in config (built in: {})",
-                                  name_or_path, names));
-  }
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  return parse_run_config(text, name_or_path, overrides);
+  return parse_run_config(config_text(name_or_path), name_or_path, overrides);
 }
 
 std::vector<std::string> builtin_config_names() {
@@ -345,16 +369,9 @@ LmConfig parse_model_config(const std::string& json_text, const std::string& sou
 }
 
 std::string run_config_json(const RunConfig& cfg) {
-  const TrainConfig& t = cfg.train;
   nlohmann::ordered_json j;
   j["model"] = model_json(cfg.model);
-  j["train"] = nlohmann::ordered_json{
-      {"steps", t.steps},   {"batch", t.batch},         {"lr", t.lr},
-      {"min_lr", t.min_lr}, {"warmup", t.warmup},       {"weight_decay", t.weight_decay},
-      {"beta1", t.beta1},   {"beta2", t.beta2},         {"adam_eps", t.adam_eps},
-      {"grad_clip", t.grad_clip}, {"eval_interval", t.eval_interval},
-      {"eval_tokens", t.eval_tokens}, {"checkpoint_interval", t.checkpoint_interval},
-      {"checkpoint_format", t.checkpoint_format}, {"seed", t.seed}};
+  j["train"] = train_json(cfg.train);
   j["data"] = {{"path", cfg.data.path}, {"val_fraction", cfg.data.val_fraction}};
   return j.dump(2);
 }
@@ -364,6 +381,143 @@ std::string resolve_data_path(const std::string& path) {
   if (fs::exists(path) || fs::path(path).is_absolute()) return path;
   const fs::path in_source = fs::path(SY_SOURCE_DIR) / path;
   return fs::exists(in_source) ? in_source.string() : path;
+}
+
+namespace {
+
+constexpr std::pair<VitPooling, const char*> kPoolings[] = {{VitPooling::kMean, "mean"},
+                                                            {VitPooling::kClassToken, "cls"}};
+constexpr std::pair<VitRouting, const char*> kVitRoutings[] = {
+    {VitRouting::kPerToken, "per_token"}, {VitRouting::kPerImage, "per_image"}};
+
+template <class E, size_t N>
+E parse_enum(const std::string& key, const std::string& value,
+             const std::pair<E, const char*> (&names)[N]) {
+  std::string list;
+  for (auto [v, name] : names) {
+    if (value == name) return v;
+    list += fmt::format("{}\"{}\"", list.empty() ? "" : ", ", name);
+  }
+  throw ConfigError(fmt::format("{} = \"{}\": expected one of {}", key, value, list));
+}
+template <class E, size_t N>
+const char* enum_name(E e, const std::pair<E, const char*> (&names)[N]) {
+  for (auto [v, name] : names)
+    if (v == e) return name;
+  return "?";
+}
+
+void read_vit(const json& j, VitConfig& m) {
+  Section s(j, "model.");
+  s.get("image_rows", m.image_rows);
+  s.get("image_cols", m.image_cols);
+  s.get("channels", m.channels);
+  s.get("patch", m.patch);
+  s.get("n_classes", m.n_classes);
+  s.get("d_model", m.d_model);
+  s.get("n_layers", m.n_layers);
+  s.get("n_heads", m.n_heads);
+  s.get("norm_eps", m.norm_eps);
+  std::string pooling = enum_name(m.pooling, kPoolings), routing = enum_name(m.routing, kVitRoutings);
+  s.get("pooling", pooling);
+  m.pooling = parse_enum("model.pooling", pooling, kPoolings);
+  s.get("moe_every", m.moe_every);
+  s.get("moe_last", m.moe_last);
+  s.get("d_ff", m.d_ff);
+  s.get("routing", routing);
+  m.routing = parse_enum("model.routing", routing, kVitRoutings);
+  std::string precision(precision_name(m.precision));
+  s.get("precision", precision);
+  m.precision = parse_precision(precision, "model.precision");
+  if (s.has("moe")) read_moe(s.at("moe"), m.moe);
+  s.finish();
+  if (m.n_moe_layers() > 0 && m.moe.n_experts == 0)
+    throw ConfigError("model.moe: missing, but model.moe_every or moe_last asks for MoE layers");
+}
+
+json vit_json(const VitConfig& m) {
+  nlohmann::ordered_json j = {{"image_rows", m.image_rows}, {"image_cols", m.image_cols},
+                              {"channels", m.channels},     {"patch", m.patch},
+                              {"n_classes", m.n_classes},   {"d_model", m.d_model},
+                              {"n_layers", m.n_layers},     {"n_heads", m.n_heads},
+                              {"norm_eps", m.norm_eps},     {"pooling", enum_name(m.pooling, kPoolings)},
+                              {"moe_every", m.moe_every},   {"moe_last", m.moe_last},
+                              {"d_ff", m.d_ff},             {"routing", enum_name(m.routing, kVitRoutings)},
+                              {"precision", precision_name(m.precision)}};
+  if (m.n_moe_layers() > 0) j["moe"] = moe_json(m.moe);
+  return j;
+}
+
+json parse_json(const std::string& text, const std::string& source) {
+  try {
+    return json::parse(text);
+  } catch (const json::exception& e) {
+    throw ConfigError(fmt::format("{}: not valid JSON: {}", source, e.what()));
+  }
+}
+
+}  // namespace
+
+void VisionDataConfig::validate() const {
+  if (val_images < 1)
+    throw ConfigError(fmt::format("data.val_images = {}: expected >= 1", val_images));
+  if (train_images < 0)
+    throw ConfigError(fmt::format("data.train_images = {}: expected >= 0 (0: all)", train_images));
+  if (pad < 0 || pad > 16) throw ConfigError(fmt::format("data.pad = {}: expected 0..16", pad));
+}
+
+bool is_vision_config(const std::string& name_or_path) {
+  const json j = parse_json(config_text(name_or_path), name_or_path);
+  return j.is_object() && j.contains("task") && j["task"] == "vision";
+}
+
+VisionRunConfig parse_vision_config(const std::string& json_text, const std::string& source,
+                                    const std::vector<std::string>& overrides) {
+  json j = parse_json(json_text, source);
+  for (const std::string& kv : overrides) apply_override(j, kv);
+  VisionRunConfig cfg;
+  cfg.name = source;
+  cfg.train.batch = 128;
+  Section top(j, "");
+  if (!top.has("task") || top.at("task") != "vision")
+    throw ConfigError(fmt::format("{}: expected \"task\": \"vision\"", source));
+  if (top.has("model")) read_vit(top.at("model"), cfg.model);
+  if (top.has("train")) read_train(top.at("train"), cfg.train);
+  if (top.has("data")) {
+    Section s(top.at("data"), "data.");
+    VisionDataConfig& d = cfg.data;
+    s.get("dir", d.dir);
+    s.get("val_images", d.val_images);
+    s.get("train_images", d.train_images);
+    s.get("pad", d.pad);
+    s.get("flip", d.flip);
+    s.get("superclasses", d.superclasses);
+    s.finish();
+  }
+  top.finish();
+  cfg.model.validate();
+  cfg.train.validate();
+  cfg.data.validate();
+  if (!cfg.data.superclasses.empty() && cfg.model.moe.loss_guide_weight == 0)
+    throw ConfigError("data.superclasses is set but model.moe.loss_guide_weight is 0: expected a "
+                      "weight for the guidance loss towards them");
+  return cfg;
+}
+
+VisionRunConfig load_vision_config(const std::string& name_or_path,
+                                   const std::vector<std::string>& overrides) {
+  return parse_vision_config(config_text(name_or_path), name_or_path, overrides);
+}
+
+std::string vision_config_json(const VisionRunConfig& cfg) {
+  const VisionDataConfig& d = cfg.data;
+  nlohmann::ordered_json j;
+  j["task"] = "vision";
+  j["model"] = vit_json(cfg.model);
+  j["train"] = train_json(cfg.train);
+  j["data"] = {{"dir", d.dir},   {"val_images", d.val_images}, {"train_images", d.train_images},
+               {"pad", d.pad},   {"flip", d.flip},             {"superclasses", d.superclasses}};
+  return j.dump(2);
 }
 
 }  // namespace sy

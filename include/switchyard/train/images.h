@@ -36,6 +36,8 @@ ImageSet read_idx(const std::string& images_path, const std::string& labels_path
 
 // Where Debian's dataset-fashion-mnist puts a file (installed by scripts/setup.sh).
 std::string fashion_mnist_path(const std::string& file);
+// Fashion-MNIST's ten class names, by label.
+const std::vector<std::string>& fashion_mnist_classes();
 
 // A random split (Philox(seed), the same for the same seed): val_images images to the second
 // set, the rest to the first, each keeping the original order. Throws ConfigError unless

@@ -6,26 +6,32 @@
 
 #include "switchyard/core/parallel.h"
 #include "switchyard/nn/model.h"
+#include "switchyard/nn/vision.h"
 #include "switchyard/train/run_config.h"
 
 namespace sy {
 
-class AdamW {
+// Over any parameter set with named() and zeros_like(): the language model's LmParams (AdamW)
+// and the vision transformer's VitParams (VitAdamW).
+template <class Params>
+class BasicAdamW {
  public:
-  AdamW(const TrainConfig& cfg, const LmParams& like);  // moments zero, same shapes
+  BasicAdamW(const TrainConfig& cfg, const Params& like);  // moments zero, same shapes
   // p -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p); decay on matrices only (not
   // norm gains), and MoE expert_bias (moved by its own balancing rule) is left alone.
-  void step(LmParams& p, const LmParams& g, double lr);
+  void step(Params& p, const Params& g, double lr);
   int64_t n_steps() const { return t_; }
   void set_n_steps(int64_t t) { t_ = t; }
-  LmParams& m() { return m_; }
-  LmParams& v() { return v_; }
+  Params& m() { return m_; }
+  Params& v() { return v_; }
 
  private:
   TrainConfig cfg_;
-  LmParams m_, v_;
+  Params m_, v_;
   int64_t t_ = 0;
 };
+using AdamW = BasicAdamW<LmParams>;
+using VitAdamW = BasicAdamW<VitParams>;
 
 // Learning rate at step s (0-based) of cfg.steps.
 double learning_rate(const TrainConfig& cfg, int64_t step);
@@ -34,5 +40,6 @@ double learning_rate(const TrainConfig& cfg, int64_t step);
 // With grid (expert parallelism, gradients already all-reduced), the norm is the whole model's:
 // every rank's expert shards count once.
 double clip_grad_norm(LmParams& g, double max_norm, const ParallelGroup* grid = nullptr);
+double clip_grad_norm(VitParams& g, double max_norm);
 
 }  // namespace sy

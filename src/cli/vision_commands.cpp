@@ -1,0 +1,100 @@
+// Vision runs from the command line: train (then the test-set figures), eval (accuracy, per-class
+// accuracy, confusion matrix, what each expert receives).
+#include "cli/vision_commands.h"
+
+#include <filesystem>
+
+#include "switchyard/core/error.h"
+#include "switchyard/kernels/backend.h"
+#include "switchyard/train/vision.h"
+
+namespace sy::cli {
+
+namespace {
+
+std::string class_label(int64_t c, int64_t n_classes) {
+  const std::vector<std::string>& names = fashion_mnist_classes();
+  return n_classes == int64_t(names.size()) ? names[size_t(c)] : fmt::format("class {}", c);
+}
+
+void print_eval(const VisionRunConfig& cfg, const VisionEval& ev, const std::string& split) {
+  const ConfusionMatrix& cm = ev.confusion;
+  const int64_t K = cm.n_classes;
+  fmt::print("{} split: {} images, accuracy {:.2f}%, loss {:.4f} nats, {:.0f} images/s\n", split,
+             cm.total(), 100 * cm.accuracy(), ev.loss, ev.images_per_s);
+  const std::vector<double> per_class = cm.per_class_accuracy();
+  fmt::print("\nper-class accuracy\n");
+  for (int64_t c = 0; c < K; ++c)
+    fmt::print("  {:>12}  {:6.2f}%\n", class_label(c, K), 100 * per_class[c]);
+  fmt::print("\nconfusion matrix (rows: true class, columns: predicted)\n{:>14}", "");
+  for (int64_t q = 0; q < K; ++q) fmt::print(" {:>5}", q);
+  fmt::print("\n");
+  for (int64_t c = 0; c < K; ++c) {
+    fmt::print("  {:>2} {:>9}", c, class_label(c, K).substr(0, 9));
+    for (int64_t q = 0; q < K; ++q) fmt::print(" {:5d}", cm.at(c, q));
+    fmt::print("\n");
+  }
+  const int64_t E = cfg.model.moe.n_experts;
+  for (size_t m = 0; m < ev.expert_class.size(); ++m) {
+    fmt::print("\nMoE layer {}: first-choice {} per expert, by true class\n", m,
+               cfg.model.routing == VitRouting::kPerImage ? "images" : "patches");
+    fmt::print("{:>8}", "expert");
+    for (int64_t c = 0; c < K; ++c) fmt::print(" {:>6}", c);
+    fmt::print("\n");
+    for (int64_t e = 0; e < E; ++e) {
+      fmt::print("{:>8}", e);
+      for (int64_t c = 0; c < K; ++c) fmt::print(" {:6d}", ev.expert_class[m][size_t(e * K + c)]);
+      fmt::print("\n");
+    }
+  }
+}
+
+}  // namespace
+
+int train_vision_cli(const TrainCliOptions& o) {
+  if (o.resume)
+    throw ConfigError("--resume with a vision config: vision runs do not resume yet (their "
+                      "checkpoints hold no optimizer state); start the run again");
+  if (o.expert_parallel > 0)
+    throw ConfigError("--expert-parallel with a vision config: expected a single-process run");
+  std::vector<std::string> overrides = o.overrides;
+  if (o.steps > 0) overrides.push_back(fmt::format("train.steps={}", o.steps));
+  VisionRunConfig cfg = load_vision_config(o.config, overrides);
+  const std::string out =
+      o.out.empty() ? (std::filesystem::path("runs") / std::filesystem::path(o.config).stem()).string()
+                    : o.out;
+  const VisionData data = load_vision_data(cfg.data, cfg.train.seed, cfg.model);
+  const VisionRun run = train_vision(cfg, data, out, {.threads = o.threads, .quiet = false, .log = {}});
+  const VisionTransformer vit(cfg.model);
+  ExecContext ctx;
+  ctx.n_threads = o.threads;
+  ctx.backend = &pick_backend(cpu_features(), cfg.model.precision);
+  const VisionEval ev = evaluate_vision(vit, run.params, data.test, 256, ctx);
+  fmt::print("{}: {} steps in {:.1f} s on {} ({:.0f} training images/s); validation accuracy "
+             "{:.2f}%, test accuracy {:.2f}%; checkpoint {}/checkpoint.safetensors\n",
+             cfg.name, run.steps, run.seconds, cpu_features().describe(), run.train_images_per_s,
+             100 * run.val_accuracy, 100 * ev.confusion.accuracy(), out);
+  return 0;
+}
+
+int eval_vision_cli(const EvalCliOptions& o, const std::string& checkpoint) {
+  const VisionCheckpoint ck = load_vision_checkpoint(checkpoint);
+  VisionDataConfig data_cfg = ck.cfg.data;
+  if (!o.data.empty()) data_cfg.dir = o.data;
+  const VisionData data = load_vision_data(data_cfg, ck.cfg.train.seed, ck.cfg.model);
+  if (o.split != "test" && o.split != "val")
+    throw ConfigError(fmt::format("--split {}: expected test or val", o.split));
+  const VisionTransformer vit(ck.cfg.model);
+  ExecContext ctx;
+  ctx.n_threads = o.threads;
+  ctx.backend = &pick_backend(cpu_features(), ck.cfg.model.precision);
+  fmt::print(stderr, "{}\n", describe_kernels(ck.cfg.model.precision));
+  const VisionEval ev =
+      evaluate_vision(vit, ck.params, o.split == "test" ? data.test : data.val, 256, ctx);
+  fmt::print("{} (step {}), {:.2f} MFLOPs per image\n", checkpoint, ck.step,
+             2.0 * double(ck.cfg.model.macs_per_image()) / 1e6);
+  print_eval(ck.cfg, ev, o.split);
+  return 0;
+}
+
+}  // namespace sy::cli
