@@ -15,6 +15,7 @@
 #endif
 #include "cli/bench_serve.h"
 #include "cli/bench_train.h"
+#include "cli/vision_commands.h"
 #include "cli/lm_commands.h"
 #include "switchyard/core/error.h"
 #include "switchyard/io/hf_model.h"
@@ -227,6 +228,22 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   eval->add_option("--threads", eval_opt.threads, "Threads (0: all cores)")->capture_default_str();
 
+  sy::cli::SuperclassesCliOptions sc_opt;
+  CLI::App* superclasses = app.add_subcommand(
+      "superclasses",
+      "Cluster a trained vision model's classes by its validation confusion into one "
+      "super-class per expert (Mobile V-MoE's guided routing)");
+  superclasses->add_option("--checkpoint", sc_opt.checkpoint, "Vision checkpoint or run directory")
+      ->required();
+  superclasses->add_option("--experts", sc_opt.experts, "Super-classes (experts) to make")
+      ->required()
+      ->check(CLI::PositiveNumber);
+  superclasses->add_option("--out", sc_opt.out,
+                           "JSON to write (default: superclasses.json beside the checkpoint; "
+                           "the picture goes beside it as .svg)");
+  superclasses->add_option("--threads", sc_opt.threads, "Threads (0: all cores)")
+      ->capture_default_str();
+
   sy::cli::ServeCliOptions serve_opt;
   CLI::App* serve = app.add_subcommand(
       "serve", "Serve a model over HTTP: OpenAI-style completions with continuous batching");
@@ -369,6 +386,7 @@ int main(int argc, char** argv) {
     if (bench_serve->parsed()) return sy::cli::run_bench_serve(bs_opt);
     if (train->parsed()) return sy::cli::run_train(train_opt);
     if (eval->parsed()) return sy::cli::run_eval(eval_opt);
+    if (superclasses->parsed()) return sy::cli::run_superclasses(sc_opt);
     if (generate->parsed()) return sy::cli::run_generate(gen_opt);
     if (serve->parsed()) return sy::cli::run_serve(serve_opt);
     if (export_cmd->parsed()) return sy::cli::run_export(export_opt);

@@ -6,6 +6,9 @@
 
 #include "switchyard/core/error.h"
 #include "switchyard/kernels/backend.h"
+#include "switchyard/core/file.h"
+#include "switchyard/train/checkpoint.h"
+#include "switchyard/train/superclass.h"
 #include "switchyard/train/vision.h"
 
 namespace sy::cli {
@@ -94,6 +97,41 @@ int eval_vision_cli(const EvalCliOptions& o, const std::string& checkpoint) {
   fmt::print("{} (step {}), {:.2f} MFLOPs per image\n", checkpoint, ck.step,
              2.0 * double(ck.cfg.model.macs_per_image()) / 1e6);
   print_eval(ck.cfg, ev, o.split);
+  return 0;
+}
+
+int run_superclasses(const SuperclassesCliOptions& o) {
+  const std::string path = find_checkpoint(o.checkpoint);
+  const VisionCheckpoint ck = load_vision_checkpoint(path);
+  const VisionData data = load_vision_data(ck.cfg.data, ck.cfg.train.seed, ck.cfg.model);
+  const VisionTransformer vit(ck.cfg.model);
+  ExecContext ctx;
+  ctx.n_threads = o.threads;
+  ctx.backend = &pick_backend(cpu_features(), ck.cfg.model.precision);
+  // The validation split: the test set stays for the final figures alone.
+  const VisionEval ev = evaluate_vision(vit, ck.params, data.val, 256, ctx);
+  const SuperClasses s = cluster_classes(ev.confusion, o.experts);
+  const int64_t K = ev.confusion.n_classes;
+  std::vector<std::string> names;
+  for (int64_t c = 0; c < K; ++c) names.push_back(class_label(c, K));
+  const std::filesystem::path out =
+      o.out.empty() ? std::filesystem::path(path).parent_path() / "superclasses.json"
+                    : std::filesystem::path(o.out);
+  write_file_atomic(out.string(), superclasses_json(s, ev.confusion, names));
+  std::filesystem::path svg = out;
+  svg.replace_extension(".svg");
+  write_file_atomic(svg.string(), superclasses_svg(s, ev.confusion, names));
+  fmt::print("{} (step {}): validation accuracy {:.2f}% on {} images\n", path, ck.step,
+             100 * ev.confusion.accuracy(), ev.confusion.total());
+  for (int64_t g = 0; g < o.experts; ++g) {
+    std::string members;
+    for (int64_t c = 0; c < K; ++c)
+      if (s.of_class[c] == g) members += (members.empty() ? "" : ", ") + names[c];
+    fmt::print("  super-class {}: {}\n", g, members);
+  }
+  fmt::print("{:.1f}% of the confusion weight inside the super-classes ({}); wrote {} and {}\n",
+             s.total > 0 ? 100 * s.inside / s.total : 0.0,
+             s.exact ? "optimal balanced cut" : "local search", out.string(), svg.string());
   return 0;
 }
 
