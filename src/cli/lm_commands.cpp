@@ -191,6 +191,9 @@ int run_eval(const EvalCliOptions& o) {
   if (!o.model.empty()) return eval_hf(o);
   if (const std::string path = find_checkpoint(o.checkpoint); is_vision_checkpoint(path))
     return eval_vision_cli(o, path);
+  if (!o.overrides.empty() || o.split != "test")
+    throw ConfigError("--set and --split: for vision checkpoints; a language model is evaluated "
+                      "on its validation split as configured");
   const Checkpoint ck = load_checkpoint(o.checkpoint, /*with_optimizer=*/false);
   const std::string data = resolve_data_path(o.data.empty() ? ck.cfg.data.path : o.data);
   const Corpus corpus = load_corpus(data, ck.cfg.data.val_fraction, ck.cfg.model.context);
@@ -514,6 +517,8 @@ int run_sweep(const SweepCliOptions& o) {
 }
 
 int run_routes(const RoutesCliOptions& o) {
+  if (const std::string path = find_checkpoint(o.checkpoint); is_vision_checkpoint(path))
+    return vision_routes_cli(o, path);
   const Checkpoint ck = load_checkpoint(o.checkpoint, /*with_optimizer=*/false);
   if (ck.cfg.model.n_moe_layers() == 0)
     throw ConfigError(fmt::format("{}: a dense model (model.moe_every = 0) has no routes", o.checkpoint));

@@ -28,6 +28,9 @@ struct EvalCliOptions {
   std::string data;        // default: the checkpoint's data.path
   int64_t max_tokens = 0;  // 0: the whole validation split
   std::string split = "test";  // vision checkpoints: test or val
+  // Vision checkpoints: overrides of the checkpoint's config for evaluation, e.g.
+  // model.moe.capacity_factor_eval=0.5 (those that change a weight's shape are refused).
+  std::vector<std::string> overrides;
   int threads = 0;
 };
 int run_eval(const EvalCliOptions& o);

@@ -226,6 +226,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   eval->add_option("--split", eval_opt.split, "Vision checkpoints: the test or val split")
       ->capture_default_str();
+  eval->add_option("--set", eval_opt.overrides,
+                   "Vision checkpoints: evaluate under a changed config value, e.g. --set "
+                   "model.moe.capacity_factor_eval=0.5 (repeatable)");
   eval->add_option("--threads", eval_opt.threads, "Threads (0: all cores)")->capture_default_str();
 
   sy::cli::SuperclassesCliOptions sc_opt;

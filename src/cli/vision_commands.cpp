@@ -81,7 +81,11 @@ int train_vision_cli(const TrainCliOptions& o) {
 }
 
 int eval_vision_cli(const EvalCliOptions& o, const std::string& checkpoint) {
-  const VisionCheckpoint ck = load_vision_checkpoint(checkpoint);
+  VisionCheckpoint ck = load_vision_checkpoint(checkpoint);
+  if (!o.overrides.empty()) {
+    ck.cfg = parse_vision_config(vision_config_json(ck.cfg), checkpoint, o.overrides);
+    VisionTransformer(ck.cfg.model).check_params(ck.params);  // a changed shape is named here
+  }
   VisionDataConfig data_cfg = ck.cfg.data;
   if (!o.data.empty()) data_cfg.dir = o.data;
   const VisionData data = load_vision_data(data_cfg, ck.cfg.train.seed, ck.cfg.model);
@@ -132,6 +136,28 @@ int run_superclasses(const SuperclassesCliOptions& o) {
   fmt::print("{:.1f}% of the confusion weight inside the super-classes ({}); wrote {} and {}\n",
              s.total > 0 ? 100 * s.inside / s.total : 0.0,
              s.exact ? "optimal balanced cut" : "local search", out.string(), svg.string());
+  return 0;
+}
+
+int vision_routes_cli(const RoutesCliOptions& o, const std::string& checkpoint) {
+  const VisionCheckpoint ck = load_vision_checkpoint(checkpoint);
+  if (ck.cfg.model.n_moe_layers() == 0)
+    throw ConfigError(fmt::format("{}: a dense vision model has no routes", checkpoint));
+  VisionDataConfig data_cfg = ck.cfg.data;
+  if (!o.data.empty()) data_cfg.dir = o.data;
+  const VisionData data = load_vision_data(data_cfg, ck.cfg.train.seed, ck.cfg.model);
+  const VisionTransformer vit(ck.cfg.model);
+  ExecContext ctx;
+  ctx.n_threads = o.threads;
+  ctx.backend = &pick_backend(cpu_features(), ck.cfg.model.precision);
+  const VisionEval ev = evaluate_vision(vit, ck.params, data.val, 256, ctx);
+  fmt::print("{} (step {}), validation split ({} images)\n{}", checkpoint, ck.step, data.val.n,
+             render_vision_routes_text(ck.cfg, ev));
+  const std::string html = o.html.empty()
+                               ? (std::filesystem::path(checkpoint).parent_path() / "routes.html").string()
+                               : o.html;
+  write_file_atomic(html, render_vision_routes_html(ck.cfg, ev, data.val, checkpoint));
+  fmt::print("wrote {}\n", html);
   return 0;
 }
 

@@ -348,12 +348,17 @@ std::string specialisation_text(const LayerRoutes& lr, size_t max_scripts) {
   return out;
 }
 
+}  // namespace
+
+namespace {
 void put_be32(std::string& out, uint32_t v) {
   for (int s = 24; s >= 0; s -= 8) out += char((v >> s) & 0xFF);
 }
 
-// An RGB image as a PNG data: URI (zlib for the pixel stream and the chunk CRCs), so that a
-// large heatmap is a few kilobytes in the report instead of one SVG element per cell.
+}  // namespace
+
+// zlib for the pixel stream and the chunk CRCs, so that a large heatmap is a few kilobytes in
+// the report instead of one SVG element per cell.
 std::string png_data_uri(uint32_t w, uint32_t h, const std::vector<uint8_t>& rgb) {
   std::string raw;
   for (uint32_t y = 0; y < h; ++y) {
@@ -393,6 +398,8 @@ std::string png_data_uri(uint32_t w, uint32_t h, const std::vector<uint8_t>& rgb
   }
   return out;
 }
+
+namespace {
 
 // Label x expert heatmap: each row the label's slots over the experts as shares, coloured
 // against the table's largest share. Rows of a grouped table (languages) run group by group,

@@ -26,7 +26,8 @@ using nlohmann::json;
 constexpr float kPixelMean = 0.2860f, kPixelStd = 0.3530f;
 
 std::string data_file(const VisionDataConfig& cfg, const std::string& name) {
-  return cfg.dir.empty() ? fashion_mnist_path(name) : (std::filesystem::path(cfg.dir) / name).string();
+  if (cfg.dir.empty()) return fashion_mnist_path(name);
+  return (std::filesystem::path(resolve_data_path(cfg.dir)) / name).string();
 }
 
 // The super-class file: {"superclass": [expert of class 0, expert of class 1, ...], ...}.
@@ -99,7 +100,8 @@ VisionData load_vision_data(const VisionDataConfig& cfg, uint64_t seed, const Vi
     d.train.labels.resize(size_t(d.train.n));
   }
   if (!cfg.superclasses.empty())
-    d.superclass = read_superclasses(cfg.superclasses, model.n_classes, model.moe.n_experts);
+    d.superclass = read_superclasses(resolve_data_path(cfg.superclasses), model.n_classes,
+                                     model.moe.n_experts);
   return d;
 }
 
@@ -145,6 +147,7 @@ VisionEval evaluate_vision(const VisionTransformer& vit, const VitParams& p, con
   ev.confusion.n_classes = K;
   ev.confusion.counts.assign(size_t(K * K), 0);
   ev.expert_class.assign(size_t(cfg.n_moe_layers()), std::vector<int64_t>(size_t(E * K), 0));
+  ev.image_expert.assign(size_t(cfg.n_moe_layers()), {});
   VitCache cache;
   Tensor images;
   std::vector<int64_t> index;
@@ -166,8 +169,17 @@ VisionEval evaluate_vision(const VisionTransformer& vit, const VitParams& p, con
       const MoeCache& mc = cache.layers[l].moe;
       const int64_t k = cfg.moe.slots_per_token();
       const int64_t rows = cfg.routing == VitRouting::kPerImage ? 1 : L;  // router rows per image
-      for (int64_t r = 0; r < B * rows; ++r)
-        ++ev.expert_class[m][size_t(mc.router.expert[size_t(r * k)] * K + labels[r / rows])];
+      std::vector<int64_t> votes(static_cast<size_t>(E));
+      for (int64_t b = 0; b < B; ++b) {
+        std::fill(votes.begin(), votes.end(), 0);
+        for (int64_t r = b * rows; r < (b + 1) * rows; ++r) {
+          const int32_t e = mc.router.expert[size_t(r * k)];
+          ++ev.expert_class[m][size_t(e * K + labels[b])];
+          ++votes[e];
+        }
+        ev.image_expert[m].push_back(
+            int32_t(std::max_element(votes.begin(), votes.end()) - votes.begin()));
+      }
       ++m;
     }
   }
@@ -205,7 +217,8 @@ VisionRun train_vision(const VisionRunConfig& cfg, const VisionData& data,
   const Philox rng(t.seed, /*stream=*/0x1A6E);
   std::vector<int64_t> order(static_cast<size_t>(n));
   std::vector<uint8_t> augmented(static_cast<size_t>(B * px));
-  ImageSet batch_set{.n = B, .rows = data.train.rows, .cols = data.train.cols};
+  ImageSet batch_set{.n = B, .rows = data.train.rows, .cols = data.train.cols, .pixels = {},
+                     .labels = {}, .n_classes = 0};
   std::vector<int64_t> all(static_cast<size_t>(B));
   std::iota(all.begin(), all.end(), 0);
   std::vector<int32_t> labels(static_cast<size_t>(B)), guide;

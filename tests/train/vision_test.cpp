@@ -131,6 +131,14 @@ TEST(VisionTraining, GuidedPerImageMoeLearnsTheSuperClasses) {
     for (int64_t c = 0; c < 10; ++c)
       agree += data.superclass[c] == e ? ev.expert_class[0][size_t(e * 10 + c)] : 0;
   EXPECT_GT(double(agree) / double(data.val.n), 0.9);
+  // The routes report: the class-expert NMI, and example images of each expert.
+  ASSERT_EQ(ev.image_expert.size(), 1u);
+  ASSERT_EQ(int64_t(ev.image_expert[0].size()), data.val.n);
+  const std::string text = render_vision_routes_text(cfg, ev);
+  EXPECT_NE(text.find("NMI(class; expert)"), std::string::npos) << text;
+  EXPECT_NE(text.find("Ankle boot"), std::string::npos) << text;
+  const std::string html = render_vision_routes_html(cfg, ev, data.val, "guided");
+  EXPECT_NE(html.find("data:image/png;base64,"), std::string::npos);
 }
 
 TEST(VisionData, BadSuperClassFilesAreNamed) {

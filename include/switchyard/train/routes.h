@@ -62,6 +62,9 @@ RouteAnalysis analyze_routes(const LanguageModel& model, const LmParams& p,
 std::string render_routes_text(const RouteAnalysis& a);
 std::string render_routes_html(const RouteAnalysis& a, const std::string& title);
 
+// An RGB image (rgb: [h, w, 3], row-major) as a PNG data: URI, for the HTML reports.
+std::string png_data_uri(uint32_t w, uint32_t h, const std::vector<uint8_t>& rgb);
+
 // Coefficient of variation (std / mean) of a load vector; 0 for a perfectly even one.
 double load_cv(const std::vector<double>& load);
 

@@ -78,12 +78,22 @@ struct VisionEval {
   // Per MoE layer (in layer order), per expert: images (per-image routing) or patches routed to
   // it as first choice, by true class: [layer][expert * n_classes + class].
   std::vector<std::vector<int64_t>> expert_class;
+  // Per MoE layer, per image: its first-choice expert (per-token routing: the one most of its
+  // patches chose first).
+  std::vector<std::vector<int32_t>> image_expert;
   double images_per_s = 0;
 };
 
 // Inference over a whole set in batches of `batch`. ctx.training is ignored (evaluation).
 VisionEval evaluate_vision(const VisionTransformer& vit, const VitParams& p, const ImageSet& set,
                            int64_t batch, const ExecContext& ctx);
+
+// `switchyard routes` for a vision model: per MoE layer, each expert's share and class mix, each
+// class's expert mix, the normalised mutual information between class and expert; the HTML adds
+// heatmaps and a grid of example images per expert (from `set`, the images ev was taken on).
+std::string render_vision_routes_text(const VisionRunConfig& cfg, const VisionEval& ev);
+std::string render_vision_routes_html(const VisionRunConfig& cfg, const VisionEval& ev,
+                                      const ImageSet& set, const std::string& title);
 
 struct VisionTrainOptions {
   int threads = 0;
