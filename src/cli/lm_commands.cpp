@@ -436,6 +436,7 @@ int run_export(const ExportCliOptions& o) {
 }
 
 int run_compare(const CompareCliOptions& o) {
+  if (is_vision_config(o.moe) || is_vision_config(o.dense)) return compare_vision_cli(o);
   const RunConfig moe = config_for(o.moe, {}, o.steps), dense = config_for(o.dense, {}, o.steps);
   if (moe.train.steps != dense.train.steps || moe.train.eval_interval != dense.train.eval_interval)
     throw ConfigError(fmt::format("compare: {} and {} differ in train.steps or "

@@ -139,6 +139,52 @@ int run_superclasses(const SuperclassesCliOptions& o) {
   return 0;
 }
 
+int compare_vision_cli(const CompareCliOptions& o) {
+  std::vector<std::string> overrides;
+  if (o.steps > 0) overrides.push_back(fmt::format("train.steps={}", o.steps));
+  const VisionRunConfig dense = load_vision_config(o.dense, overrides),
+                        moe = load_vision_config(o.moe, overrides);
+  struct Result {
+    const VisionRunConfig* cfg;
+    VisionRun run;
+    VisionEval test;
+  };
+  std::vector<Result> results;
+  for (const VisionRunConfig* cfg : {&dense, &moe}) {
+    const std::string dir =
+        (std::filesystem::path(o.out) / std::filesystem::path(cfg->name).stem()).string();
+    if (std::filesystem::exists(std::filesystem::path(dir) / "checkpoint.safetensors"))
+      throw ConfigError(fmt::format("{}/checkpoint.safetensors exists: pass --out to compare into "
+                                    "another directory (nothing was overwritten)",
+                                    dir));
+    fmt::print("== {} ({:.2f} MFLOPs per image)\n", cfg->name,
+               2.0 * double(cfg->model.macs_per_image()) / 1e6);
+    const VisionData data = load_vision_data(cfg->data, cfg->train.seed, cfg->model);
+    results.push_back({cfg, train_vision(*cfg, data, dir, {.threads = o.threads, .quiet = false, .log = {}}), {}});
+  }
+  // Both models' test figures back to back, so that their inference speeds share the machine's
+  // state.
+  for (Result& r : results) {
+    const VisionData data = load_vision_data(r.cfg->data, r.cfg->train.seed, r.cfg->model);
+    ExecContext ctx;
+    ctx.n_threads = o.threads;
+    ctx.backend = &pick_backend(cpu_features(), r.cfg->model.precision);
+    r.test = evaluate_vision(VisionTransformer(r.cfg->model), r.run.params, data.test, 256, ctx);
+  }
+  fmt::print("\n| config | MFLOPs/image | parameters | test accuracy | train s | train images/s | "
+             "inference images/s |\n|---|---:|---:|---:|---:|---:|---:|\n");
+  for (const Result& r : results)
+    fmt::print("| {} | {:.2f} | {} | {:.2f}% | {:.0f} | {:.0f} | {:.0f} |\n", r.cfg->name,
+               2.0 * double(r.cfg->model.macs_per_image()) / 1e6, r.cfg->model.total_params(),
+               100 * r.test.confusion.accuracy(), r.run.seconds, r.run.train_images_per_s,
+               r.test.images_per_s);
+  fmt::print("{}: {:+.2f} points of test accuracy over {}, inference {:.2f}x its images/s, on {}\n",
+             moe.name, 100 * (results[1].test.confusion.accuracy() - results[0].test.confusion.accuracy()),
+             dense.name, results[1].test.images_per_s / results[0].test.images_per_s,
+             cpu_features().describe());
+  return 0;
+}
+
 int vision_routes_cli(const RoutesCliOptions& o, const std::string& checkpoint) {
   const VisionCheckpoint ck = load_vision_checkpoint(checkpoint);
   if (ck.cfg.model.n_moe_layers() == 0)

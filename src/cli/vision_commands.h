@@ -18,6 +18,7 @@ struct SuperclassesCliOptions {
   int threads = 0;
 };
 int run_superclasses(const SuperclassesCliOptions& o);
+int compare_vision_cli(const CompareCliOptions& o);
 int vision_routes_cli(const RoutesCliOptions& o, const std::string& checkpoint);
 int eval_vision_cli(const EvalCliOptions& o, const std::string& checkpoint);
 

@@ -2,9 +2,11 @@
 #include "nn/block.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
+#include "switchyard/core/rng.h"
 #include "switchyard/kernels/backend.h"
 #include "switchyard/kernels/cpu.h"
 
@@ -24,6 +26,63 @@ ExecContext layer_context(const ExecContext& ctx, int64_t layer) {
   ExecContext c = ctx;
   c.seed = (ctx.seed ^ 0x9E3779B97F4A7C15ull) * 0xBF58476D1CE4E5B9ull + uint64_t(layer);
   return c;
+}
+
+void append_named(LayerParams& l, const std::string& at,
+                  std::vector<std::pair<std::string, Tensor*>>& out) {
+  auto add = [&](std::string name, Tensor& t) {
+    if (!t.empty()) out.emplace_back(std::move(name), &t);
+  };
+  add(at + "norm_attn", l.norm_attn);
+  add(at + "attn.w_qkv", l.attn.w_qkv);
+  add(at + "attn.w_o", l.attn.w_o);
+  add(at + "norm_ffn", l.norm_ffn);
+  add(at + "moe.w_gate", l.moe.w_gate);
+  add(at + "moe.w1", l.moe.w1);
+  add(at + "moe.w3", l.moe.w3);
+  add(at + "moe.w2", l.moe.w2);
+  add(at + "moe.expert_bias", l.moe.expert_bias);
+  add(at + "moe.w_noise", l.moe.w_noise);
+  add(at + "moe.shared_w1", l.moe.shared_w1);
+  add(at + "moe.shared_w3", l.moe.shared_w3);
+  add(at + "moe.shared_w2", l.moe.shared_w2);
+  add(at + "ffn.w1", l.w1);
+  add(at + "ffn.w3", l.w3);
+  add(at + "ffn.w2", l.w2);
+}
+
+LayerParams init_layer_params(const AttentionConfig& attention, const MoeConfig* moe, int64_t d_ff,
+                              double out_scale, DType dtype, uint64_t layer_seed) {
+  const int64_t d = attention.d_model;
+  auto normal = [&](std::initializer_list<int64_t> shape, double stddev, uint64_t stream) {
+    Tensor t(shape, DType::kF64);
+    fill_normal(t.span<double>(), Philox(layer_seed, stream), stddev);
+    return convert(t, dtype);
+  };
+  auto ones = [&](int64_t n) {
+    Tensor t({n}, DType::kF64);
+    for (double& v : t.span<double>()) v = 1.0;
+    return convert(t, dtype);
+  };
+  auto scaled = [&](Tensor t, double s) {
+    Tensor w = convert(t, DType::kF64);
+    for (double& v : w.span<double>()) v *= s;
+    return convert(w, dtype);
+  };
+  LayerParams l;
+  l.norm_attn = ones(d);
+  l.norm_ffn = ones(d);
+  l.attn = init_attention_params(attention, dtype, layer_seed, out_scale);
+  if (moe != nullptr) {
+    l.moe = init_moe_params(*moe, dtype, layer_seed + 17);
+    l.moe.w2 = scaled(std::move(l.moe.w2), out_scale);
+    if (!l.moe.shared_w2.empty()) l.moe.shared_w2 = scaled(std::move(l.moe.shared_w2), out_scale);
+  } else {
+    l.w1 = normal({d, d_ff}, 1.0 / std::sqrt(double(d)), 2);
+    l.w3 = normal({d, d_ff}, 1.0 / std::sqrt(double(d)), 3);
+    l.w2 = normal({d_ff, d}, out_scale / std::sqrt(double(d_ff)), 4);
+  }
+  return l;
 }
 
 template <class T>

@@ -5,6 +5,9 @@
 
 #include <cstdint>
 #include <span>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "switchyard/core/exec_context.h"
 #include "switchyard/core/tensor.h"
@@ -49,6 +52,35 @@ template <class T>
 StackedView<T> one(Tensor& w) {
   return {w.data<T>(), 1, w.dim(0), w.dim(1)};
 }
+
+// One block's non-empty tensors with their checkpoint names (prefix + "attn.w_qkv", ...), in the
+// fixed order both models' named() list them.
+void append_named(LayerParams& l, const std::string& prefix,
+                  std::vector<std::pair<std::string, Tensor*>>& out);
+
+// A block of the same structure, each tensor through f(tensor, routed_expert), routed_expert
+// being true for the MoE layer's moe.w1/w3/w2.
+template <class F>
+LayerParams map_layer(const LayerParams& l, F f) {
+  LayerParams z;
+  z.norm_attn = f(l.norm_attn, false);
+  z.norm_ffn = f(l.norm_ffn, false);
+  z.attn = {f(l.attn.w_qkv, false), f(l.attn.w_o, false)};
+  const MoeParams& m = l.moe;
+  z.moe = {f(m.w_gate, false),    f(m.w1, true),           f(m.w3, true),
+           f(m.w2, true),         f(m.expert_bias, false), f(m.shared_w1, false),
+           f(m.shared_w3, false), f(m.shared_w2, false),   f(m.w_noise, false)};
+  z.w1 = f(l.w1, false);
+  z.w3 = f(l.w3, false);
+  z.w2 = f(l.w2, false);
+  return z;
+}
+
+// A block's initial weights, drawn from layer_seed: unit norm gains, attention and SwiGLU (the
+// MoE layer's when moe is given, else a dense one of width d_ff) with the residual branches'
+// outputs scaled by out_scale.
+LayerParams init_layer_params(const AttentionConfig& attention, const MoeConfig* moe, int64_t d_ff,
+                              double out_scale, DType dtype, uint64_t layer_seed);
 
 // dst += src, elementwise, same shape.
 template <class T>

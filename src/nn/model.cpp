@@ -29,26 +29,8 @@ std::vector<std::pair<std::string, Tensor*>> LmParams::named() {
     if (!t.empty()) out.emplace_back(std::move(name), &t);
   };
   add("embed", embed);
-  for (size_t i = 0; i < layers.size(); ++i) {
-    LayerParams& l = layers[i];
-    const std::string at = fmt::format("layers.{}.", i);
-    add(at + "norm_attn", l.norm_attn);
-    add(at + "attn.w_qkv", l.attn.w_qkv);
-    add(at + "attn.w_o", l.attn.w_o);
-    add(at + "norm_ffn", l.norm_ffn);
-    add(at + "moe.w_gate", l.moe.w_gate);
-    add(at + "moe.w1", l.moe.w1);
-    add(at + "moe.w3", l.moe.w3);
-    add(at + "moe.w2", l.moe.w2);
-    add(at + "moe.expert_bias", l.moe.expert_bias);
-    add(at + "moe.w_noise", l.moe.w_noise);
-    add(at + "moe.shared_w1", l.moe.shared_w1);
-    add(at + "moe.shared_w3", l.moe.shared_w3);
-    add(at + "moe.shared_w2", l.moe.shared_w2);
-    add(at + "ffn.w1", l.w1);
-    add(at + "ffn.w3", l.w3);
-    add(at + "ffn.w2", l.w2);
-  }
+  for (size_t i = 0; i < layers.size(); ++i)
+    detail::append_named(layers[i], fmt::format("layers.{}.", i), out);
   add("norm_out", norm_out);
   add("lm_head", lm_head);
   return out;
@@ -77,11 +59,6 @@ LmParams init_lm_params(const LmConfig& cfg, DType dtype, uint64_t seed) {
     for (double& v : t.span<double>()) v = 1.0;
     return convert(t, dtype);
   };
-  auto scaled = [&](Tensor t, double s) {
-    Tensor w = convert(t, DType::kF64);
-    for (double& v : w.span<double>()) v *= s;
-    return convert(w, dtype);
-  };
   LmParams p;
   p.embed = normal({V, d}, 1.0, 0);
   p.norm_out = ones(d);
@@ -89,21 +66,9 @@ LmParams init_lm_params(const LmConfig& cfg, DType dtype, uint64_t seed) {
   for (int64_t i = 0; i < cfg.n_layers; ++i) {
     // Each layer draws from its own block of streams, so adding a layer leaves the others alone.
     const uint64_t layer_seed = seed + 1000003ull * uint64_t(i + 1);
-    LayerParams l;
-    l.norm_attn = ones(d);
-    l.norm_ffn = ones(d);
-    l.attn = init_attention_params(cfg.attention(), dtype, layer_seed, out_scale);
-    if (cfg.is_moe(i)) {
-      l.moe = init_moe_params(cfg.moe_config(), dtype, layer_seed + 17);
-      l.moe.w2 = scaled(std::move(l.moe.w2), out_scale);
-      if (!l.moe.shared_w2.empty()) l.moe.shared_w2 = scaled(std::move(l.moe.shared_w2), out_scale);
-    } else {
-      const int64_t f = cfg.d_ff;
-      l.w1 = normal({d, f}, 1.0 / std::sqrt(double(d)), 2, layer_seed);
-      l.w3 = normal({d, f}, 1.0 / std::sqrt(double(d)), 3, layer_seed);
-      l.w2 = normal({f, d}, out_scale / std::sqrt(double(f)), 4, layer_seed);
-    }
-    p.layers.push_back(std::move(l));
+    const MoeConfig moe = cfg.moe_config();
+    p.layers.push_back(detail::init_layer_params(cfg.attention(), cfg.is_moe(i) ? &moe : nullptr,
+                                                 cfg.d_ff, out_scale, dtype, layer_seed));
   }
   return p;
 }
@@ -117,20 +82,7 @@ LmParams map_params(const LmParams& p, F f) {
   out.embed = f(p.embed, false);
   out.norm_out = f(p.norm_out, false);
   out.lm_head = f(p.lm_head, false);
-  for (const LayerParams& l : p.layers) {
-    LayerParams z;
-    z.norm_attn = f(l.norm_attn, false);
-    z.norm_ffn = f(l.norm_ffn, false);
-    z.attn = {f(l.attn.w_qkv, false), f(l.attn.w_o, false)};
-    const MoeParams& m = l.moe;
-    z.moe = {f(m.w_gate, false),    f(m.w1, true),           f(m.w3, true),
-             f(m.w2, true),         f(m.expert_bias, false), f(m.shared_w1, false),
-             f(m.shared_w3, false), f(m.shared_w2, false),   f(m.w_noise, false)};
-    z.w1 = f(l.w1, false);
-    z.w3 = f(l.w3, false);
-    z.w2 = f(l.w2, false);
-    out.layers.push_back(std::move(z));
-  }
+  for (const LayerParams& l : p.layers) out.layers.push_back(detail::map_layer(l, f));
   return out;
 }
 }  // namespace

@@ -26,19 +26,8 @@ VitParams map_params(const VitParams& p, F f) {
   out.norm_out = f(p.norm_out);
   out.head_w = f(p.head_w);
   out.head_b = f(p.head_b);
-  for (const LayerParams& l : p.layers) {
-    LayerParams z;
-    z.norm_attn = f(l.norm_attn);
-    z.norm_ffn = f(l.norm_ffn);
-    z.attn = {f(l.attn.w_qkv), f(l.attn.w_o)};
-    const MoeParams& m = l.moe;
-    z.moe = {f(m.w_gate),      f(m.w1),        f(m.w3),        f(m.w2),     f(m.expert_bias),
-             f(m.shared_w1), f(m.shared_w3), f(m.shared_w2), f(m.w_noise)};
-    z.w1 = f(l.w1);
-    z.w3 = f(l.w3);
-    z.w2 = f(l.w2);
-    out.layers.push_back(std::move(z));
-  }
+  for (const LayerParams& l : p.layers)
+    out.layers.push_back(detail::map_layer(l, [&](const Tensor& t, bool) { return f(t); }));
   return out;
 }
 
@@ -69,26 +58,8 @@ std::vector<std::pair<std::string, Tensor*>> VitParams::named() {
   add("patch_b", patch_b);
   add("cls", cls);
   add("pos", pos);
-  for (size_t i = 0; i < layers.size(); ++i) {
-    LayerParams& l = layers[i];
-    const std::string at = fmt::format("layers.{}.", i);
-    add(at + "norm_attn", l.norm_attn);
-    add(at + "attn.w_qkv", l.attn.w_qkv);
-    add(at + "attn.w_o", l.attn.w_o);
-    add(at + "norm_ffn", l.norm_ffn);
-    add(at + "moe.w_gate", l.moe.w_gate);
-    add(at + "moe.w1", l.moe.w1);
-    add(at + "moe.w3", l.moe.w3);
-    add(at + "moe.w2", l.moe.w2);
-    add(at + "moe.expert_bias", l.moe.expert_bias);
-    add(at + "moe.w_noise", l.moe.w_noise);
-    add(at + "moe.shared_w1", l.moe.shared_w1);
-    add(at + "moe.shared_w3", l.moe.shared_w3);
-    add(at + "moe.shared_w2", l.moe.shared_w2);
-    add(at + "ffn.w1", l.w1);
-    add(at + "ffn.w3", l.w3);
-    add(at + "ffn.w2", l.w2);
-  }
+  for (size_t i = 0; i < layers.size(); ++i)
+    detail::append_named(layers[i], fmt::format("layers.{}.", i), out);
   add("norm_out", norm_out);
   add("head_w", head_w);
   add("head_b", head_b);
@@ -116,11 +87,6 @@ VitParams init_vit_params(const VitConfig& cfg, DType dtype, uint64_t seed) {
     for (double& v : t.span<double>()) v = 1.0;
     return convert(t, dtype);
   };
-  auto scaled = [&](Tensor t, double s) {
-    Tensor w = convert(t, DType::kF64);
-    for (double& v : w.span<double>()) v *= s;
-    return convert(w, dtype);
-  };
   VitParams p;
   p.patch_w = normal({cfg.patch_dim(), d}, 1.0 / std::sqrt(double(cfg.patch_dim())), 0, seed);
   p.patch_b = Tensor({d}, dtype);
@@ -130,23 +96,11 @@ VitParams init_vit_params(const VitConfig& cfg, DType dtype, uint64_t seed) {
   p.norm_out = ones(d);
   p.head_w = normal({d, cfg.n_classes}, 1.0 / std::sqrt(double(d)), 3, seed);
   p.head_b = Tensor({cfg.n_classes}, dtype);
+  const MoeConfig moe = cfg.moe_config();
   for (int64_t i = 0; i < cfg.n_layers; ++i) {
     const uint64_t layer_seed = seed + 1000003ull * uint64_t(i + 1);
-    LayerParams l;
-    l.norm_attn = ones(d);
-    l.norm_ffn = ones(d);
-    l.attn = init_attention_params(cfg.attention(), dtype, layer_seed, out_scale);
-    if (cfg.is_moe(i)) {
-      l.moe = init_moe_params(cfg.moe_config(), dtype, layer_seed + 17);
-      l.moe.w2 = scaled(std::move(l.moe.w2), out_scale);
-      if (!l.moe.shared_w2.empty()) l.moe.shared_w2 = scaled(std::move(l.moe.shared_w2), out_scale);
-    } else {
-      const int64_t f = cfg.d_ff;
-      l.w1 = normal({d, f}, 1.0 / std::sqrt(double(d)), 2, layer_seed);
-      l.w3 = normal({d, f}, 1.0 / std::sqrt(double(d)), 3, layer_seed);
-      l.w2 = normal({f, d}, out_scale / std::sqrt(double(f)), 4, layer_seed);
-    }
-    p.layers.push_back(std::move(l));
+    p.layers.push_back(detail::init_layer_params(cfg.attention(), cfg.is_moe(i) ? &moe : nullptr,
+                                                 cfg.d_ff, out_scale, dtype, layer_seed));
   }
   return p;
 }

@@ -111,11 +111,24 @@ constexpr std::pair<Gating, const char*> kRouters[] = {
     {Gating::kExpertChoice, "expert_choice"}, {Gating::kHash, "hash"}, {Gating::kRandom, "random"},
     {Gating::kNoisyTopK, "noisy_topk"}};
 
-const char* gating_name(Gating g) {
-  for (auto [v, name] : kRouters)
-    if (v == g) return name;
+template <class E, size_t N>
+E parse_enum(const std::string& key, const std::string& value,
+             const std::pair<E, const char*> (&names)[N]) {
+  std::string list;
+  for (auto [v, name] : names) {
+    if (value == name) return v;
+    list += fmt::format("{}\"{}\"", list.empty() ? "" : ", ", name);
+  }
+  throw ConfigError(fmt::format("{} = \"{}\": expected one of {}", key, value, list));
+}
+template <class E, size_t N>
+const char* enum_name(E e, const std::pair<E, const char*> (&names)[N]) {
+  for (auto [v, name] : names)
+    if (v == e) return name;
   return "?";
 }
+
+const char* gating_name(Gating g) { return enum_name(g, kRouters); }
 
 void read_moe(const json& j, MoeConfig& m) {
   Section s(j, "model.moe.");
@@ -124,14 +137,7 @@ void read_moe(const json& j, MoeConfig& m) {
   s.get("d_ff", m.d_ff);
   std::string router = gating_name(m.gating);
   s.get("router", router);
-  bool known = false;
-  std::string names;
-  for (auto [v, name] : kRouters) {
-    names += fmt::format("{}\"{}\"", names.empty() ? "" : ", ", name);
-    if (router == name) m.gating = v, known = true;
-  }
-  if (!known)
-    throw ConfigError(fmt::format("model.moe.router = \"{}\": expected one of {}", router, names));
+  m.gating = parse_enum("model.moe.router", router, kRouters);
   s.get("renormalize", m.renormalize);
   s.get("capacity_factor_train", m.capacity_factor_train);
   s.get("capacity_factor_eval", m.capacity_factor_eval);
@@ -389,23 +395,6 @@ constexpr std::pair<VitPooling, const char*> kPoolings[] = {{VitPooling::kMean, 
                                                             {VitPooling::kClassToken, "cls"}};
 constexpr std::pair<VitRouting, const char*> kVitRoutings[] = {
     {VitRouting::kPerToken, "per_token"}, {VitRouting::kPerImage, "per_image"}};
-
-template <class E, size_t N>
-E parse_enum(const std::string& key, const std::string& value,
-             const std::pair<E, const char*> (&names)[N]) {
-  std::string list;
-  for (auto [v, name] : names) {
-    if (value == name) return v;
-    list += fmt::format("{}\"{}\"", list.empty() ? "" : ", ", name);
-  }
-  throw ConfigError(fmt::format("{} = \"{}\": expected one of {}", key, value, list));
-}
-template <class E, size_t N>
-const char* enum_name(E e, const std::pair<E, const char*> (&names)[N]) {
-  for (auto [v, name] : names)
-    if (v == e) return name;
-  return "?";
-}
 
 void read_vit(const json& j, VitConfig& m) {
   Section s(j, "model.");

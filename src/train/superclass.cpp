@@ -167,7 +167,7 @@ std::string superclasses_svg(const SuperClasses& s, const ConfusionMatrix& cm,
   std::string svg = fmt::format(
       "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" "
       "font-family=\"sans-serif\" font-size=\"11\">\n",
-      left + n * cell + 20, top + n * cell + 40);
+      std::max<int64_t>(left + n * cell + 20, 680), top + n * cell + 40);
   svg += fmt::format("<text x=\"{}\" y=\"16\" font-size=\"13\">Confusion (rows: true class, "
                      "columns: predicted; off-diagonal rates, square root scale), super-classes "
                      "outlined</text>\n",
