@@ -95,7 +95,8 @@ std::string render_vision_routes_html(const VisionRunConfig& cfg, const VisionEv
       for (int64_t e = 0; e < E; ++e) {
         const double share = row > 0 ? joint[c][e] / row : 0.0;
         const int shade = int(std::lround(255 * (1 - share)));
-        html += fmt::format("<td style=\"background:rgb({0},{0},255)\">{1:.0f}%</td>", shade, 100 * share);
+        html += fmt::format("<td style=\"background:rgb({0},{0},255);color:{2}\">{1:.0f}%</td>", shade,
+                            100 * share, share > 0.5 ? "white" : "black");
       }
       html += "</tr>";
     }
