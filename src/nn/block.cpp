@@ -51,19 +51,26 @@ void append_named(LayerParams& l, const std::string& at,
   add(at + "ffn.w2", l.w2);
 }
 
+Tensor normal_tensor(std::initializer_list<int64_t> shape, double stddev, uint64_t seed,
+                     uint64_t stream, DType dtype) {
+  Tensor t(shape, DType::kF64);
+  fill_normal(t.span<double>(), Philox(seed, stream), stddev);
+  return convert(t, dtype);
+}
+
+Tensor ones_tensor(int64_t n, DType dtype) {
+  Tensor t({n}, DType::kF64);
+  for (double& v : t.span<double>()) v = 1.0;
+  return convert(t, dtype);
+}
+
 LayerParams init_layer_params(const AttentionConfig& attention, const MoeConfig* moe, int64_t d_ff,
                               double out_scale, DType dtype, uint64_t layer_seed) {
   const int64_t d = attention.d_model;
   auto normal = [&](std::initializer_list<int64_t> shape, double stddev, uint64_t stream) {
-    Tensor t(shape, DType::kF64);
-    fill_normal(t.span<double>(), Philox(layer_seed, stream), stddev);
-    return convert(t, dtype);
+    return normal_tensor(shape, stddev, layer_seed, stream, dtype);
   };
-  auto ones = [&](int64_t n) {
-    Tensor t({n}, DType::kF64);
-    for (double& v : t.span<double>()) v = 1.0;
-    return convert(t, dtype);
-  };
+  auto ones = [&](int64_t n) { return ones_tensor(n, dtype); };
   auto scaled = [&](Tensor t, double s) {
     Tensor w = convert(t, DType::kF64);
     for (double& v : w.span<double>()) v *= s;

@@ -76,6 +76,12 @@ LayerParams map_layer(const LayerParams& l, F f) {
   return z;
 }
 
+// Initial values: N(0, stddev^2) from Philox(seed, stream), and ones (norm gains), drawn in f64
+// and converted, so that an f32 and an f64 model start from the same numbers.
+Tensor normal_tensor(std::initializer_list<int64_t> shape, double stddev, uint64_t seed,
+                     uint64_t stream, DType dtype);
+Tensor ones_tensor(int64_t n, DType dtype);
+
 // A block's initial weights, drawn from layer_seed: unit norm gains, attention and SwiGLU (the
 // MoE layer's when moe is given, else a dense one of width d_ff) with the residual branches'
 // outputs scaled by out_scale.

@@ -48,21 +48,10 @@ LmParams init_lm_params(const LmConfig& cfg, DType dtype, uint64_t seed) {
   // Residual-branch outputs are scaled down by 1/sqrt(2 n_layers) (GPT-2) so the residual
   // stream's variance does not grow with depth at initialisation.
   const double out_scale = 1.0 / std::sqrt(2.0 * double(cfg.n_layers));
-  auto normal = [&](std::initializer_list<int64_t> shape, double stddev, uint64_t stream,
-                    uint64_t from = 0) {
-    Tensor t(shape, DType::kF64);
-    fill_normal(t.span<double>(), Philox(from ? from : seed, stream), stddev);
-    return convert(t, dtype);
-  };
-  auto ones = [&](int64_t n) {
-    Tensor t({n}, DType::kF64);
-    for (double& v : t.span<double>()) v = 1.0;
-    return convert(t, dtype);
-  };
   LmParams p;
-  p.embed = normal({V, d}, 1.0, 0);
-  p.norm_out = ones(d);
-  p.lm_head = normal({d, V}, 1.0 / std::sqrt(double(d)), 1);
+  p.embed = detail::normal_tensor({V, d}, 1.0, seed, 0, dtype);
+  p.norm_out = detail::ones_tensor(d, dtype);
+  p.lm_head = detail::normal_tensor({d, V}, 1.0 / std::sqrt(double(d)), seed, 1, dtype);
   for (int64_t i = 0; i < cfg.n_layers; ++i) {
     // Each layer draws from its own block of streams, so adding a layer leaves the others alone.
     const uint64_t layer_seed = seed + 1000003ull * uint64_t(i + 1);

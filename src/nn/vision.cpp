@@ -76,25 +76,17 @@ VitParams init_vit_params(const VitConfig& cfg, DType dtype, uint64_t seed) {
   cfg.validate();
   const int64_t d = cfg.d_model;
   const double out_scale = 1.0 / std::sqrt(2.0 * double(cfg.n_layers));
-  auto normal = [&](std::initializer_list<int64_t> shape, double stddev, uint64_t stream,
-                    uint64_t from) {
-    Tensor t(shape, DType::kF64);
-    fill_normal(t.span<double>(), Philox(from, stream), stddev);
-    return convert(t, dtype);
-  };
-  auto ones = [&](int64_t n) {
-    Tensor t({n}, DType::kF64);
-    for (double& v : t.span<double>()) v = 1.0;
-    return convert(t, dtype);
+  auto normal = [&](std::initializer_list<int64_t> shape, double stddev, uint64_t stream) {
+    return detail::normal_tensor(shape, stddev, seed, stream, dtype);
   };
   VitParams p;
-  p.patch_w = normal({cfg.patch_dim(), d}, 1.0 / std::sqrt(double(cfg.patch_dim())), 0, seed);
+  p.patch_w = normal({cfg.patch_dim(), d}, 1.0 / std::sqrt(double(cfg.patch_dim())), 0);
   p.patch_b = Tensor({d}, dtype);
   // ViT's small position and class-token initialisation: the patch content dominates at first.
-  p.pos = normal({cfg.seq_len(), d}, 0.02, 1, seed);
-  if (cfg.pooling == VitPooling::kClassToken) p.cls = normal({d}, 0.02, 2, seed);
-  p.norm_out = ones(d);
-  p.head_w = normal({d, cfg.n_classes}, 1.0 / std::sqrt(double(d)), 3, seed);
+  p.pos = normal({cfg.seq_len(), d}, 0.02, 1);
+  if (cfg.pooling == VitPooling::kClassToken) p.cls = normal({d}, 0.02, 2);
+  p.norm_out = detail::ones_tensor(d, dtype);
+  p.head_w = normal({d, cfg.n_classes}, 1.0 / std::sqrt(double(d)), 3);
   p.head_b = Tensor({cfg.n_classes}, dtype);
   const MoeConfig moe = cfg.moe_config();
   for (int64_t i = 0; i < cfg.n_layers; ++i) {
