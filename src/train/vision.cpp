@@ -13,6 +13,7 @@
 #include "switchyard/core/parallel.h"
 #include "switchyard/io/safetensors.h"
 #include "switchyard/kernels/backend.h"
+#include "switchyard/train/checkpoint.h"
 #include "switchyard/train/optimizer.h"
 
 namespace sy {
@@ -318,7 +319,8 @@ void save_vision_checkpoint(const std::string& path, const VisionRunConfig& cfg,
 }
 
 bool is_vision_checkpoint(const std::string& path) {
-  if (!std::filesystem::is_regular_file(path)) return false;
+  // A sharded checkpoint (an index.json and its shards) is a language model's.
+  if (!std::filesystem::is_regular_file(path) || is_sharded_checkpoint(path)) return false;
   const MappedSafetensors f(path);
   const auto it = f.metadata().find("format");
   return it != f.metadata().end() && it->second == kVisionCheckpointFormat;
