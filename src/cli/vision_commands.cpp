@@ -15,11 +15,6 @@ namespace sy::cli {
 
 namespace {
 
-std::string class_label(int64_t c, int64_t n_classes) {
-  const std::vector<std::string>& names = fashion_mnist_classes();
-  return n_classes == int64_t(names.size()) ? names[size_t(c)] : fmt::format("class {}", c);
-}
-
 void print_eval(const VisionRunConfig& cfg, const VisionEval& ev, const std::string& split) {
   const ConfusionMatrix& cm = ev.confusion;
   const int64_t K = cm.n_classes;
@@ -28,12 +23,12 @@ void print_eval(const VisionRunConfig& cfg, const VisionEval& ev, const std::str
   const std::vector<double> per_class = cm.per_class_accuracy();
   fmt::print("\nper-class accuracy\n");
   for (int64_t c = 0; c < K; ++c)
-    fmt::print("  {:>12}  {:6.2f}%\n", class_label(c, K), 100 * per_class[c]);
+    fmt::print("  {:>12}  {:6.2f}%\n", image_class_name(c, K), 100 * per_class[c]);
   fmt::print("\nconfusion matrix (rows: true class, columns: predicted)\n{:>14}", "");
   for (int64_t q = 0; q < K; ++q) fmt::print(" {:>5}", q);
   fmt::print("\n");
   for (int64_t c = 0; c < K; ++c) {
-    fmt::print("  {:>2} {:>9}", c, class_label(c, K).substr(0, 9));
+    fmt::print("  {:>2} {:>9}", c, image_class_name(c, K).substr(0, 9));
     for (int64_t q = 0; q < K; ++q) fmt::print(" {:5d}", cm.at(c, q));
     fmt::print("\n");
   }
@@ -117,7 +112,7 @@ int run_superclasses(const SuperclassesCliOptions& o) {
   const SuperClasses s = cluster_classes(ev.confusion, o.experts);
   const int64_t K = ev.confusion.n_classes;
   std::vector<std::string> names;
-  for (int64_t c = 0; c < K; ++c) names.push_back(class_label(c, K));
+  for (int64_t c = 0; c < K; ++c) names.push_back(image_class_name(c, K));
   const std::filesystem::path out =
       o.out.empty() ? std::filesystem::path(path).parent_path() / "superclasses.json"
                     : std::filesystem::path(o.out);

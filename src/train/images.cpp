@@ -96,6 +96,11 @@ const std::vector<std::string>& fashion_mnist_classes() {
   return names;
 }
 
+std::string image_class_name(int64_t label, int64_t n_classes) {
+  const std::vector<std::string>& names = fashion_mnist_classes();
+  return n_classes == int64_t(names.size()) ? names[size_t(label)] : fmt::format("class {}", label);
+}
+
 std::string fashion_mnist_path(const std::string& file) {
   return "/usr/share/datasets/fashion-mnist/" + file;
 }

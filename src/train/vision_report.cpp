@@ -9,11 +9,6 @@ namespace sy {
 
 namespace {
 
-std::string class_name(int64_t c, int64_t n_classes) {
-  const std::vector<std::string>& names = fashion_mnist_classes();
-  return n_classes == int64_t(names.size()) ? names[size_t(c)] : fmt::format("class {}", c);
-}
-
 // [class][expert] counts of one layer, as the joint table the NMI takes.
 std::vector<std::vector<double>> class_by_expert(const std::vector<int64_t>& expert_class,
                                                  int64_t E, int64_t K) {
@@ -54,7 +49,7 @@ std::string render_vision_routes_text(const VisionRunConfig& cfg, const VisionEv
       std::string top;
       for (int64_t i = 0; i < std::min<int64_t>(3, K); ++i)
         if (joint[order[i]][e] > 0)
-          top += fmt::format("  {} {:.0f}%", class_name(order[i], K), 100 * joint[order[i]][e] / col);
+          top += fmt::format("  {} {:.0f}%", image_class_name(order[i], K), 100 * joint[order[i]][e] / col);
       out += fmt::format("  {:>6} {:5.1f}% {}\n", e, total > 0 ? 100 * col / total : 0.0, top);
     }
     out += "  class         experts that get it (share of the class)\n";
@@ -64,7 +59,7 @@ std::string render_vision_routes_text(const VisionRunConfig& cfg, const VisionEv
       std::string mix;
       for (int64_t e = 0; e < E; ++e)
         if (row > 0 && joint[c][e] / row >= 0.05) mix += fmt::format("  e{} {:.0f}%", e, 100 * joint[c][e] / row);
-      out += fmt::format("  {:<12}{}\n", class_name(c, K), mix);
+      out += fmt::format("  {:<12}{}\n", image_class_name(c, K), mix);
     }
   }
   return out;
@@ -91,7 +86,7 @@ std::string render_vision_routes_html(const VisionRunConfig& cfg, const VisionEv
     for (int64_t c = 0; c < K; ++c) {
       double row = 0;
       for (double v : joint[c]) row += v;
-      html += fmt::format("<tr><th style=\"text-align:left\">{}</th>", escape(class_name(c, K)));
+      html += fmt::format("<tr><th style=\"text-align:left\">{}</th>", escape(image_class_name(c, K)));
       for (int64_t e = 0; e < E; ++e) {
         const double share = row > 0 ? joint[c][e] / row : 0.0;
         const int shade = int(std::lround(255 * (1 - share)));
@@ -112,7 +107,7 @@ std::string render_vision_routes_html(const VisionRunConfig& cfg, const VisionEv
         std::vector<uint8_t> rgb;
         for (uint8_t v : img) rgb.insert(rgb.end(), {v, v, v});
         html += fmt::format("<img width=\"{}\" height=\"{}\" title=\"{}\" src=\"{}\">",
-                            2 * set.cols, 2 * set.rows, escape(class_name(set.labels[i], K)),
+                            2 * set.cols, 2 * set.rows, escape(image_class_name(set.labels[i], K)),
                             png_data_uri(uint32_t(set.cols), uint32_t(set.rows), rgb));
         ++shown;
       }

@@ -38,6 +38,8 @@ ImageSet read_idx(const std::string& images_path, const std::string& labels_path
 std::string fashion_mnist_path(const std::string& file);
 // Fashion-MNIST's ten class names, by label.
 const std::vector<std::string>& fashion_mnist_classes();
+// A label's name in reports: Fashion-MNIST's when there are ten classes, else "class <label>".
+std::string image_class_name(int64_t label, int64_t n_classes);
 
 // A random split (Philox(seed), the same for the same seed): val_images images to the second
 // set, the rest to the first, each keeping the original order. Throws ConfigError unless
