@@ -141,6 +141,7 @@ int compare_vision_cli(const CompareCliOptions& o) {
                         moe = load_vision_config(o.moe, overrides);
   struct Result {
     const VisionRunConfig* cfg;
+    VisionData data;
     VisionRun run;
     VisionEval test;
   };
@@ -154,17 +155,17 @@ int compare_vision_cli(const CompareCliOptions& o) {
                                     dir));
     fmt::print("== {} ({:.2f} MFLOPs per image)\n", cfg->name,
                2.0 * double(cfg->model.macs_per_image()) / 1e6);
-    const VisionData data = load_vision_data(cfg->data, cfg->train.seed, cfg->model);
-    results.push_back({cfg, train_vision(*cfg, data, dir, {.threads = o.threads, .quiet = false, .log = {}}), {}});
+    Result& r = results.emplace_back(
+        Result{cfg, load_vision_data(cfg->data, cfg->train.seed, cfg->model), {}, {}});
+    r.run = train_vision(*cfg, r.data, dir, {.threads = o.threads, .quiet = false, .log = {}});
   }
   // Both models' test figures back to back, so that their inference speeds share the machine's
   // state.
   for (Result& r : results) {
-    const VisionData data = load_vision_data(r.cfg->data, r.cfg->train.seed, r.cfg->model);
     ExecContext ctx;
     ctx.n_threads = o.threads;
     ctx.backend = &pick_backend(cpu_features(), r.cfg->model.precision);
-    r.test = evaluate_vision(VisionTransformer(r.cfg->model), r.run.params, data.test, 256, ctx);
+    r.test = evaluate_vision(VisionTransformer(r.cfg->model), r.run.params, r.data.test, 256, ctx);
   }
   fmt::print("\n| config | MFLOPs/image | parameters | test accuracy | train s | train images/s | "
              "inference images/s |\n|---|---:|---:|---:|---:|---:|---:|\n");

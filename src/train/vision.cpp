@@ -217,9 +217,10 @@ VisionRun train_vision(const VisionRunConfig& cfg, const VisionData& data,
   const int64_t n = data.train.n, B = t.batch, px = data.train.rows * data.train.cols;
   const Philox rng(t.seed, /*stream=*/0x1A6E);
   std::vector<int64_t> order(static_cast<size_t>(n));
-  std::vector<uint8_t> augmented(static_cast<size_t>(B * px));
-  ImageSet batch_set{.n = B, .rows = data.train.rows, .cols = data.train.cols, .pixels = {},
-                     .labels = {}, .n_classes = 0};
+  // The augmented batch, augmented in place and read by image_batch.
+  ImageSet batch_set{.n = B, .rows = data.train.rows, .cols = data.train.cols,
+                     .pixels = std::vector<uint8_t>(static_cast<size_t>(B * px)), .labels = {},
+                     .n_classes = 0};
   std::vector<int64_t> all(static_cast<size_t>(B));
   std::iota(all.begin(), all.end(), 0);
   std::vector<int32_t> labels(static_cast<size_t>(B)), guide;
@@ -251,10 +252,9 @@ VisionRun train_vision(const VisionRunConfig& cfg, const VisionData& data,
     for (int64_t b = 0; b < B; ++b) {
       const int64_t pos = step * B + b, img = order[size_t(pos % n)];
       augment_image(data.train.image(img), data.train.rows, data.train.cols, cfg.data.pad,
-                    cfg.data.flip, rng, uint64_t(pos), {augmented.data() + b * px, size_t(px)});
+                    cfg.data.flip, rng, uint64_t(pos), {batch_set.pixels.data() + b * px, size_t(px)});
       labels[b] = data.train.labels[img];
     }
-    batch_set.pixels = augmented;
     image_batch(batch_set, all, images);
     guide.clear();
     for (int32_t y : labels)
