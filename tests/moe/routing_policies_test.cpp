@@ -240,7 +240,7 @@ TEST(RoutingPolicies, NoisyTopKLossesMatchFiniteDifferences) {
     Tensor x = random_tensor({T, d}, DType::kF64, 21), w = random_tensor({d, E}, DType::kF64, 22);
     Tensor wn = random_tensor({d, E}, DType::kF64, 23, -0.5, 0.5), zero({T, k}, DType::kF64);
     RouterCache c;
-    const RouterInput in{{}, /*seed=*/5, /*training=*/true};
+    const RouterInput in{{}, /*seed=*/5, /*training=*/true, nullptr, nullptr, {}};
     auto loss = [&] {
       router.forward<double>(w.matrix<double>(), x.matrix<double>(), c, {}, in, wn.matrix<double>());
       return c.loss_balance;

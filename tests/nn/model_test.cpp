@@ -195,14 +195,7 @@ void gradcheck_model(const LmConfig& cfg) {
   };
   loss();
   model.backward(p, cache, g, ctx);
-  auto grads = g.named();
-  auto params = p.named();
-  ASSERT_EQ(grads.size(), params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    ASSERT_EQ(params[i].first, grads[i].first);
-    expect_grad_close(loss, params[i].second->span<double>(), grads[i].second->span<double>(),
-                      params[i].first, 1e-6, 1e-7, 1e-5, 24);
-  }
+  testing::expect_named_grads_close(loss, p.named(), g.named());
 }
 
 TEST(LanguageModelGradcheck, MoeAndDenseLayers) { gradcheck_model(tiny_config(2)); }

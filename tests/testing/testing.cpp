@@ -44,6 +44,18 @@ void expect_grad_close(const std::function<double()>& loss, std::span<double> pa
   EXPECT_EQ(failures, 0) << name << ": entries whose gradient disagrees";
 }
 
+void expect_named_grads_close(const std::function<double()>& loss,
+                              const std::vector<std::pair<std::string, Tensor*>>& params,
+                              const std::vector<std::pair<std::string, Tensor*>>& grads,
+                              int max_checks) {
+  ASSERT_EQ(grads.size(), params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    ASSERT_EQ(params[i].first, grads[i].first);
+    expect_grad_close(loss, params[i].second->span<double>(), grads[i].second->span<double>(),
+                      params[i].first, 1e-6, 1e-7, 1e-5, max_checks);
+  }
+}
+
 double dot(std::span<const double> y, std::span<const double> r) {
   double s = 0;
   for (size_t i = 0; i < y.size(); ++i) s += y[i] * r[i];

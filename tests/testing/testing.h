@@ -7,7 +7,10 @@
 #include <cstdint>
 #include <functional>
 #include <span>
+#include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
 
 #include "switchyard/core/rng.h"
 #include "switchyard/core/tensor.h"
@@ -29,6 +32,14 @@ double max_scaled_error(std::span<const double> a, std::span<const double> b, do
 void expect_grad_close(const std::function<double()>& loss, std::span<double> param,
                        std::span<const double> grad, std::string_view name, double eps = 1e-6,
                        double atol = 1e-7, double rtol = 1e-5, int max_checks = 48);
+
+// expect_grad_close for every tensor of a model's parameter set against the same-named tensor
+// of its gradients (params and grads: named() of a parameter set and of its gradients), each
+// on up to max_checks entries.
+void expect_named_grads_close(const std::function<double()>& loss,
+                              const std::vector<std::pair<std::string, Tensor*>>& params,
+                              const std::vector<std::pair<std::string, Tensor*>>& grads,
+                              int max_checks = 24);
 
 // sum(y * r): a scalar loss whose gradient w.r.t. y is r.
 double dot(std::span<const double> y, std::span<const double> r);
