@@ -20,6 +20,56 @@ void copy_into(Tensor& dst, const Tensor& src) {
   std::memcpy(dst.data<T>(), src.data<T>(), src.nbytes());
 }
 
+// Rows [r0, r0 + rows) of src into dst (resized), or of src into rows [r0, ...) of dst.
+template <class T>
+void copy_rows_out(const Tensor& src, int64_t r0, int64_t rows, Tensor& dst) {
+  const int64_t d = src.dim(1);
+  dst.resize_for_overwrite({rows, d}, src.dtype());
+  std::memcpy(dst.data<T>(), src.data<T>() + r0 * d, size_t(rows * d) * sizeof(T));
+}
+template <class T>
+void copy_rows_in(const Tensor& src, Tensor& dst, int64_t r0) {
+  const int64_t d = dst.dim(1);
+  std::memcpy(dst.data<T>() + r0 * d, src.data<T>(), src.nbytes());
+}
+
+// y = attention(h) over all rows, or segment by segment.
+template <class T>
+void attention_forward(const BlockKind& kind, const LayerParams& l, const Tensor& h, int64_t n_seq,
+                       LayerCache& lc, Tensor& y, const ExecContext& ctx) {
+  if (kind.segments.empty()) return kind.attention->forward(l.attn, h, n_seq, y, lc.attn, ctx);
+  y.resize_for_overwrite({h.dim(0), h.dim(1)}, h.dtype());
+  lc.segment_attn.resize(kind.segments.size());
+  int64_t next = 0;
+  for (size_t s = 0; s < kind.segments.size(); ++s) {
+    const AttentionSegment& seg = kind.segments[s];
+    const int64_t rows = seg.n_seq * seg.seq_len;
+    SY_CHECK(seg.row0 == next, "attention segment {} starts at row {}: expected {}", s, seg.row0, next);
+    next += rows;
+    if (rows == 0) continue;
+    copy_rows_out<T>(h, seg.row0, rows, lc.segment_in);
+    seg.attention->forward(l.attn, lc.segment_in, seg.n_seq, lc.segment_out, lc.segment_attn[s], ctx);
+    copy_rows_in<T>(lc.segment_out, y, seg.row0);
+  }
+  SY_CHECK(next == h.dim(0), "attention segments cover {} rows of {}", next, h.dim(0));
+}
+
+// dx = d loss / d h for dy = d loss / d attention(h); gl.attn +=.
+template <class T>
+void attention_backward(const BlockKind& kind, const LayerParams& l, LayerCache& lc,
+                        LayerParams& gl, const Tensor& dy, Tensor& dx, const ExecContext& ctx) {
+  if (kind.segments.empty()) return kind.attention->backward(l.attn, lc.attn, dy, gl.attn, dx, ctx);
+  dx.resize_for_overwrite({dy.dim(0), dy.dim(1)}, dy.dtype());
+  for (size_t s = 0; s < kind.segments.size(); ++s) {
+    const AttentionSegment& seg = kind.segments[s];
+    const int64_t rows = seg.n_seq * seg.seq_len;
+    if (rows == 0) continue;
+    copy_rows_out<T>(dy, seg.row0, rows, lc.segment_in);
+    seg.attention->backward(l.attn, lc.segment_attn[s], lc.segment_in, gl.attn, lc.segment_out, ctx);
+    copy_rows_in<T>(lc.segment_out, dx, seg.row0);
+  }
+}
+
 }  // namespace
 
 ExecContext layer_context(const ExecContext& ctx, int64_t layer) {
@@ -113,7 +163,7 @@ MoeForward block_forward(const BlockKind& kind, const LayerParams& l, Tensor& x,
   lc.rstd_attn.resize({n}, dt);
   cpu::rmsnorm<T>(x.matrix<T>(), l.norm_attn.span<T>(), eps, lc.h_attn.matrix<T>(),
                   lc.rstd_attn.span<T>());
-  kind.attention->forward(l.attn, lc.h_attn, n_seq, lc.out, lc.attn, ctx);
+  attention_forward<T>(kind, l, lc.h_attn, n_seq, lc, lc.out, ctx);
   add_into<T>(x, lc.out);
 
   copy_into<T>(lc.x_ffn, x);
@@ -154,7 +204,7 @@ void block_backward(const BlockKind& kind, const LayerParams& l, LayerCache& lc,
                            dh.matrix<T>(), dsub.matrix<T>(), gl.norm_ffn.span<T>());
   add_into<T>(dx, dsub);
   // x_ffn = x_attn + attention(rmsnorm(x_attn)).
-  kind.attention->backward(l.attn, lc.attn, dx, gl.attn, dh, ctx);
+  attention_backward<T>(kind, l, lc, gl, dx, dh, ctx);
   cpu::rmsnorm_backward<T>(lc.x_attn.matrix<T>(), l.norm_attn.span<T>(), lc.rstd_attn.span<T>(),
                            dh.matrix<T>(), dsub.matrix<T>(), gl.norm_attn.span<T>());
   add_into<T>(dx, dsub);

@@ -21,15 +21,26 @@ namespace sy::detail {
 // with the layer index.
 ExecContext layer_context(const ExecContext& ctx, int64_t layer);
 
+// Rows [row0, row0 + n_seq * seq_len) of a block's input, n_seq sequences of seq_len, that
+// attend among themselves with their own attention (causal or not); the attention weights are
+// the block's either way.
+struct AttentionSegment {
+  const Attention* attention = nullptr;
+  int64_t row0 = 0, n_seq = 0, seq_len = 0;
+};
+
 // What a block runs: its attention, and the MoE layer when its feed-forward is one (nullptr: a
-// dense SwiGLU in l.w1/w3/w2).
+// dense SwiGLU in l.w1/w3/w2). With segments (which must cover the rows one after another), the
+// attention runs per segment instead, and the feed-forward still over all rows at once: one
+// MoE layer over several kinds of sequence (the multimodal model).
 struct BlockKind {
   const Attention* attention = nullptr;
   const MoeLayer* moe = nullptr;
   double norm_eps = 1e-5;
+  std::span<const AttentionSegment> segments = {};
 };
 
-// x: [T, d], n_seq sequences of equal length, updated in place; lc keeps what backward needs.
+// x: [T, d], n_seq sequences of equal length (unused with segments), updated in place; lc keeps what backward needs.
 // token_ids and groups go to the MoE layer (hash routing; routing by groups of rows). Returns
 // the MoE layer's losses and statistics (zero and empty for a dense block).
 template <class T>

@@ -85,8 +85,9 @@ int64_t VitConfig::macs_per_image() const {
 int64_t VitConfig::total_params() const {
   const int64_t d = d_model;
   const MoeConfig m = moe_config();
+  // The router (and its noise projection), the experts, the balancing bias, the shared experts.
   const int64_t moe_ffn = d * m.n_experts * (m.gating == Gating::kNoisyTopK ? 2 : 1) +
-                          m.n_experts * 3 * d * m.d_ff +
+                          m.n_experts * 3 * d * m.d_ff + m.n_experts +
                           m.n_shared_experts * 3 * d * m.shared_width();
   int64_t n = patch_dim() * d + d + seq_len() * d + (pooling == VitPooling::kClassToken) * d +
               d + d * n_classes + n_classes;

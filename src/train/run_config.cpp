@@ -490,6 +490,12 @@ VisionRunConfig parse_vision_config(const std::string& json_text, const std::str
   if (!cfg.data.superclasses.empty() && cfg.model.moe.loss_guide_weight == 0)
     throw ConfigError("data.superclasses is set but model.moe.loss_guide_weight is 0: expected a "
                       "weight for the guidance loss towards them");
+  if (cfg.data.superclasses.empty() && cfg.model.moe.loss_guide_weight != 0 &&
+      cfg.model.n_moe_layers() > 0)
+    throw ConfigError(fmt::format("model.moe.loss_guide_weight = {} but data.superclasses is not "
+                                  "set: expected a super-class file for the routers to be guided "
+                                  "towards (switchyard superclasses), or a weight of 0",
+                                  cfg.model.moe.loss_guide_weight));
   return cfg;
 }
 

@@ -240,17 +240,19 @@ VisionRun train_vision(const VisionRunConfig& cfg, const VisionData& data,
   };
   for (int64_t step = 0; step < t.steps; ++step) {
     const double t0 = wall_seconds();
-    // Each epoch visits every image once, in an order drawn from the seed and the epoch.
-    if ((step * B) / n != epoch) {
-      epoch = (step * B) / n;
-      std::iota(order.begin(), order.end(), 0);
-      for (int64_t i = n - 1; i > 0; --i) {
-        const uint32_t r = rng.bits(uint64_t(epoch) * uint64_t(n) + uint64_t(i))[1];
-        std::swap(order[i], order[int64_t(r % uint32_t(i + 1))]);
-      }
-    }
     for (int64_t b = 0; b < B; ++b) {
-      const int64_t pos = step * B + b, img = order[size_t(pos % n)];
+      // Each epoch visits every image once, in an order drawn from the seed and the epoch; a
+      // batch that straddles two epochs takes its last images from the new order.
+      const int64_t pos = step * B + b;
+      if (pos / n != epoch) {
+        epoch = pos / n;
+        std::iota(order.begin(), order.end(), 0);
+        for (int64_t i = n - 1; i > 0; --i) {
+          const uint32_t r = rng.bits(uint64_t(epoch) * uint64_t(n) + uint64_t(i))[1];
+          std::swap(order[i], order[int64_t(r % uint32_t(i + 1))]);
+        }
+      }
+      const int64_t img = order[size_t(pos % n)];
       augment_image(data.train.image(img), data.train.rows, data.train.cols, cfg.data.pad,
                     cfg.data.flip, rng, uint64_t(pos), {batch_set.pixels.data() + b * px, size_t(px)});
       labels[b] = data.train.labels[img];

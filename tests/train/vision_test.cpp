@@ -58,8 +58,7 @@ VisionRunConfig small_run(const std::string& json_model) {
 const char* kDense = R"({"patch": 7, "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 48})";
 const char* kPerImage = R"({"patch": 7, "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 48,
     "moe_last": 1, "routing": "per_image",
-    "moe": {"n_experts": 2, "top_k": 1, "d_ff": 48, "capacity_factor_train": 2.0,
-            "loss_guide_weight": 0.5}})";
+    "moe": {"n_experts": 2, "top_k": 1, "d_ff": 48, "capacity_factor_train": 2.0}})";
 
 TEST(VisionConfig, BuiltInConfigsLoadAndBadValuesAreNamed) {
   EXPECT_TRUE(is_vision_config("fashion-vit"));
@@ -83,6 +82,15 @@ TEST(VisionConfig, BuiltInConfigsLoadAndBadValuesAreNamed) {
   EXPECT_NE(message({"data.colour=1"}).find("data.colour"), std::string::npos);
   EXPECT_NE(message({"data.superclasses=x.json"}).find("loss_guide_weight"), std::string::npos);
   EXPECT_NE(message({"task=lm"}).find("vision"), std::string::npos);
+  // Guidance needs its targets: a guided config without its super-class file is refused.
+  try {
+    load_vision_config("fashion-mobile-vmoe", {"data.superclasses="});
+    ADD_FAILURE() << "a guidance weight without super-classes was accepted";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("data.superclasses"), std::string::npos) << e.what();
+  }
+  EXPECT_NO_THROW(load_vision_config("fashion-mobile-vmoe",
+                                     {"data.superclasses=", "model.moe.loss_guide_weight=0"}));
   EXPECT_THROW(load_run_config("fashion-vit"), ConfigError);  // not a language-model run
 }
 
@@ -118,6 +126,7 @@ TEST(VisionTraining, GuidedPerImageMoeLearnsTheSuperClasses) {
   const std::string sc = (fs::path(cfg.data.dir) / "superclasses.json").string();
   write_file_atomic(sc, R"({"superclass": [0, 0, 0, 0, 0, 1, 0, 1, 1, 1]})");
   cfg.data.superclasses = sc;
+  cfg.model.moe.loss_guide_weight = 0.5;
   const VisionData data = load_vision_data(cfg.data, cfg.train.seed, cfg.model);
   const VisionRun run = train_vision(cfg, data, (fs::path(cfg.data.dir) / "guided").string(),
                                      {.threads = 0, .quiet = true, .log = {}});

@@ -99,6 +99,9 @@ struct LayerCache {
   AttentionCache attn;
   MoeCache moe;
   ExpertsCache ffn;
+  // Attention by segments (the multimodal model): one cache per segment, and the segment's rows.
+  std::vector<AttentionCache> segment_attn;
+  Tensor segment_in, segment_out;
 };
 
 struct LmCache {
