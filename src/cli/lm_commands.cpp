@@ -13,6 +13,7 @@
 #include <optional>
 
 #include "cli/bench_moe.h"
+#include "cli/multimodal_commands.h"
 #include "cli/vision_commands.h"
 #include "switchyard/core/exec_context.h"
 #include "switchyard/core/file.h"
@@ -27,6 +28,7 @@
 #include "switchyard/train/routes.h"
 #include "switchyard/train/sweep.h"
 #include "switchyard/train/trainer.h"
+#include "switchyard/train/multimodal.h"
 #include "switchyard/train/vision.h"
 #ifdef SY_WITH_MPI
 #include "switchyard/dist/comm.h"
@@ -159,6 +161,7 @@ int train_with(const TrainCliOptions& o, const ParallelGroup* grid) {
 
 int run_train(const TrainCliOptions& o) {
   if (is_vision_config(o.config)) return train_vision_cli(o);
+  if (is_multimodal_config(o.config)) return train_multimodal_cli(o);
   if (o.expert_parallel <= 0 && !mpi_launched()) return train_with(o, nullptr);
 #ifdef SY_WITH_MPI
   MpiSession mpi(nullptr, nullptr);
@@ -191,9 +194,11 @@ int run_eval(const EvalCliOptions& o) {
   if (!o.model.empty()) return eval_hf(o);
   if (const std::string path = find_checkpoint(o.checkpoint); is_vision_checkpoint(path))
     return eval_vision_cli(o, path);
+  if (const std::string path = find_checkpoint(o.checkpoint); is_multimodal_checkpoint(path))
+    return eval_multimodal_cli(o, path);
   if (!o.overrides.empty() || o.split != "test")
-    throw ConfigError("--set and --split: for vision checkpoints; a language model is evaluated "
-                      "on its validation split as configured");
+    throw ConfigError("--set and --split: for vision and multimodal checkpoints; a language model "
+                      "is evaluated on its validation split as configured");
   const Checkpoint ck = load_checkpoint(o.checkpoint, /*with_optimizer=*/false);
   const std::string data = resolve_data_path(o.data.empty() ? ck.cfg.data.path : o.data);
   const Corpus corpus = load_corpus(data, ck.cfg.data.val_fraction, ck.cfg.model.context);
@@ -437,6 +442,7 @@ int run_export(const ExportCliOptions& o) {
 
 int run_compare(const CompareCliOptions& o) {
   if (is_vision_config(o.moe) || is_vision_config(o.dense)) return compare_vision_cli(o);
+  if (is_multimodal_config(o.moe) || is_multimodal_config(o.dense)) return compare_multimodal_cli(o);
   const RunConfig moe = config_for(o.moe, {}, o.steps), dense = config_for(o.dense, {}, o.steps);
   if (moe.train.steps != dense.train.steps || moe.train.eval_interval != dense.train.eval_interval)
     throw ConfigError(fmt::format("compare: {} and {} differ in train.steps or "
@@ -520,6 +526,8 @@ int run_sweep(const SweepCliOptions& o) {
 int run_routes(const RoutesCliOptions& o) {
   if (const std::string path = find_checkpoint(o.checkpoint); is_vision_checkpoint(path))
     return vision_routes_cli(o, path);
+  if (const std::string path = find_checkpoint(o.checkpoint); is_multimodal_checkpoint(path))
+    return multimodal_routes_cli(o, path);
   const Checkpoint ck = load_checkpoint(o.checkpoint, /*with_optimizer=*/false);
   if (ck.cfg.model.n_moe_layers() == 0)
     throw ConfigError(fmt::format("{}: a dense model (model.moe_every = 0) has no routes", o.checkpoint));

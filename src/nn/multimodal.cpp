@@ -14,8 +14,6 @@ namespace sy {
 
 namespace {
 
-constexpr int64_t kVocab = 256;
-
 template <class F>
 MmParams map_params(const MmParams& p, F f) {
   MmParams o;
@@ -80,111 +78,6 @@ void project_backward(const Backend& be, ConstMatrixView<T> in, ConstMatrixView<
 
 }  // namespace
 
-const char* modality_name(Modality m) {
-  switch (m) {
-    case Modality::kImage: return "image";
-    case Modality::kText: return "text";
-    case Modality::kControl: return "control";
-  }
-  return "?";
-}
-
-void MultimodalConfig::validate() const {
-  auto positive = [](const char* name, int64_t v) {
-    if (v < 1) throw ConfigError(fmt::format("model.{} = {}: expected >= 1", name, v));
-  };
-  positive("n_layers", n_layers);
-  positive("image_rows", image_rows);
-  positive("image_cols", image_cols);
-  positive("patch", patch);
-  positive("text_context", text_context);
-  positive("control_steps", control_steps);
-  positive("control_features", control_features);
-  positive("control_actions", control_actions);
-  if (n_classes < 2) throw ConfigError(fmt::format("model.n_classes = {}: expected >= 2", n_classes));
-  if (image_rows % patch != 0 || image_cols % patch != 0)
-    throw ConfigError(fmt::format("model.patch = {}: expected a divisor of the image's {} x {}",
-                                  patch, image_rows, image_cols));
-  if (image_rows > 1024 || image_cols > 1024 || text_context > 65536 || control_steps > 65536)
-    throw ConfigError("model image size, text_context or control_steps: expected at most 1024 x "
-                      "1024, 65536, 65536");
-  if (!(norm_eps > 0) || !std::isfinite(norm_eps))
-    throw ConfigError(fmt::format("model.norm_eps = {}: expected a finite value > 0", norm_eps));
-  for (const auto& [name, w] : {std::pair{"image_weight", image_weight},
-                                std::pair{"text_weight", text_weight},
-                                std::pair{"control_weight", control_weight}})
-    if (!(w >= 0) || !std::isfinite(w))
-      throw ConfigError(fmt::format("model.{} = {}: expected a finite weight >= 0", name, w));
-  if (moe_every < 0) throw ConfigError(fmt::format("model.moe_every = {}: expected >= 0", moe_every));
-  attention(true).validate();
-  if (n_moe_layers() < n_layers) positive("d_ff", d_ff);
-  if (n_moe_layers() > 0) {
-    moe_config().validate();
-    if (moe.gating == Gating::kHash)
-      throw ConfigError("moe.router = hash: the modalities' tokens share no vocabulary to hash; "
-                        "expected a learned or random router");
-  }
-}
-
-int64_t MultimodalConfig::n_moe_layers() const {
-  int64_t n = 0;
-  for (int64_t i = 0; i < n_layers; ++i) n += is_moe(i);
-  return n;
-}
-
-int64_t MultimodalConfig::seq_len(Modality m) const {
-  switch (m) {
-    case Modality::kImage: return n_patches();
-    case Modality::kText: return text_context;
-    case Modality::kControl: return control_steps;
-  }
-  return 0;
-}
-
-MoeConfig MultimodalConfig::moe_config() const {
-  MoeConfig m = moe;
-  m.d_model = d_model;
-  return m;
-}
-
-AttentionConfig MultimodalConfig::attention(bool causal) const {
-  return {.d_model = d_model,
-          .n_heads = n_heads,
-          .max_context = std::max({n_patches(), text_context, control_steps}),
-          .causal = causal,
-          .rope = false};
-}
-
-int64_t MultimodalConfig::block_macs_per_row() const {
-  const int64_t d = d_model;
-  const MoeConfig m = moe_config();
-  const int64_t router = d * m.n_experts * (m.gating == Gating::kNoisyTopK ? 2 : 1);
-  const double experts = m.gating == Gating::kExpertChoice
-                             ? m.capacity_factor_eval * double(m.top_k)
-                             : double(m.top_k);
-  const int64_t moe_ffn = router + int64_t(std::llround(experts * double(3 * d * m.d_ff))) +
-                          m.n_shared_experts * 3 * d * m.shared_width();
-  int64_t n = 0;
-  for (int64_t i = 0; i < n_layers; ++i) n += 4 * d * d + (is_moe(i) ? moe_ffn : 3 * d * d_ff);
-  return n;
-}
-
-int64_t MultimodalConfig::total_params() const {
-  const int64_t d = d_model;
-  const MoeConfig m = moe_config();
-  // The router (and its noise projection), the experts, the balancing bias, the shared experts.
-  const int64_t moe_ffn = d * m.n_experts * (m.gating == Gating::kNoisyTopK ? 2 : 1) +
-                          m.n_experts * 3 * d * m.d_ff + m.n_experts +
-                          m.n_shared_experts * 3 * d * m.shared_width();
-  int64_t n = patch_dim() * d + d + n_patches() * d + d * n_classes + n_classes;
-  n += kVocab * d + text_context * d + d * kVocab;
-  n += control_features * d + d + control_steps * d + d * control_actions + control_actions;
-  n += d;
-  for (int64_t i = 0; i < n_layers; ++i)
-    n += 4 * d * d + 2 * d + (is_moe(i) ? moe_ffn : 3 * d * d_ff);
-  return n;
-}
-
 std::vector<std::pair<std::string, Tensor*>> MmParams::named() {
   std::vector<std::pair<std::string, Tensor*>> out;
   auto add = [&](std::string name, Tensor& t) {
@@ -228,9 +121,9 @@ MmParams init_mm_params(const MultimodalConfig& cfg, DType dtype, uint64_t seed)
   p.pos_image = normal({cfg.n_patches(), d}, 0.02, 1);
   p.head_image_w = normal({d, cfg.n_classes}, fan_in(d), 2);
   p.head_image_b = Tensor({cfg.n_classes}, dtype);
-  p.embed = normal({kVocab, d}, 1.0, 3);
+  p.embed = normal({MultimodalConfig::kVocab, d}, 1.0, 3);
   p.pos_text = normal({cfg.text_context, d}, 0.02, 4);
-  p.head_text = normal({d, kVocab}, fan_in(d), 5);
+  p.head_text = normal({d, MultimodalConfig::kVocab}, fan_in(d), 5);
   p.control_w = normal({cfg.control_features, d}, fan_in(cfg.control_features), 6);
   p.control_b = Tensor({d}, dtype);
   p.pos_control = normal({cfg.control_steps, d}, 0.02, 7);
@@ -263,9 +156,9 @@ void MultimodalModel::check_params(const MmParams& p) const {
   expect_shape(p.pos_image, {cfg_.n_patches(), d}, "image.pos");
   expect_shape(p.head_image_w, {d, cfg_.n_classes}, "image.head_w");
   expect_shape(p.head_image_b, {cfg_.n_classes}, "image.head_b");
-  expect_shape(p.embed, {kVocab, d}, "text.embed");
+  expect_shape(p.embed, {MultimodalConfig::kVocab, d}, "text.embed");
   expect_shape(p.pos_text, {cfg_.text_context, d}, "text.pos");
-  expect_shape(p.head_text, {d, kVocab}, "text.head");
+  expect_shape(p.head_text, {d, MultimodalConfig::kVocab}, "text.head");
   expect_shape(p.control_w, {cfg_.control_features, d}, "control.w");
   expect_shape(p.control_b, {d}, "control.b");
   expect_shape(p.pos_control, {cfg_.control_steps, d}, "control.pos");
@@ -323,7 +216,7 @@ MmStep MultimodalModel::forward(const MmParams& p, const MmBatch& b, MmCache& c,
                                  "of {} (model.text_context)",
                                  b.text.size(), b.text_targets.size(), Lt));
   for (size_t i = 0; i < b.text.size(); ++i)
-    if (b.text[i] < 0 || b.text[i] >= kVocab || b.text_targets[i] >= kVocab)
+    if (b.text[i] < 0 || b.text[i] >= MultimodalConfig::kVocab || b.text_targets[i] >= MultimodalConfig::kVocab)
       throw ShapeError(fmt::format("text position {}: byte {}, target {}: expected bytes 0..255",
                                    i, b.text[i], b.text_targets[i]));
   int64_t Bc = 0;
@@ -435,7 +328,7 @@ MmStep MultimodalModel::forward_impl(const MmParams& p, const MmBatch& b, MmCach
   // Text: next-byte logits at every position.
   if (!c.text.empty()) {
     const int64_t n_rows = int64_t(c.text.size());
-    c.text_logits.resize_for_overwrite({n_rows, kVocab}, dt);
+    c.text_logits.resize_for_overwrite({n_rows, MultimodalConfig::kVocab}, dt);
     MatrixView<T> logits = c.text_logits.matrix<T>();
     be.gemm<T>(false, false, T(1), h.slice_rows(c.row0[1], c.row0[2]), p.head_text.matrix<T>(),
                T(0), logits);

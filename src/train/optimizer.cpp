@@ -46,6 +46,7 @@ void BasicAdamW<Params>::step(Params& p, const Params& g, double lr) {
 
 template class BasicAdamW<LmParams>;
 template class BasicAdamW<VitParams>;
+template class BasicAdamW<MmParams>;
 
 double learning_rate(const TrainConfig& cfg, int64_t step) {
   if (step < cfg.warmup) return cfg.lr * double(step + 1) / double(cfg.warmup);
@@ -104,5 +105,7 @@ double clip_grad_norm(LmParams& g, double max_norm, const ParallelGroup* grid) {
 double clip_grad_norm(VitParams& g, double max_norm) {
   return clip_grad_norm_impl(g, max_norm, nullptr);
 }
+
+double clip_grad_norm(MmParams& g, double max_norm) { return clip_grad_norm_impl(g, max_norm, nullptr); }
 
 }  // namespace sy

@@ -278,6 +278,12 @@ RouteAnalysis analyze_routes(const LanguageModel& model, const LmParams& p,
   return a;
 }
 
+std::string escape_html(const std::string& s) {
+  std::string out;
+  for (char c : s) out += c == '<' ? "&lt;" : c == '>' ? "&gt;" : c == '&' ? "&amp;" : std::string(1, c);
+  return out;
+}
+
 namespace {
 
 std::string show_byte(int c) {
@@ -285,12 +291,6 @@ std::string show_byte(int c) {
   if (c == '\n') return "\\n";
   if (c >= 33 && c < 127) return std::string(1, char(c));
   return fmt::format("\\x{:02x}", c);
-}
-
-std::string escape_html(const std::string& s) {
-  std::string out;
-  for (char c : s) out += c == '<' ? "&lt;" : c == '>' ? "&gt;" : c == '&' ? "&amp;" : std::string(1, c);
-  return out;
 }
 
 // The n largest entries of a row as (index, share of the row's sum), largest first.

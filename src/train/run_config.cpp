@@ -1,6 +1,7 @@
 // Run configs: JSON in, validated structs out; canonical JSON back out for checkpoints.
 #include "switchyard/train/run_config.h"
 
+#include "switchyard/train/multimodal.h"
 #include "switchyard/train/vision.h"
 
 #include <cmath>
@@ -512,6 +513,154 @@ std::string vision_config_json(const VisionRunConfig& cfg) {
   j["train"] = train_json(cfg.train);
   j["data"] = {{"dir", d.dir},   {"val_images", d.val_images}, {"train_images", d.train_images},
                {"pad", d.pad},   {"flip", d.flip},             {"superclasses", d.superclasses}};
+  return j.dump(2);
+}
+
+void MultimodalDataConfig::validate() const {
+  if (val_images < 1)
+    throw ConfigError(fmt::format("data.val_images = {}: expected >= 1", val_images));
+  if (pad < 0 || pad > 16) throw ConfigError(fmt::format("data.pad = {}: expected 0..16", pad));
+  if (text.empty()) throw ConfigError("data.text: expected the path of a byte corpus");
+  if (!(text_val_fraction > 0 && text_val_fraction < 1))
+    throw ConfigError(fmt::format("data.text_val_fraction = {}: expected a fraction in (0, 1)",
+                                  text_val_fraction));
+  arm.validate();
+  if (train_episodes < 1 || val_episodes < 1 || train_episodes > 10'000'000 ||
+      val_episodes > 10'000'000)
+    throw ConfigError(fmt::format("data.train_episodes = {}, val_episodes = {}: expected 1..1e7",
+                                  train_episodes, val_episodes));
+  if (images_per_step < 0 || text_per_step < 0 || control_per_step < 0 ||
+      images_per_step + text_per_step + control_per_step == 0)
+    throw ConfigError(fmt::format("data.images_per_step = {}, text_per_step = {}, "
+                                  "control_per_step = {}: expected counts >= 0, not all 0",
+                                  images_per_step, text_per_step, control_per_step));
+}
+
+namespace {
+
+void read_multimodal_model(const json& j, MultimodalConfig& m) {
+  Section s(j, "model.");
+  s.get("d_model", m.d_model);
+  s.get("n_layers", m.n_layers);
+  s.get("n_heads", m.n_heads);
+  s.get("norm_eps", m.norm_eps);
+  s.get("moe_every", m.moe_every);
+  s.get("d_ff", m.d_ff);
+  std::string precision(precision_name(m.precision));
+  s.get("precision", precision);
+  m.precision = parse_precision(precision, "model.precision");
+  s.get("image_rows", m.image_rows);
+  s.get("image_cols", m.image_cols);
+  s.get("patch", m.patch);
+  s.get("n_classes", m.n_classes);
+  s.get("text_context", m.text_context);
+  s.get("control_steps", m.control_steps);
+  s.get("image_weight", m.image_weight);
+  s.get("text_weight", m.text_weight);
+  s.get("control_weight", m.control_weight);
+  if (s.has("moe")) read_moe(s.at("moe"), m.moe);
+  s.finish();
+  if (m.n_moe_layers() > 0 && m.moe.n_experts == 0)
+    throw ConfigError("model.moe: missing, but model.moe_every asks for MoE layers");
+}
+
+nlohmann::ordered_json multimodal_model_json(const MultimodalConfig& m) {
+  nlohmann::ordered_json j = {
+      {"d_model", m.d_model},           {"n_layers", m.n_layers},
+      {"n_heads", m.n_heads},           {"norm_eps", m.norm_eps},
+      {"moe_every", m.moe_every},       {"d_ff", m.d_ff},
+      {"precision", precision_name(m.precision)}, {"image_rows", m.image_rows},
+      {"image_cols", m.image_cols},     {"patch", m.patch},
+      {"n_classes", m.n_classes},       {"text_context", m.text_context},
+      {"control_steps", m.control_steps}, {"image_weight", m.image_weight},
+      {"text_weight", m.text_weight},   {"control_weight", m.control_weight}};
+  if (m.n_moe_layers() > 0) j["moe"] = moe_json(m.moe);
+  return j;
+}
+
+}  // namespace
+
+bool is_multimodal_config(const std::string& name_or_path) {
+  const json j = parse_json(config_text(name_or_path), name_or_path);
+  return j.is_object() && j.contains("task") && j["task"] == "multimodal";
+}
+
+MultimodalRunConfig parse_multimodal_config(const std::string& json_text, const std::string& source,
+                                            const std::vector<std::string>& overrides) {
+  json j = parse_json(json_text, source);
+  for (const std::string& kv : overrides) apply_override(j, kv);
+  MultimodalRunConfig cfg;
+  cfg.name = source;
+  cfg.model.control_features = kArmFeatures;
+  cfg.model.control_actions = kArmActions;
+  Section top(j, "");
+  if (!top.has("task") || top.at("task") != "multimodal")
+    throw ConfigError(fmt::format("{}: expected \"task\": \"multimodal\"", source));
+  if (top.has("model")) read_multimodal_model(top.at("model"), cfg.model);
+  if (top.has("train")) read_train(top.at("train"), cfg.train);
+  if (top.has("data")) {
+    Section s(top.at("data"), "data.");
+    MultimodalDataConfig& d = cfg.data;
+    s.get("image_dir", d.image_dir);
+    s.get("val_images", d.val_images);
+    s.get("pad", d.pad);
+    s.get("flip", d.flip);
+    s.get("text", d.text);
+    s.get("text_val_fraction", d.text_val_fraction);
+    if (s.has("arm")) {
+      Section a(s.at("arm"), "data.arm.");
+      a.get("l1", d.arm.l1);
+      a.get("l2", d.arm.l2);
+      a.get("m1", d.arm.m1);
+      a.get("m2", d.arm.m2);
+      a.get("damping", d.arm.damping);
+      a.get("dt", d.arm.dt);
+      a.get("substeps", d.arm.substeps);
+      a.get("kp", d.arm.kp);
+      a.get("kd", d.arm.kd);
+      a.get("tau_max", d.arm.tau_max);
+      a.finish();
+    }
+    s.get("train_episodes", d.train_episodes);
+    s.get("val_episodes", d.val_episodes);
+    s.get("images_per_step", d.images_per_step);
+    s.get("text_per_step", d.text_per_step);
+    s.get("control_per_step", d.control_per_step);
+    s.finish();
+  }
+  top.finish();
+  cfg.model.validate();
+  cfg.train.validate();
+  cfg.data.validate();
+  return cfg;
+}
+
+MultimodalRunConfig load_multimodal_config(const std::string& name_or_path,
+                                           const std::vector<std::string>& overrides) {
+  return parse_multimodal_config(config_text(name_or_path), name_or_path, overrides);
+}
+
+std::string multimodal_config_json(const MultimodalRunConfig& cfg) {
+  const MultimodalDataConfig& d = cfg.data;
+  const ArmConfig& a = d.arm;
+  nlohmann::ordered_json j;
+  j["task"] = "multimodal";
+  j["model"] = multimodal_model_json(cfg.model);
+  j["train"] = train_json(cfg.train);
+  j["data"] = {{"image_dir", d.image_dir},
+               {"val_images", d.val_images},
+               {"pad", d.pad},
+               {"flip", d.flip},
+               {"text", d.text},
+               {"text_val_fraction", d.text_val_fraction},
+               {"arm", {{"l1", a.l1}, {"l2", a.l2}, {"m1", a.m1}, {"m2", a.m2},
+                        {"damping", a.damping}, {"dt", a.dt}, {"substeps", a.substeps},
+                        {"kp", a.kp}, {"kd", a.kd}, {"tau_max", a.tau_max}}},
+               {"train_episodes", d.train_episodes},
+               {"val_episodes", d.val_episodes},
+               {"images_per_step", d.images_per_step},
+               {"text_per_step", d.text_per_step},
+               {"control_per_step", d.control_per_step}};
   return j.dump(2);
 }
 

@@ -18,12 +18,6 @@ std::vector<std::vector<double>> class_by_expert(const std::vector<int64_t>& exp
   return joint;
 }
 
-std::string escape(const std::string& s) {
-  std::string out;
-  for (char ch : s) out += ch == '<' ? "&lt;" : ch == '>' ? "&gt;" : ch == '&' ? "&amp;" : std::string(1, ch);
-  return out;
-}
-
 }  // namespace
 
 std::string render_vision_routes_text(const VisionRunConfig& cfg, const VisionEval& ev) {
@@ -75,7 +69,7 @@ std::string render_vision_routes_html(const VisionRunConfig& cfg, const VisionEv
       "margin:1px}}</style></head><body><h1>Routes of {0}</h1><p>{1} validation images; accuracy "
       "{2:.2f}%. Routing {3}; each cell: the share of the class's first choices that go to the "
       "expert.</p>",
-      escape(title), ev.confusion.total(), 100 * ev.confusion.accuracy(),
+      escape_html(title), ev.confusion.total(), 100 * ev.confusion.accuracy(),
       cfg.model.routing == VitRouting::kPerImage ? "per image" : "per patch");
   for (size_t m = 0; m < ev.expert_class.size(); ++m) {
     const auto joint = class_by_expert(ev.expert_class[m], E, K);
@@ -86,7 +80,7 @@ std::string render_vision_routes_html(const VisionRunConfig& cfg, const VisionEv
     for (int64_t c = 0; c < K; ++c) {
       double row = 0;
       for (double v : joint[c]) row += v;
-      html += fmt::format("<tr><th style=\"text-align:left\">{}</th>", escape(image_class_name(c, K)));
+      html += fmt::format("<tr><th style=\"text-align:left\">{}</th>", escape_html(image_class_name(c, K)));
       for (int64_t e = 0; e < E; ++e) {
         const double share = row > 0 ? joint[c][e] / row : 0.0;
         const int shade = int(std::lround(255 * (1 - share)));
@@ -107,7 +101,7 @@ std::string render_vision_routes_html(const VisionRunConfig& cfg, const VisionEv
         std::vector<uint8_t> rgb;
         for (uint8_t v : img) rgb.insert(rgb.end(), {v, v, v});
         html += fmt::format("<img width=\"{}\" height=\"{}\" title=\"{}\" src=\"{}\">",
-                            2 * set.cols, 2 * set.rows, escape(image_class_name(set.labels[i], K)),
+                            2 * set.cols, 2 * set.rows, escape_html(image_class_name(set.labels[i], K)),
                             png_data_uri(uint32_t(set.cols), uint32_t(set.rows), rgb));
         ++shown;
       }

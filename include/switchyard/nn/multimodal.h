@@ -40,6 +40,7 @@ inline constexpr int64_t kModalities = 3;
 const char* modality_name(Modality m);  // "image", "text", "control"
 
 struct MultimodalConfig {
+  static constexpr int64_t kVocab = 256;  // text is bytes
   int64_t d_model = 64;
   int64_t n_layers = 4;
   int64_t n_heads = 4;
@@ -50,7 +51,7 @@ struct MultimodalConfig {
   Precision precision = Precision::kF32;
   // Images: rows x cols, one channel, cut into patch x patch squares, n_classes labels.
   int64_t image_rows = 28, image_cols = 28, patch = 4, n_classes = 10;
-  int64_t text_context = 64;  // bytes per text sequence (vocab 256)
+  int64_t text_context = 64;  // bytes per text sequence
   int64_t control_steps = 40, control_features = 10, control_actions = 2;
   double image_weight = 1.0, text_weight = 1.0, control_weight = 1.0;
 

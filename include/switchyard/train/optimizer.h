@@ -6,13 +6,14 @@
 
 #include "switchyard/core/parallel.h"
 #include "switchyard/nn/model.h"
+#include "switchyard/nn/multimodal.h"
 #include "switchyard/nn/vision.h"
 #include "switchyard/train/run_config.h"
 
 namespace sy {
 
 // Over any parameter set with named() and zeros_like(): the language model's LmParams (AdamW)
-// and the vision transformer's VitParams (VitAdamW).
+// the vision transformer's VitParams (VitAdamW) and the multimodal model's MmParams (MmAdamW).
 template <class Params>
 class BasicAdamW {
  public:
@@ -32,6 +33,7 @@ class BasicAdamW {
 };
 using AdamW = BasicAdamW<LmParams>;
 using VitAdamW = BasicAdamW<VitParams>;
+using MmAdamW = BasicAdamW<MmParams>;
 
 // Learning rate at step s (0-based) of cfg.steps.
 double learning_rate(const TrainConfig& cfg, int64_t step);
@@ -41,5 +43,6 @@ double learning_rate(const TrainConfig& cfg, int64_t step);
 // every rank's expert shards count once.
 double clip_grad_norm(LmParams& g, double max_norm, const ParallelGroup* grid = nullptr);
 double clip_grad_norm(VitParams& g, double max_norm);
+double clip_grad_norm(MmParams& g, double max_norm);
 
 }  // namespace sy

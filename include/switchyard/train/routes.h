@@ -73,6 +73,8 @@ double load_cv(const std::vector<double>& load);
 // its own alone and both are equally spread (perfect specialisation), 0 when X and Y are
 // independent or either is constant.
 double normalized_mutual_information(const std::vector<std::vector<double>>& joint);
+// s with <, > and & escaped, for HTML text.
+std::string escape_html(const std::string& s);
 
 // I(X;Y) / H(X) of a joint count table [X][Y] (Theil's uncertainty coefficient): the share of
 // the label's entropy that knowing the expert removes; 1 when the expert determines the label.
