@@ -51,8 +51,9 @@ int train_multimodal_cli(const TrainCliOptions& o) {
   const MultimodalData data = load_multimodal_data(cfg);
   const MultimodalRun run =
       train_multimodal(cfg, data, out, {.threads = o.threads, .quiet = false, .log = {}});
-  const MmEval test = evaluate_multimodal(MultimodalModel(cfg.model), run.params, data,
-                                          MmSplit::kTest, cfg, context_for(cfg.model, o.threads));
+  const MmEval test =
+      evaluate_multimodal(MultimodalModel(cfg.model), run.params, data, MmSplit::kTest, cfg,
+                          context_for(cfg.model, o.threads), cfg.data.eval_batches);
   fmt::print("{}: {} steps in {:.1f} s on {}\n  validation: {}\n  test:       {}\ncheckpoint "
              "{}/checkpoint.safetensors\n",
              cfg.name, run.steps, run.seconds, cpu_features().describe(), figures(run.val),
@@ -70,8 +71,9 @@ int eval_multimodal_cli(const EvalCliOptions& o, const std::string& checkpoint) 
   const MmSplit split = parse_split(o.split);
   const MultimodalData data = load_multimodal_data(ck.cfg);
   fmt::print(stderr, "{}\n", describe_kernels(ck.cfg.model.precision));
-  const MmEval ev = evaluate_multimodal(MultimodalModel(ck.cfg.model), ck.params, data, split,
-                                        ck.cfg, context_for(ck.cfg.model, o.threads));
+  const MmEval ev =
+      evaluate_multimodal(MultimodalModel(ck.cfg.model), ck.params, data, split, ck.cfg,
+                          context_for(ck.cfg.model, o.threads), ck.cfg.data.eval_batches);
   fmt::print("{} (step {}), {} split: {} images, {} text bytes scored, {} control steps\n{}\n",
              checkpoint, ck.step, o.split, ev.count[0], ev.count[1], ev.count[2], figures(ev));
   for (size_t l = 0; l < ev.nmi.size(); ++l)
@@ -85,8 +87,9 @@ int multimodal_routes_cli(const RoutesCliOptions& o, const std::string& checkpoi
     throw ConfigError(fmt::format("{}: a dense multimodal model has no routes", checkpoint));
   if (!o.data.empty()) ck.cfg.data.image_dir = o.data;
   const MultimodalData data = load_multimodal_data(ck.cfg);
-  const MmEval ev = evaluate_multimodal(MultimodalModel(ck.cfg.model), ck.params, data,
-                                        MmSplit::kVal, ck.cfg, context_for(ck.cfg.model, o.threads));
+  const MmEval ev =
+      evaluate_multimodal(MultimodalModel(ck.cfg.model), ck.params, data, MmSplit::kVal, ck.cfg,
+                          context_for(ck.cfg.model, o.threads), ck.cfg.data.eval_batches);
   fmt::print("{} (step {}), validation split\n{}", checkpoint, ck.step,
              render_multimodal_routes_text(ck.cfg, ev));
   const std::string html = o.html.empty()
@@ -121,7 +124,7 @@ int compare_multimodal_cli(const CompareCliOptions& o) {
     Result& r = results.emplace_back(Result{cfg, {}, {}});
     r.run = train_multimodal(*cfg, data, dir, {.threads = o.threads, .quiet = false, .log = {}});
     r.test = evaluate_multimodal(MultimodalModel(cfg->model), r.run.params, data, MmSplit::kTest,
-                                 *cfg, context_for(cfg->model, o.threads));
+                                 *cfg, context_for(cfg->model, o.threads), cfg->data.eval_batches);
   }
   fmt::print("\n| config | block MACs/row | parameters | image accuracy | image CE | text nats/byte "
              "| control MSE | NMI per MoE layer | train s |\n|---|---:|---:|---:|---:|---:|---:|---|---:|\n");

@@ -113,7 +113,7 @@ MultimodalData load_multimodal_data(const MultimodalRunConfig& cfg) {
 MmEval evaluate_multimodal(const MultimodalModel& model, const MmParams& p,
                            const MultimodalData& data, MmSplit split,
                            const MultimodalRunConfig& cfg, const ExecContext& ctx_in,
-                           int64_t max_images) {
+                           int64_t max_batches) {
   const MultimodalConfig& mc = model.config();
   const MultimodalDataConfig& d = cfg.data;
   ExecContext ctx = ctx_in;
@@ -121,14 +121,15 @@ MmEval evaluate_multimodal(const MultimodalModel& model, const MmParams& p,
   const ImageSet& images = split == MmSplit::kVal ? data.val_images : data.test_images;
   const ArmEpisodes& control = split == MmSplit::kVal ? data.val_control : data.test_control;
   const int64_t Bi = d.images_per_step, Bt = d.text_per_step, Bc = d.control_per_step;
-  auto batches = [](int64_t n, int64_t per) { return per > 0 ? (n + per - 1) / per : 0; };
-  const int64_t n_img = Bi == 0 ? 0 : max_images > 0 ? std::min(max_images, images.n) : images.n;
-  // With a cap on the images, the other two take as many batches as the images do.
-  const int64_t cap = max_images > 0 && Bi > 0 ? batches(n_img, Bi) : 0;
+  auto capped = [&](int64_t n, int64_t per) {
+    return per == 0 ? 0 : max_batches > 0 ? std::min(n, max_batches * per) : n;
+  };
+  const int64_t n_img = capped(images.n, Bi), n_eps = capped(control.n, Bc);
   std::vector<Batch> text;
   if (Bt > 0)
-    text = val_batches(data.text, Bt, mc.text_context, cap > 0 ? cap * Bt * mc.text_context : 0);
-  const int64_t n_eps = Bc == 0 ? 0 : cap > 0 ? std::min(cap * Bc, control.n) : control.n;
+    text = val_batches(data.text, Bt, mc.text_context,
+                       max_batches > 0 ? max_batches * Bt * mc.text_context : 0);
+  auto batches = [](int64_t n, int64_t per) { return per > 0 ? (n + per - 1) / per : 0; };
   const int64_t nb = std::max({batches(n_img, Bi), int64_t(text.size()), batches(n_eps, Bc)});
 
   const int64_t E = mc.moe.n_experts, k = mc.moe.slots_per_token();
@@ -224,8 +225,8 @@ MultimodalRun train_multimodal(const MultimodalRunConfig& cfg, const MultimodalD
   double train_seconds = 0, acc_avg = 0;
   std::array<double, kModalities> loss_avg{};
   const int64_t log_every = std::max<int64_t>(1, t.steps / 25);
-  auto eval_val = [&](int64_t step, int64_t max_images) {
-    run.val = evaluate_multimodal(model, run.params, data, MmSplit::kVal, cfg, ctx, max_images);
+  auto eval_val = [&](int64_t step, int64_t max_batches) {
+    run.val = evaluate_multimodal(model, run.params, data, MmSplit::kVal, cfg, ctx, max_batches);
     json nmi = run.val.nmi;
     history["evals"].push_back({{"step", step},
                                 {"image_loss", run.val.loss[0]},
@@ -302,14 +303,14 @@ MultimodalRun train_multimodal(const MultimodalRunConfig& cfg, const MultimodalD
       acc_avg = 0;
       avg_n = 0;
     }
-    if ((step + 1) % t.eval_interval == 0 && step + 1 < t.steps) eval_val(step + 1, 1000);
+    if ((step + 1) % t.eval_interval == 0 && step + 1 < t.steps) eval_val(step + 1, 30);
     if ((step + 1) % t.checkpoint_interval == 0 && step + 1 < t.steps)
       save_multimodal_checkpoint((std::filesystem::path(out_dir) / "checkpoint.safetensors").string(),
                                  cfg, run.params, step + 1);
   }
   run.steps = t.steps;
   run.seconds = train_seconds;
-  eval_val(t.steps, 0);
+  eval_val(t.steps, d.eval_batches);
   save_multimodal_checkpoint((std::filesystem::path(out_dir) / "checkpoint.safetensors").string(),
                              cfg, run.params, t.steps);
   history["train_seconds"] = train_seconds;

@@ -534,6 +534,8 @@ void MultimodalDataConfig::validate() const {
     throw ConfigError(fmt::format("data.images_per_step = {}, text_per_step = {}, "
                                   "control_per_step = {}: expected counts >= 0, not all 0",
                                   images_per_step, text_per_step, control_per_step));
+  if (eval_batches < 0)
+    throw ConfigError(fmt::format("data.eval_batches = {}: expected >= 0 (0: all)", eval_batches));
 }
 
 namespace {
@@ -626,6 +628,7 @@ MultimodalRunConfig parse_multimodal_config(const std::string& json_text, const 
     s.get("images_per_step", d.images_per_step);
     s.get("text_per_step", d.text_per_step);
     s.get("control_per_step", d.control_per_step);
+    s.get("eval_batches", d.eval_batches);
     s.finish();
   }
   top.finish();
@@ -660,7 +663,8 @@ std::string multimodal_config_json(const MultimodalRunConfig& cfg) {
                {"val_episodes", d.val_episodes},
                {"images_per_step", d.images_per_step},
                {"text_per_step", d.text_per_step},
-               {"control_per_step", d.control_per_step}};
+               {"control_per_step", d.control_per_step},
+               {"eval_batches", d.eval_batches}};
   return j.dump(2);
 }
 

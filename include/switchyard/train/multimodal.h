@@ -40,6 +40,10 @@ struct MultimodalDataConfig {
   int64_t train_episodes = 20000, val_episodes = 1000;
   // Every step (and every evaluation batch): this many images, text sequences, control episodes.
   int64_t images_per_step = 32, text_per_step = 8, control_per_step = 8;
+  // The evaluation at the end of training and by `eval`: at most this many batches of the mix,
+  // each modality's held-out part sampled evenly (0: every held-out image, text window and
+  // episode). The evaluations during training take at most 30.
+  int64_t eval_batches = 0;
   void validate() const;  // throws ConfigError naming `data.<field>`
 };
 
@@ -80,12 +84,11 @@ struct MmEval {
 
 // Evaluates on a split: the images (validation split or the test set), the text's held-out part
 // (both splits: the corpus has no third), and the control episodes of that split, in batches of
-// the training mix. At most max_images images and as many text sequences and episodes as keep
-// the mix (0: all the images).
+// the training mix; at most max_batches of them (0: everything held out).
 MmEval evaluate_multimodal(const MultimodalModel& model, const MmParams& p,
                            const MultimodalData& data, MmSplit split,
                            const MultimodalRunConfig& cfg, const ExecContext& ctx,
-                           int64_t max_images = 0);
+                           int64_t max_batches = 0);
 
 // `switchyard routes` for a multimodal model: per MoE layer, each modality's expert mix and each
 // expert's modality mix with the NMI; the HTML adds a heatmap per layer.
