@@ -121,6 +121,10 @@ MmEval evaluate_multimodal(const MultimodalModel& model, const MmParams& p,
   const ImageSet& images = split == MmSplit::kVal ? data.val_images : data.test_images;
   const ArmEpisodes& control = split == MmSplit::kVal ? data.val_control : data.test_control;
   const int64_t Bi = d.images_per_step, Bt = d.text_per_step, Bc = d.control_per_step;
+  auto batches = [](int64_t n, int64_t per) { return per > 0 ? (n + per - 1) / per : 0; };
+  // Every batch keeps the training mix: by default as many batches as the held-out images
+  // fill, with the text windows spread over its held-out part and the episodes taken in order.
+  if (max_batches == 0 && Bi > 0) max_batches = batches(images.n, Bi);
   auto capped = [&](int64_t n, int64_t per) {
     return per == 0 ? 0 : max_batches > 0 ? std::min(n, max_batches * per) : n;
   };
@@ -129,7 +133,6 @@ MmEval evaluate_multimodal(const MultimodalModel& model, const MmParams& p,
   if (Bt > 0)
     text = val_batches(data.text, Bt, mc.text_context,
                        max_batches > 0 ? max_batches * Bt * mc.text_context : 0);
-  auto batches = [](int64_t n, int64_t per) { return per > 0 ? (n + per - 1) / per : 0; };
   const int64_t nb = std::max({batches(n_img, Bi), int64_t(text.size()), batches(n_eps, Bc)});
 
   const int64_t E = mc.moe.n_experts, k = mc.moe.slots_per_token();

@@ -41,8 +41,9 @@ struct MultimodalDataConfig {
   // Every step (and every evaluation batch): this many images, text sequences, control episodes.
   int64_t images_per_step = 32, text_per_step = 8, control_per_step = 8;
   // The evaluation at the end of training and by `eval`: at most this many batches of the mix,
-  // each modality's held-out part sampled evenly (0: every held-out image, text window and
-  // episode). The evaluations during training take at most 30.
+  // the text's held-out windows spread evenly, the episodes in order (0: as many as the
+  // held-out images fill, or with no images every text window and episode). The evaluations
+  // during training take at most 30.
   int64_t eval_batches = 0;
   void validate() const;  // throws ConfigError naming `data.<field>`
 };
@@ -84,7 +85,7 @@ struct MmEval {
 
 // Evaluates on a split: the images (validation split or the test set), the text's held-out part
 // (both splits: the corpus has no third), and the control episodes of that split, in batches of
-// the training mix; at most max_batches of them (0: everything held out).
+// the training mix; at most max_batches of them (0: as data.eval_batches = 0 says).
 MmEval evaluate_multimodal(const MultimodalModel& model, const MmParams& p,
                            const MultimodalData& data, MmSplit split,
                            const MultimodalRunConfig& cfg, const ExecContext& ctx,
