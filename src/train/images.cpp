@@ -69,8 +69,12 @@ ImageSet subset(const ImageSet& set, std::span<const int64_t> keep) {
 }  // namespace
 
 ImageSet read_idx(const std::string& images_path, const std::string& labels_path) {
-  const std::vector<uint8_t> im = read_all(images_path, "IDX images");
-  const std::vector<uint8_t> lb = read_all(labels_path, "IDX labels");
+  return parse_idx(read_all(images_path, "IDX images"), read_all(labels_path, "IDX labels"),
+                   images_path, labels_path);
+}
+
+ImageSet parse_idx(const std::vector<uint8_t>& im, const std::vector<uint8_t>& lb,
+                   const std::string& images_path, const std::string& labels_path) {
   const std::vector<int64_t> d = idx_dims(im, 0x803, 3, images_path, "IDX images");
   const std::vector<int64_t> l = idx_dims(lb, 0x801, 1, labels_path, "IDX labels");
   if (d[0] != l[0])

@@ -33,6 +33,9 @@ struct ImageSet {
 // expected for a missing file, a wrong magic, dimensions that do not match the bytes, or
 // counts that differ between the two files.
 ImageSet read_idx(const std::string& images_path, const std::string& labels_path);
+// The same from the files' bytes (already gunzipped); the paths name them in errors.
+ImageSet parse_idx(const std::vector<uint8_t>& images, const std::vector<uint8_t>& labels,
+                   const std::string& images_path, const std::string& labels_path);
 
 // Where Debian's dataset-fashion-mnist puts a file (installed by scripts/setup.sh).
 std::string fashion_mnist_path(const std::string& file);
