@@ -64,28 +64,24 @@ void on_stop_signal(int) {
   std::signal(SIGUSR1, SIG_DFL);
 }
 
-// Installs on_stop_signal for the life of a training run.
-class StopSignals {
- public:
-  StopSignals() {
-    g_stop.store(false);
-    old_int_ = std::signal(SIGINT, on_stop_signal);
-    old_term_ = std::signal(SIGTERM, on_stop_signal);
-    old_usr1_ = std::signal(SIGUSR1, on_stop_signal);
-  }
-  ~StopSignals() {
-    std::signal(SIGINT, old_int_);
-    std::signal(SIGTERM, old_term_);
-    std::signal(SIGUSR1, old_usr1_);
-  }
-  StopSignals(const StopSignals&) = delete;
-  StopSignals& operator=(const StopSignals&) = delete;
+}  // namespace
 
- private:
-  void (*old_int_)(int) = SIG_DFL;
-  void (*old_term_)(int) = SIG_DFL;
-  void (*old_usr1_)(int) = SIG_DFL;
-};
+StopSignals::StopSignals() {
+  g_stop.store(false);
+  old_int_ = std::signal(SIGINT, on_stop_signal);
+  old_term_ = std::signal(SIGTERM, on_stop_signal);
+  old_usr1_ = std::signal(SIGUSR1, on_stop_signal);
+}
+
+StopSignals::~StopSignals() {
+  std::signal(SIGINT, old_int_);
+  std::signal(SIGTERM, old_term_);
+  std::signal(SIGUSR1, old_usr1_);
+}
+
+const std::atomic<bool>* StopSignals::flag() { return &g_stop; }
+
+namespace {
 
 RunConfig config_for(const std::string& name, std::vector<std::string> overrides, int64_t steps) {
   if (steps > 0) overrides.push_back(fmt::format("train.steps={}", steps));

@@ -2,11 +2,29 @@
 // subcommands.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <vector>
 
 namespace sy::cli {
+
+// For the life of a training run: the first SIGINT (Ctrl-C), SIGTERM or SIGUSR1 sets flag(), so
+// the run finishes its step, writes a checkpoint it can resume from and exits 0; a second one
+// ends the process at once.
+class StopSignals {
+ public:
+  StopSignals();
+  ~StopSignals();
+  StopSignals(const StopSignals&) = delete;
+  StopSignals& operator=(const StopSignals&) = delete;
+  static const std::atomic<bool>* flag();
+
+ private:
+  void (*old_int_)(int) = nullptr;
+  void (*old_term_)(int) = nullptr;
+  void (*old_usr1_)(int) = nullptr;
+};
 
 struct TrainCliOptions {
   std::string config = "austen-moe";

@@ -37,9 +37,6 @@ std::string figures(const MmEval& ev) {
 }  // namespace
 
 int train_multimodal_cli(const TrainCliOptions& o) {
-  if (o.resume)
-    throw ConfigError("--resume with a multimodal config: these runs do not resume yet (their "
-                      "checkpoints hold no optimizer state); start the run again");
   if (o.expert_parallel > 0)
     throw ConfigError("--expert-parallel with a multimodal config: expected a single-process run");
   std::vector<std::string> overrides = o.overrides;
@@ -49,8 +46,16 @@ int train_multimodal_cli(const TrainCliOptions& o) {
       o.out.empty() ? (std::filesystem::path("runs") / std::filesystem::path(o.config).stem()).string()
                     : o.out;
   const MultimodalData data = load_multimodal_data(cfg);
-  const MultimodalRun run =
-      train_multimodal(cfg, data, out, {.threads = o.threads, .quiet = false, .log = {}});
+  const StopSignals guard;
+  const MultimodalRun run = train_multimodal(
+      cfg, data, out,
+      {.threads = o.threads, .quiet = false, .log = {}, .resume = o.resume,
+       .stop = StopSignals::flag(), .stop_after = -1});
+  if (run.interrupted) {
+    fmt::print("{}: stopped after step {} of {}; continue with the same command and --resume\n",
+               cfg.name, run.steps, cfg.train.steps);
+    return 0;
+  }
   const MmEval test =
       evaluate_multimodal(MultimodalModel(cfg.model), run.params, data, MmSplit::kTest, cfg,
                           context_for(cfg.model, o.threads), cfg.data.eval_batches);

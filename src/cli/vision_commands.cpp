@@ -50,9 +50,6 @@ void print_eval(const VisionRunConfig& cfg, const VisionEval& ev, const std::str
 }  // namespace
 
 int train_vision_cli(const TrainCliOptions& o) {
-  if (o.resume)
-    throw ConfigError("--resume with a vision config: vision runs do not resume yet (their "
-                      "checkpoints hold no optimizer state); start the run again");
   if (o.expert_parallel > 0)
     throw ConfigError("--expert-parallel with a vision config: expected a single-process run");
   std::vector<std::string> overrides = o.overrides;
@@ -62,7 +59,16 @@ int train_vision_cli(const TrainCliOptions& o) {
       o.out.empty() ? (std::filesystem::path("runs") / std::filesystem::path(o.config).stem()).string()
                     : o.out;
   const VisionData data = load_vision_data(cfg.data, cfg.train.seed, cfg.model);
-  const VisionRun run = train_vision(cfg, data, out, {.threads = o.threads, .quiet = false, .log = {}});
+  const StopSignals guard;
+  const VisionRun run = train_vision(cfg, data, out,
+                                     {.threads = o.threads, .quiet = false, .log = {},
+                                      .resume = o.resume, .stop = StopSignals::flag(),
+                                      .stop_after = -1});
+  if (run.interrupted) {
+    fmt::print("{}: stopped after step {} of {}; continue with the same command and --resume\n",
+               cfg.name, run.steps, cfg.train.steps);
+    return 0;
+  }
   const VisionTransformer vit(cfg.model);
   ExecContext ctx;
   ctx.n_threads = o.threads;

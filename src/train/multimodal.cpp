@@ -20,6 +20,7 @@
 #include "switchyard/train/optimizer.h"
 #include "switchyard/train/routes.h"
 #include "switchyard/train/vision.h"
+#include "train/params_checkpoint.h"
 
 namespace sy {
 
@@ -199,10 +200,27 @@ MultimodalRun train_multimodal(const MultimodalRunConfig& cfg, const MultimodalD
   const MultimodalDataConfig& d = cfg.data;
   const MultimodalModel model(cfg.model);
   std::filesystem::create_directories(out_dir);
+  const std::string ck_path = (std::filesystem::path(out_dir) / "checkpoint.safetensors").string();
+  const std::string history_path = (std::filesystem::path(out_dir) / "history.json").string();
   MultimodalRun run;
   run.params = init_mm_params(cfg.model, DType::kF32, t.seed);
-  MmParams g = zeros_like(run.params);
   MmAdamW adam(t, run.params);
+  int64_t start = 0;
+  if (opt.resume) {
+    if (!std::filesystem::exists(ck_path))
+      throw ConfigError(fmt::format("--resume: {} does not exist: expected the checkpoint of an "
+                                    "earlier run of this config in {}",
+                                    ck_path, out_dir));
+    MultimodalCheckpoint ck = load_multimodal_checkpoint(ck_path, /*with_optimizer=*/true);
+    if (multimodal_config_json(ck.cfg) != multimodal_config_json(cfg))
+      throw ConfigError(fmt::format("--resume: {} was trained with another config: expected the "
+                                    "same config to resume (its config:\n{})",
+                                    ck_path, multimodal_config_json(ck.cfg)));
+    run.params = std::move(ck.params);
+    adam = std::move(*ck.optimizer);
+    start = ck.step;
+  }
+  MmParams g = zeros_like(run.params);
   ExecContext ctx = context_for(cfg.model, opt.threads);
   std::optional<MoeLayer> moe;
   if (cfg.model.n_moe_layers() > 0) moe.emplace(cfg.model.moe_config());
@@ -223,9 +241,15 @@ MultimodalRun train_multimodal(const MultimodalRunConfig& cfg, const MultimodalD
                      .n_classes = 0};
   MmBatch b;
   MmCache cache;
-  json history = {{"steps", json::array()}, {"evals", json::array()}};
+  json history = detail::resumed_history(history_path, start);
+  if (start > 0) log(fmt::format("resuming {} at step {} of {}", ck_path, start, t.steps));
   int64_t epoch = -1, avg_n = 0;
   double train_seconds = 0, acc_avg = 0;
+  auto save = [&](int64_t step) {
+    save_multimodal_checkpoint(ck_path, cfg, run.params, step, &adam);
+    history["train_seconds"] = train_seconds;
+    write_file_atomic(history_path, history.dump(1));
+  };
   std::array<double, kModalities> loss_avg{};
   const int64_t log_every = std::max<int64_t>(1, t.steps / 25);
   auto eval_val = [&](int64_t step, int64_t max_batches) {
@@ -244,7 +268,7 @@ MultimodalRun train_multimodal(const MultimodalRunConfig& cfg, const MultimodalD
                     step, run.val.loss[0], 100 * run.val.image_accuracy, run.val.loss[1],
                     run.val.loss[2], nmis.empty() ? "" : "  NMI(modality; expert)" + nmis));
   };
-  for (int64_t step = 0; step < t.steps; ++step) {
+  for (int64_t step = start; step < t.steps; ++step) {
     const double t0 = wall_seconds();
     for (int64_t i = 0; i < Bi; ++i) {
       // Each epoch of the images visits every one once, in an order drawn from the seed and
@@ -307,30 +331,30 @@ MultimodalRun train_multimodal(const MultimodalRunConfig& cfg, const MultimodalD
       avg_n = 0;
     }
     if ((step + 1) % t.eval_interval == 0 && step + 1 < t.steps) eval_val(step + 1, 30);
-    if ((step + 1) % t.checkpoint_interval == 0 && step + 1 < t.steps)
-      save_multimodal_checkpoint((std::filesystem::path(out_dir) / "checkpoint.safetensors").string(),
-                                 cfg, run.params, step + 1);
+    const bool stop = (opt.stop != nullptr && opt.stop->load()) ||
+                      (opt.stop_after >= 0 && step + 1 - start >= opt.stop_after);
+    if (stop && step + 1 < t.steps) {
+      save(step + 1);
+      log(fmt::format("stopped after step {}: {} holds it; --resume continues", step + 1, ck_path));
+      run.steps = step + 1;
+      run.seconds = train_seconds;
+      run.interrupted = true;
+      return run;
+    }
+    if ((step + 1) % t.checkpoint_interval == 0 && step + 1 < t.steps) save(step + 1);
   }
   run.steps = t.steps;
   run.seconds = train_seconds;
   eval_val(t.steps, d.eval_batches);
-  save_multimodal_checkpoint((std::filesystem::path(out_dir) / "checkpoint.safetensors").string(),
-                             cfg, run.params, t.steps);
-  history["train_seconds"] = train_seconds;
-  write_file_atomic((std::filesystem::path(out_dir) / "history.json").string(), history.dump(1));
-  log(fmt::format("trained {} steps in {:.1f} s", t.steps, train_seconds));
+  save(t.steps);
+  log(fmt::format("trained {} steps in {:.1f} s", t.steps - start, train_seconds));
   return run;
 }
 
 void save_multimodal_checkpoint(const std::string& path, const MultimodalRunConfig& cfg,
-                                const MmParams& params, int64_t step) {
-  std::vector<std::pair<std::string, const Tensor*>> tensors;
-  for (const auto& [name, t] : params.named()) tensors.emplace_back("model." + name, t);
-  const std::map<std::string, std::string> meta = {{"format", kMultimodalCheckpointFormat},
-                                                   {"version", "1"},
-                                                   {"config", multimodal_config_json(cfg)},
-                                                   {"step", std::to_string(step)}};
-  write_safetensors(path, tensors, meta);
+                                const MmParams& params, int64_t step, const MmAdamW* adam) {
+  detail::save_params_checkpoint(path, kMultimodalCheckpointFormat, multimodal_config_json(cfg),
+                                 params, step, adam);
 }
 
 bool is_multimodal_checkpoint(const std::string& path) {
@@ -340,44 +364,19 @@ bool is_multimodal_checkpoint(const std::string& path) {
   return it != f.metadata().end() && it->second == kMultimodalCheckpointFormat;
 }
 
-MultimodalCheckpoint load_multimodal_checkpoint(const std::string& path) {
+MultimodalCheckpoint load_multimodal_checkpoint(const std::string& path, bool with_optimizer) {
   SafetensorsFile f = read_safetensors(path);
-  auto meta = [&](const char* key) {
-    const auto it = f.metadata.find(key);
-    if (it == f.metadata.end())
-      throw IoError(fmt::format("{}: metadata has no \"{}\": expected a {} checkpoint", path, key,
-                                kMultimodalCheckpointFormat));
-    return it->second;
-  };
-  if (meta("format") != kMultimodalCheckpointFormat)
-    throw IoError(fmt::format("{}: format \"{}\": expected \"{}\"", path, meta("format"),
-                              kMultimodalCheckpointFormat));
-  if (meta("version") != "1")
-    throw IoError(fmt::format("{}: version {}: expected 1", path, meta("version")));
   MultimodalCheckpoint ck;
+  ck.step = detail::check_checkpoint_header(f, path, kMultimodalCheckpointFormat);
   try {
-    ck.cfg = parse_multimodal_config(meta("config"), path);
-    ck.step = std::stoll(meta("step"));
+    ck.cfg = parse_multimodal_config(
+        detail::checkpoint_meta(f, path, kMultimodalCheckpointFormat, "config"), path);
   } catch (const ConfigError& e) {
     throw IoError(fmt::format("{}: its config does not load: {}", path, e.what()));
-  } catch (const std::logic_error&) {
-    throw IoError(fmt::format("{}: step \"{}\": expected an integer", path, meta("step")));
   }
   ck.params = init_mm_params(ck.cfg.model, DType::kF32, 0);
-  for (auto& [name, t] : ck.params.named()) {
-    const auto it = f.tensors.find("model." + name);
-    if (it == f.tensors.end())
-      throw IoError(fmt::format("{}: tensor model.{} missing (expected {})", path, name, t->shape_str()));
-    if (it->second.shape() != t->shape() || it->second.dtype() != DType::kF32)
-      throw IoError(fmt::format("{}: tensor model.{} is {} {}: expected f32 {}", path, name,
-                                dtype_name(it->second.dtype()), it->second.shape_str(),
-                                t->shape_str()));
-    *t = std::move(it->second);
-    f.tensors.erase(it);
-  }
-  if (!f.tensors.empty())
-    throw IoError(fmt::format("{}: tensor {} is not part of the model its config describes", path,
-                              f.tensors.begin()->first));
+  if (with_optimizer) ck.optimizer.emplace(ck.cfg.train, ck.params);
+  detail::read_params_checkpoint(f, path, ck.params, with_optimizer ? &*ck.optimizer : nullptr);
   return ck;
 }
 
@@ -390,7 +389,9 @@ std::string render_multimodal_routes_text(const MultimodalRunConfig& cfg, const 
   if (ev.modality_expert.empty()) return out + "a dense model: no MoE layer to report\n";
   for (size_t l = 0; l < ev.modality_expert.size(); ++l) {
     const auto joint = modality_by_expert(ev.modality_expert[l], E);
-    out += fmt::format("MoE layer {}: NMI(modality; first-choice expert) {:.3f}\n", l, ev.nmi[l]);
+    out += fmt::format("MoE layer {}: NMI(modality; first-choice expert) {:.3f}, share of the "
+                       "modality's entropy the expert explains {:.3f}\n",
+                       l, ev.nmi[l], label_entropy_explained(joint));
     out += "  share of each modality's rows per expert\n";
     out += fmt::format("  {:<8}{:>10}", "modality", "rows");
     for (int64_t e = 0; e < E; ++e) out += fmt::format(" {:>5}", fmt::format("e{}", e));

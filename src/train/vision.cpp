@@ -15,6 +15,7 @@
 #include "switchyard/kernels/backend.h"
 #include "switchyard/train/checkpoint.h"
 #include "switchyard/train/optimizer.h"
+#include "train/params_checkpoint.h"
 
 namespace sy {
 
@@ -201,10 +202,27 @@ VisionRun train_vision(const VisionRunConfig& cfg, const VisionData& data,
   if (!data.superclass.empty() && cfg.model.n_moe_layers() == 0)
     throw ConfigError("data.superclasses with a dense model: expected MoE layers to guide");
   std::filesystem::create_directories(out_dir);
+  const std::string ck_path = (std::filesystem::path(out_dir) / "checkpoint.safetensors").string();
+  const std::string history_path = (std::filesystem::path(out_dir) / "history.json").string();
   VisionRun run;
   run.params = init_vit_params(cfg.model, DType::kF32, t.seed);
-  VitParams g = zeros_like(run.params);
   VitAdamW adam(t, run.params);
+  int64_t start = 0;
+  if (opt.resume) {
+    if (!std::filesystem::exists(ck_path))
+      throw ConfigError(fmt::format("--resume: {} does not exist: expected the checkpoint of an "
+                                    "earlier run of this config in {}",
+                                    ck_path, out_dir));
+    VisionCheckpoint ck = load_vision_checkpoint(ck_path, /*with_optimizer=*/true);
+    if (vision_config_json(ck.cfg) != vision_config_json(cfg))
+      throw ConfigError(fmt::format("--resume: {} was trained with another config: expected the "
+                                    "same config to resume (its config:\n{})",
+                                    ck_path, vision_config_json(ck.cfg)));
+    run.params = std::move(ck.params);
+    adam = std::move(*ck.optimizer);
+    start = ck.step;
+  }
+  VitParams g = zeros_like(run.params);
   ExecContext ctx = context_for(cfg.model, opt.threads);
   std::optional<MoeLayer> moe;
   if (cfg.model.n_moe_layers() > 0) moe.emplace(cfg.model.moe_config());
@@ -226,10 +244,16 @@ VisionRun train_vision(const VisionRunConfig& cfg, const VisionData& data,
   std::vector<int32_t> labels(static_cast<size_t>(B)), guide;
   Tensor images;
   VitCache cache;
-  json history = {{"steps", json::array()}, {"evals", json::array()}};
+  json history = detail::resumed_history(history_path, start);
+  if (start > 0) log(fmt::format("resuming {} at step {} of {}", ck_path, start, t.steps));
   int64_t epoch = -1;
   double train_seconds = 0, loss_avg = 0, acc_avg = 0;
   int64_t avg_n = 0;
+  auto save = [&](int64_t step) {
+    save_vision_checkpoint(ck_path, cfg, run.params, step, &adam);
+    history["train_seconds"] = train_seconds;
+    write_file_atomic(history_path, history.dump(1));
+  };
   const int64_t log_every = std::max<int64_t>(1, t.steps / 25);
   auto eval_val = [&](int64_t step) {
     const VisionEval ev = evaluate_vision(vit, run.params, data.val, 256, ctx);
@@ -238,7 +262,7 @@ VisionRun train_vision(const VisionRunConfig& cfg, const VisionData& data,
     log(fmt::format("step {:5d}  validation loss {:.4f}  accuracy {:.2f}%", step, ev.loss,
                     100 * run.val_accuracy));
   };
-  for (int64_t step = 0; step < t.steps; ++step) {
+  for (int64_t step = start; step < t.steps; ++step) {
     const double t0 = wall_seconds();
     for (int64_t b = 0; b < B; ++b) {
       // Each epoch visits every image once, in an order drawn from the seed and the epoch; a
@@ -291,33 +315,33 @@ VisionRun train_vision(const VisionRunConfig& cfg, const VisionData& data,
       avg_n = 0;
     }
     if ((step + 1) % t.eval_interval == 0 && step + 1 < t.steps) eval_val(step + 1);
-    if ((step + 1) % t.checkpoint_interval == 0 && step + 1 < t.steps)
-      save_vision_checkpoint((std::filesystem::path(out_dir) / "checkpoint.safetensors").string(),
-                             cfg, run.params, step + 1);
+    const bool stop = (opt.stop != nullptr && opt.stop->load()) ||
+                      (opt.stop_after >= 0 && step + 1 - start >= opt.stop_after);
+    if (stop && step + 1 < t.steps) {
+      save(step + 1);
+      log(fmt::format("stopped after step {}: {} holds it; --resume continues", step + 1, ck_path));
+      run.steps = step + 1;
+      run.seconds = train_seconds;
+      run.interrupted = true;
+      return run;
+    }
+    if ((step + 1) % t.checkpoint_interval == 0 && step + 1 < t.steps) save(step + 1);
   }
   run.steps = t.steps;
   run.seconds = train_seconds;
-  run.train_images_per_s = double(t.steps * B) / std::max(1e-9, train_seconds);
+  run.train_images_per_s = double((t.steps - start) * B) / std::max(1e-9, train_seconds);
   eval_val(t.steps);
-  save_vision_checkpoint((std::filesystem::path(out_dir) / "checkpoint.safetensors").string(), cfg,
-                         run.params, t.steps);
-  history["train_seconds"] = train_seconds;
   history["train_images_per_s"] = run.train_images_per_s;
-  write_file_atomic((std::filesystem::path(out_dir) / "history.json").string(), history.dump(1));
+  save(t.steps);
   log(fmt::format("trained {} steps in {:.1f} s ({:.0f} images/s); validation accuracy {:.2f}%",
-                  t.steps, train_seconds, run.train_images_per_s, 100 * run.val_accuracy));
+                  t.steps - start, train_seconds, run.train_images_per_s, 100 * run.val_accuracy));
   return run;
 }
 
 void save_vision_checkpoint(const std::string& path, const VisionRunConfig& cfg,
-                            const VitParams& params, int64_t step) {
-  std::vector<std::pair<std::string, const Tensor*>> tensors;
-  for (const auto& [name, t] : params.named()) tensors.emplace_back("model." + name, t);
-  const std::map<std::string, std::string> meta = {{"format", kVisionCheckpointFormat},
-                                                   {"version", "1"},
-                                                   {"config", vision_config_json(cfg)},
-                                                   {"step", std::to_string(step)}};
-  write_safetensors(path, tensors, meta);
+                            const VitParams& params, int64_t step, const VitAdamW* adam) {
+  detail::save_params_checkpoint(path, kVisionCheckpointFormat, vision_config_json(cfg), params,
+                                 step, adam);
 }
 
 bool is_vision_checkpoint(const std::string& path) {
@@ -328,44 +352,19 @@ bool is_vision_checkpoint(const std::string& path) {
   return it != f.metadata().end() && it->second == kVisionCheckpointFormat;
 }
 
-VisionCheckpoint load_vision_checkpoint(const std::string& path) {
+VisionCheckpoint load_vision_checkpoint(const std::string& path, bool with_optimizer) {
   SafetensorsFile f = read_safetensors(path);
-  auto meta = [&](const char* key) {
-    const auto it = f.metadata.find(key);
-    if (it == f.metadata.end())
-      throw IoError(fmt::format("{}: metadata has no \"{}\": expected a {} checkpoint", path, key,
-                                kVisionCheckpointFormat));
-    return it->second;
-  };
-  if (meta("format") != kVisionCheckpointFormat)
-    throw IoError(fmt::format("{}: format \"{}\": expected \"{}\"", path, meta("format"),
-                              kVisionCheckpointFormat));
-  if (meta("version") != "1")
-    throw IoError(fmt::format("{}: version {}: expected 1", path, meta("version")));
   VisionCheckpoint ck;
+  ck.step = detail::check_checkpoint_header(f, path, kVisionCheckpointFormat);
   try {
-    ck.cfg = parse_vision_config(meta("config"), path);
-    ck.step = std::stoll(meta("step"));
+    ck.cfg = parse_vision_config(detail::checkpoint_meta(f, path, kVisionCheckpointFormat, "config"),
+                                 path);
   } catch (const ConfigError& e) {
     throw IoError(fmt::format("{}: its config does not load: {}", path, e.what()));
-  } catch (const std::logic_error&) {
-    throw IoError(fmt::format("{}: step \"{}\": expected an integer", path, meta("step")));
   }
   ck.params = init_vit_params(ck.cfg.model, DType::kF32, 0);
-  for (auto& [name, t] : ck.params.named()) {
-    const auto it = f.tensors.find("model." + name);
-    if (it == f.tensors.end())
-      throw IoError(fmt::format("{}: tensor model.{} missing (expected {})", path, name, t->shape_str()));
-    if (it->second.shape() != t->shape() || it->second.dtype() != DType::kF32)
-      throw IoError(fmt::format("{}: tensor model.{} is {} {}: expected f32 {}", path, name,
-                                dtype_name(it->second.dtype()), it->second.shape_str(),
-                                t->shape_str()));
-    *t = std::move(it->second);
-    f.tensors.erase(it);
-  }
-  if (!f.tensors.empty())
-    throw IoError(fmt::format("{}: tensor {} is not part of the model its config describes", path,
-                              f.tensors.begin()->first));
+  if (with_optimizer) ck.optimizer.emplace(ck.cfg.train, ck.params);
+  detail::read_params_checkpoint(f, path, ck.params, with_optimizer ? &*ck.optimizer : nullptr);
   return ck;
 }
 

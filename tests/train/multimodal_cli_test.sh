@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The multimodal commands end to end on the committed image slice and text: train a tiny MoE
 # and its dense twin, eval on both splits, routes with its report, compare's refusal to
-# overwrite, and the named refusals (--resume, a dense model's routes, a bad split). Prints PASS
-# at the end.
+# overwrite, --resume, and the named refusals (a dense model's routes, a bad split). Prints
+# PASS at the end.
 #   bash tests/train/multimodal_cli_test.sh build/switchyard SOURCE_DIR
 set -euo pipefail
 sy=$1
@@ -50,8 +50,12 @@ grep -q "<table>" "$work/moe/routes.html" || fail "routes.html has no table"
 if "$sy" routes --checkpoint "$work/dense" >"$work/out" 2>&1; then fail "routes of a dense model"; fi
 grep -q "no routes" "$work/out" || fail "dense routes not named: $(cat "$work/out")"
 
-if "$sy" train --config "$work/dense.json" --out "$work/dense" --resume >"$work/out" 2>&1; then fail "--resume accepted"; fi
-grep -q "do not resume" "$work/out" || fail "--resume not named: $(cat "$work/out")"
+# A finished run resumes to itself; a resume needs a checkpoint of the same config.
+"$sy" train --config "$work/dense.json" --out "$work/dense" --resume >"$work/out" 2>&1 || fail "--resume of a finished run: $(cat "$work/out")"
+if "$sy" train --config "$work/dense.json" --out "$work/none" --resume >"$work/out" 2>&1; then fail "--resume without a checkpoint"; fi
+grep -q "does not exist" "$work/out" || fail "--resume without a checkpoint not named: $(cat "$work/out")"
+if "$sy" train --config "$work/moe.json" --out "$work/dense" --resume >"$work/out" 2>&1; then fail "--resume of another config"; fi
+grep -q "another config" "$work/out" || fail "--resume of another config not named: $(cat "$work/out")"
 if "$sy" compare --dense "$work/dense.json" --moe "$work/moe.json" --out "$work" >"$work/out" 2>&1; then fail "compare overwrote"; fi
 grep -q "nothing was overwritten" "$work/out" || fail "compare: $(cat "$work/out")"
 echo PASS

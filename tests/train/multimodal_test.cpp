@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <filesystem>
 #include <unistd.h>
 
@@ -132,6 +133,34 @@ TEST(MultimodalTraining, EveryTaskLearnsAndRoutesAreCountedByModality) {
   for (int m = 0; m < kModalities; ++m) EXPECT_DOUBLE_EQ(again.loss[m], trained.loss[m]);
   EXPECT_TRUE(is_multimodal_checkpoint(out + "/checkpoint.safetensors"));
   EXPECT_FALSE(is_vision_checkpoint(out + "/checkpoint.safetensors"));
+}
+
+TEST(MultimodalTraining, ResumeReachesTheWeightsOfAnUnbrokenRun) {
+  MultimodalRunConfig cfg = small_run(true);
+  cfg.train.steps = 20;
+  cfg.data.eval_batches = 3;
+  const MultimodalData data = load_multimodal_data(cfg);
+  const std::string whole = (scratch_dir() / "whole").string();
+  const std::string parts = (scratch_dir() / "parts").string();
+  const MultimodalRun a =
+      train_multimodal(cfg, data, whole, {.threads = 0, .quiet = true, .log = {}});
+  MultimodalTrainOptions first{.threads = 0, .quiet = true, .log = {}};
+  first.stop_after = 7;
+  EXPECT_TRUE(train_multimodal(cfg, data, parts, first).interrupted);
+  MultimodalTrainOptions second{.threads = 0, .quiet = true, .log = {}};
+  second.resume = true;
+  const MultimodalRun b = train_multimodal(cfg, data, parts, second);
+  const auto wa = a.params.named(), wb = b.params.named();
+  ASSERT_EQ(wa.size(), wb.size());
+  for (size_t i = 0; i < wa.size(); ++i)
+    EXPECT_EQ(std::memcmp(wa[i].second->data<float>(), wb[i].second->data<float>(),
+                          wa[i].second->nbytes()),
+              0)
+        << wa[i].first;
+  for (int m = 0; m < kModalities; ++m) EXPECT_DOUBLE_EQ(a.val.loss[m], b.val.loss[m]);
+  MultimodalRunConfig other = cfg;
+  other.train.seed = 9;
+  EXPECT_THROW(train_multimodal(other, data, parts, second), ConfigError);
 }
 
 TEST(MultimodalCheckpoint, ForeignFilesAreRefused) {

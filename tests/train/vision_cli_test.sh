@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The vision commands end to end on the committed 1000-image slice: train a tiny dense ViT and a
 # tiny per-patch MoE, eval (and eval under another capacity factor), routes with its report,
-# superclasses, compare's refusal to overwrite, and the named refusals (--resume, a changed
+# superclasses, compare's refusal to overwrite, --resume, and the named refusals (a changed
 # shape, a bad split). Prints PASS at the end.
 #   bash tests/train/vision_cli_test.sh build/switchyard SOURCE_DIR
 set -euo pipefail
@@ -52,8 +52,12 @@ if "$sy" routes --checkpoint "$work/dense" >"$work/out" 2>&1; then fail "routes 
 python3 -c "import json,sys; s=json.load(open('$work/sc.json'))['superclass']; assert len(s)==10 and sorted(set(s))==[0,1] and s.count(0)==5, s" || fail "superclasses JSON"
 grep -q "<svg" "$work/sc.svg" || fail "no superclasses picture"
 
-if "$sy" train --config "$work/dense.json" --out "$work/dense" --resume >"$work/out" 2>&1; then fail "--resume accepted"; fi
-grep -q "do not resume" "$work/out" || fail "--resume not named: $(cat "$work/out")"
+# A finished run resumes to itself; a resume needs a checkpoint of the same config.
+"$sy" train --config "$work/dense.json" --out "$work/dense" --resume >"$work/out" 2>&1 || fail "--resume of a finished run: $(cat "$work/out")"
+if "$sy" train --config "$work/dense.json" --out "$work/none" --resume >"$work/out" 2>&1; then fail "--resume without a checkpoint"; fi
+grep -q "does not exist" "$work/out" || fail "--resume without a checkpoint not named: $(cat "$work/out")"
+if "$sy" train --config "$work/moe.json" --out "$work/dense" --resume >"$work/out" 2>&1; then fail "--resume of another config"; fi
+grep -q "another config" "$work/out" || fail "--resume of another config not named: $(cat "$work/out")"
 if "$sy" compare --dense "$work/dense.json" --moe "$work/moe.json" --out "$work" >"$work/out" 2>&1; then fail "compare overwrote"; fi
 grep -q "nothing was overwritten" "$work/out" || fail "compare: $(cat "$work/out")"
 echo PASS

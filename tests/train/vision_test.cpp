@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -171,6 +172,52 @@ TEST(VisionData, BadSuperClassFilesAreNamed) {
   cfg.model.patch = 4;
   cfg.model.image_rows = cfg.model.image_cols = 32;
   EXPECT_THROW(load_vision_data(cfg.data, 1, cfg.model), ConfigError);  // 28 x 28 images
+}
+
+// A run stopped midway and resumed ends with the weights of an unbroken run: the data order,
+// the augmentation and the optimizer state all carry over.
+TEST(VisionTraining, ResumeReachesTheWeightsOfAnUnbrokenRun) {
+  VisionRunConfig cfg = small_run(kPerImage);
+  cfg.train.steps = 24;
+  cfg.train.eval_interval = 10;
+  cfg.data.train_images = 300;  // so that the 24 steps of 32 cross two epoch boundaries
+  const VisionData data = load_vision_data(cfg.data, cfg.train.seed, cfg.model);
+  const std::string whole = (fs::path(cfg.data.dir) / "whole").string();
+  const std::string parts = (fs::path(cfg.data.dir) / "parts").string();
+  const VisionRun a = train_vision(cfg, data, whole, {.threads = 0, .quiet = true, .log = {}});
+  VisionTrainOptions first{.threads = 0, .quiet = true, .log = {}};
+  first.stop_after = 11;
+  const VisionRun b1 = train_vision(cfg, data, parts, first);
+  EXPECT_TRUE(b1.interrupted);
+  EXPECT_EQ(b1.steps, 11);
+  VisionTrainOptions second{.threads = 0, .quiet = true, .log = {}};
+  second.resume = true;
+  const VisionRun b = train_vision(cfg, data, parts, second);
+  EXPECT_FALSE(b.interrupted);
+  const auto wa = a.params.named(), wb = b.params.named();
+  ASSERT_EQ(wa.size(), wb.size());
+  for (size_t i = 0; i < wa.size(); ++i)
+    EXPECT_EQ(std::memcmp(wa[i].second->data<float>(), wb[i].second->data<float>(),
+                          wa[i].second->nbytes()),
+              0)
+        << wa[i].first;
+  EXPECT_DOUBLE_EQ(a.val_accuracy, b.val_accuracy);
+  // history.json has each step once.
+  std::ifstream in(fs::path(parts) / "history.json");
+  const std::string h((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(h.find("\"step\": 24"), std::string::npos);
+  EXPECT_EQ(h.find("\"step\": 25"), std::string::npos);
+
+  // A resume needs the checkpoint of this config, with its optimizer state.
+  VisionRunConfig other = cfg;
+  other.train.lr = 0.001;
+  VisionTrainOptions again{.threads = 0, .quiet = true, .log = {}};
+  again.resume = true;
+  EXPECT_THROW(train_vision(other, data, parts, again), ConfigError);
+  EXPECT_THROW(train_vision(cfg, data, (fs::path(cfg.data.dir) / "none").string(), again),
+               ConfigError);
+  save_vision_checkpoint(parts + "/checkpoint.safetensors", cfg, a.params, 12);
+  EXPECT_THROW(train_vision(cfg, data, parts, again), IoError);
 }
 
 TEST(VisionCheckpoint, ForeignAndDamagedFilesAreRefused) {

@@ -10,8 +10,10 @@
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -20,6 +22,7 @@
 #include "switchyard/train/arm.h"
 #include "switchyard/train/data.h"
 #include "switchyard/train/images.h"
+#include "switchyard/train/optimizer.h"
 #include "switchyard/train/run_config.h"
 
 namespace sy {
@@ -101,29 +104,39 @@ struct MultimodalTrainOptions {
   int threads = 0;
   bool quiet = false;
   std::function<void(const std::string&)> log;  // a line of progress; default: stderr
+  // As VisionTrainOptions': continue out_dir's checkpoint to what an unbroken run reaches.
+  bool resume = false;
+  const std::atomic<bool>* stop = nullptr;  // set: finish the step, checkpoint, return
+  int64_t stop_after = -1;                  // >= 0: stop after this many steps as if asked (tests)
 };
 
 struct MultimodalRun {
   MmParams params;
   int64_t steps = 0;
   double seconds = 0;  // training wall time (evaluations excluded)
-  MmEval val;          // at the end
+  MmEval val;          // at the end (not evaluated when interrupted)
+  bool interrupted = false;
 };
 
-// Trains from scratch; writes out_dir/checkpoint.safetensors (every train.checkpoint_interval
-// steps and at the end) and out_dir/history.json.
+// Trains from scratch or resumes; writes out_dir/checkpoint.safetensors (with the optimizer
+// state, every train.checkpoint_interval steps, on a stop and at the end) and
+// out_dir/history.json. Throws ConfigError for a resume without a checkpoint or of another
+// config.
 MultimodalRun train_multimodal(const MultimodalRunConfig& cfg, const MultimodalData& data,
                                const std::string& out_dir, const MultimodalTrainOptions& opt);
 
 inline constexpr const char* kMultimodalCheckpointFormat = "switchyard-multimodal";
 void save_multimodal_checkpoint(const std::string& path, const MultimodalRunConfig& cfg,
-                                const MmParams& params, int64_t step);
+                                const MmParams& params, int64_t step,
+                                const MmAdamW* adam = nullptr);
 struct MultimodalCheckpoint {
   MultimodalRunConfig cfg;
   MmParams params;
+  std::optional<MmAdamW> optimizer;  // with_optimizer
   int64_t step = 0;
 };
-MultimodalCheckpoint load_multimodal_checkpoint(const std::string& path);  // throws IoError
+// Throws IoError naming the file and what was expected.
+MultimodalCheckpoint load_multimodal_checkpoint(const std::string& path, bool with_optimizer = false);
 bool is_multimodal_checkpoint(const std::string& path);
 
 }  // namespace sy

@@ -25,6 +25,8 @@ class BasicAdamW {
   void set_n_steps(int64_t t) { t_ = t; }
   Params& m() { return m_; }
   Params& v() { return v_; }
+  const Params& m() const { return m_; }
+  const Params& v() const { return v_; }
 
  private:
   TrainConfig cfg_;

@@ -9,14 +9,17 @@
 //   VisionEval e = evaluate_vision(vit, run.params, data.test, cfg, ctx);
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "switchyard/core/exec_context.h"
 #include "switchyard/nn/vision.h"
 #include "switchyard/train/images.h"
+#include "switchyard/train/optimizer.h"
 #include "switchyard/train/run_config.h"
 
 namespace sy {
@@ -99,6 +102,12 @@ struct VisionTrainOptions {
   int threads = 0;
   bool quiet = false;
   std::function<void(const std::string&)> log;  // a line of progress; default: stderr
+  // Continue out_dir's checkpoint (its config must be this run's) to the same weights an
+  // unbroken run reaches: the data order, augmentation and routing noise are functions of the
+  // step, and the checkpoint holds AdamW's moments.
+  bool resume = false;
+  const std::atomic<bool>* stop = nullptr;  // set: finish the step, checkpoint, return
+  int64_t stop_after = -1;                  // >= 0: stop after this many steps as if asked (tests)
 };
 
 struct VisionRun {
@@ -106,23 +115,30 @@ struct VisionRun {
   int64_t steps = 0;
   double seconds = 0;           // training wall time (evaluations excluded)
   double train_images_per_s = 0;
-  double val_accuracy = 0;      // at the end
+  double val_accuracy = 0;      // at the end (not evaluated when interrupted)
+  bool interrupted = false;     // stopped early by opt.stop or stop_after; resume continues it
 };
 
-// Trains from scratch; writes out_dir/checkpoint.safetensors (every train.checkpoint_interval
-// steps and at the end) and out_dir/history.json.
+// Trains from scratch or resumes; writes out_dir/checkpoint.safetensors (with the optimizer
+// state, every train.checkpoint_interval steps, on a stop and at the end) and
+// out_dir/history.json. Throws ConfigError for a resume without a checkpoint or of another
+// config.
 VisionRun train_vision(const VisionRunConfig& cfg, const VisionData& data,
                        const std::string& out_dir, const VisionTrainOptions& opt);
 
 inline constexpr const char* kVisionCheckpointFormat = "switchyard-vit";
+// adam: also its moments, so that the run can resume.
 void save_vision_checkpoint(const std::string& path, const VisionRunConfig& cfg,
-                            const VitParams& params, int64_t step);
+                            const VitParams& params, int64_t step, const VitAdamW* adam = nullptr);
 struct VisionCheckpoint {
   VisionRunConfig cfg;
   VitParams params;
+  std::optional<VitAdamW> optimizer;  // with_optimizer
   int64_t step = 0;
 };
-VisionCheckpoint load_vision_checkpoint(const std::string& path);  // throws IoError
+// Throws IoError naming the file and what was expected (with_optimizer: also for a file
+// without the optimizer state).
+VisionCheckpoint load_vision_checkpoint(const std::string& path, bool with_optimizer = false);
 // Whether the file is a vision checkpoint (by its metadata's format).
 bool is_vision_checkpoint(const std::string& path);
 
