@@ -33,7 +33,9 @@ struct MoeConfig {
   int64_t top_k = 2;      // experts per token, 1..E
   Gating gating = Gating::kSoftmaxTopK;
   // Rescale the k chosen probabilities (or sigmoid scores) to sum to 1 (Mixtral, DeepSeek-V3);
-  // off: the raw values (Switch, GShard's first expert, OLMoE).
+  // off: the raw values (Switch, GShard's first expert, OLMoE). With top_k = 1 a renormalised
+  // weight is always 1, so the router gets no gradient from the task loss, only from the
+  // auxiliary losses: top-1 routers want renormalize = false.
   bool renormalize = true;
   // Rows an expert takes: ceil(factor * T * k / E). Train and eval differ as in Switch
   // Transformer: a larger eval factor drops fewer tokens at inference.
