@@ -429,8 +429,9 @@ std::string render_multimodal_routes_html(const MultimodalRunConfig& cfg, const 
       escape_html(title), 100 * ev.image_accuracy, ev.loss[1], ev.loss[2]);
   for (size_t l = 0; l < ev.modality_expert.size(); ++l) {
     const auto joint = modality_by_expert(ev.modality_expert[l], E);
-    html += fmt::format("<h2>MoE layer {}</h2><p>NMI(modality; expert) {:.3f}</p><table><tr><th></th>",
-                        l, ev.nmi[l]);
+    html += fmt::format("<h2>MoE layer {}</h2><p>NMI(modality; expert) {:.3f}; share of the "
+                        "modality's entropy the expert explains {:.3f}</p><table><tr><th></th>",
+                        l, ev.nmi[l], label_entropy_explained(joint));
     for (int64_t e = 0; e < E; ++e) html += fmt::format("<th>e{}</th>", e);
     html += "</tr>";
     for (int64_t m = 0; m < kModalities; ++m) {
@@ -442,6 +443,17 @@ std::string render_multimodal_routes_html(const MultimodalRunConfig& cfg, const 
         const int shade = int(std::lround(255 * (1 - share)));
         html += fmt::format("<td style=\"background:rgb({0},{0},255);color:{2}\">{1:.0f}%</td>",
                             shade, 100 * share, share > 0.5 ? "white" : "black");
+      }
+      html += "</tr>";
+    }
+    // The same counts by expert: what each expert's rows are made of.
+    html += "<tr><th style=\"text-align:left\" colspan=\"99\">each expert's rows by modality</th></tr>";
+    for (int64_t m = 0; m < kModalities; ++m) {
+      html += fmt::format("<tr><th style=\"text-align:left\">{}</th>", modality_name(Modality(m)));
+      for (int64_t e = 0; e < E; ++e) {
+        double col = 0;
+        for (int64_t q = 0; q < kModalities; ++q) col += joint[q][e];
+        html += fmt::format("<td>{:.0f}%</td>", col > 0 ? 100 * joint[m][e] / col : 0.0);
       }
       html += "</tr>";
     }
