@@ -99,6 +99,33 @@ Tensor ones_tensor(int64_t n, DType dtype);
 LayerParams init_layer_params(const AttentionConfig& attention, const MoeConfig* moe, int64_t d_ff,
                               double out_scale, DType dtype, uint64_t layer_seed);
 
+// Every block's shapes: n_layers of them, norms of width d, the attention's, and the MoE
+// layer's where is_moe(i) (moe set), else a dense SwiGLU of width d_ff; throws ShapeError naming
+// "layers.<i>.<tensor>".
+template <class IsMoe>
+void check_layers(const std::vector<LayerParams>& layers, int64_t n_layers, int64_t d,
+                  int64_t d_ff, const Attention& attention, const MoeLayer* moe, IsMoe is_moe) {
+  if (int64_t(layers.size()) != n_layers)
+    throw ShapeError(fmt::format("parameters hold {} layers: expected {} (model.n_layers)",
+                                 layers.size(), n_layers));
+  for (int64_t i = 0; i < n_layers; ++i) {
+    const LayerParams& l = layers[i];
+    const std::string at = fmt::format("layers.{}.", i);
+    expect_shape(l.norm_attn, {d}, at + "norm_attn");
+    expect_shape(l.norm_ffn, {d}, at + "norm_ffn");
+    attention.check_params(l.attn);
+    if (is_moe(i)) {
+      moe->check_params(l.moe);
+      if (!l.w1.empty()) throw ShapeError(at + "ffn.w1 is set in an MoE layer");
+    } else {
+      expect_shape(l.w1, {d, d_ff}, at + "ffn.w1");
+      expect_shape(l.w3, {d, d_ff}, at + "ffn.w3");
+      expect_shape(l.w2, {d_ff, d}, at + "ffn.w2");
+      if (!l.moe.w_gate.empty()) throw ShapeError(at + "moe.w_gate is set in a dense layer");
+    }
+  }
+}
+
 // dst += src, elementwise, same shape.
 template <class T>
 void add_into(Tensor& dst, const Tensor& src);

@@ -165,25 +165,8 @@ void MultimodalModel::check_params(const MmParams& p) const {
   expect_shape(p.head_control_w, {d, cfg_.control_actions}, "control.head_w");
   expect_shape(p.head_control_b, {cfg_.control_actions}, "control.head_b");
   expect_shape(p.norm_out, {d}, "norm_out");
-  if (int64_t(p.layers.size()) != cfg_.n_layers)
-    throw ShapeError(fmt::format("parameters hold {} layers: expected {} (model.n_layers)",
-                                 p.layers.size(), cfg_.n_layers));
-  for (int64_t i = 0; i < cfg_.n_layers; ++i) {
-    const LayerParams& l = p.layers[i];
-    const std::string at = fmt::format("layers.{}.", i);
-    expect_shape(l.norm_attn, {d}, at + "norm_attn");
-    expect_shape(l.norm_ffn, {d}, at + "norm_ffn");
-    causal_.check_params(l.attn);
-    if (cfg_.is_moe(i)) {
-      moe_->check_params(l.moe);
-      if (!l.w1.empty()) throw ShapeError(at + "ffn.w1 is set in an MoE layer");
-    } else {
-      expect_shape(l.w1, {d, cfg_.d_ff}, at + "ffn.w1");
-      expect_shape(l.w3, {d, cfg_.d_ff}, at + "ffn.w3");
-      expect_shape(l.w2, {cfg_.d_ff, d}, at + "ffn.w2");
-      if (!l.moe.w_gate.empty()) throw ShapeError(at + "moe.w_gate is set in a dense layer");
-    }
-  }
+  detail::check_layers(p.layers, cfg_.n_layers, d, cfg_.d_ff, causal_, moe_ ? &*moe_ : nullptr,
+                       [&](int64_t i) { return cfg_.is_moe(i); });
   const DType dt = p.patch_w.dtype();
   for (const auto& [name, t] : p.named()) expect_dtype(*t, dt, name, "image.patch_w's dtype");
 }

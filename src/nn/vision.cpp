@@ -124,25 +124,8 @@ void VisionTransformer::check_params(const VitParams& p) const {
   expect_shape(p.norm_out, {d}, "norm_out");
   expect_shape(p.head_w, {d, cfg_.n_classes}, "head_w");
   expect_shape(p.head_b, {cfg_.n_classes}, "head_b");
-  if (int64_t(p.layers.size()) != cfg_.n_layers)
-    throw ShapeError(fmt::format("parameters hold {} layers: expected {} (model.n_layers)",
-                                 p.layers.size(), cfg_.n_layers));
-  for (int64_t i = 0; i < cfg_.n_layers; ++i) {
-    const LayerParams& l = p.layers[i];
-    const std::string at = fmt::format("layers.{}.", i);
-    expect_shape(l.norm_attn, {d}, at + "norm_attn");
-    expect_shape(l.norm_ffn, {d}, at + "norm_ffn");
-    attention_.check_params(l.attn);
-    if (cfg_.is_moe(i)) {
-      moe_->check_params(l.moe);
-      if (!l.w1.empty()) throw ShapeError(at + "ffn.w1 is set in an MoE layer");
-    } else {
-      expect_shape(l.w1, {d, cfg_.d_ff}, at + "ffn.w1");
-      expect_shape(l.w3, {d, cfg_.d_ff}, at + "ffn.w3");
-      expect_shape(l.w2, {cfg_.d_ff, d}, at + "ffn.w2");
-      if (!l.moe.w_gate.empty()) throw ShapeError(at + "moe.w_gate is set in a dense layer");
-    }
-  }
+  detail::check_layers(p.layers, cfg_.n_layers, d, cfg_.d_ff, attention_,
+                       moe_ ? &*moe_ : nullptr, [&](int64_t i) { return cfg_.is_moe(i); });
   const DType dt = p.patch_w.dtype();
   for (const auto& [name, t] : p.named()) expect_dtype(*t, dt, name, "patch_w's dtype");
 }

@@ -207,15 +207,9 @@ MultimodalRun train_multimodal(const MultimodalRunConfig& cfg, const MultimodalD
   MmAdamW adam(t, run.params);
   int64_t start = 0;
   if (opt.resume) {
-    if (!std::filesystem::exists(ck_path))
-      throw ConfigError(fmt::format("--resume: {} does not exist: expected the checkpoint of an "
-                                    "earlier run of this config in {}",
-                                    ck_path, out_dir));
+    detail::require_checkpoint(ck_path, out_dir);
     MultimodalCheckpoint ck = load_multimodal_checkpoint(ck_path, /*with_optimizer=*/true);
-    if (multimodal_config_json(ck.cfg) != multimodal_config_json(cfg))
-      throw ConfigError(fmt::format("--resume: {} was trained with another config: expected the "
-                                    "same config to resume (its config:\n{})",
-                                    ck_path, multimodal_config_json(ck.cfg)));
+    detail::require_same_config(ck_path, multimodal_config_json(ck.cfg), multimodal_config_json(cfg));
     run.params = std::move(ck.params);
     adam = std::move(*ck.optimizer);
     start = ck.step;
@@ -271,16 +265,10 @@ MultimodalRun train_multimodal(const MultimodalRunConfig& cfg, const MultimodalD
   for (int64_t step = start; step < t.steps; ++step) {
     const double t0 = wall_seconds();
     for (int64_t i = 0; i < Bi; ++i) {
-      // Each epoch of the images visits every one once, in an order drawn from the seed and
-      // the epoch.
       const int64_t pos = step * Bi + i;
       if (pos / n != epoch) {
         epoch = pos / n;
-        std::iota(order.begin(), order.end(), 0);
-        for (int64_t j = n - 1; j > 0; --j) {
-          const uint32_t r = rng.bits(uint64_t(epoch) * uint64_t(n) + uint64_t(j))[1];
-          std::swap(order[j], order[int64_t(r % uint32_t(j + 1))]);
-        }
+        detail::epoch_order(rng, epoch, order);
       }
       const int64_t img = order[size_t(pos % n)];
       augment_image(train.image(img), train.rows, train.cols, d.pad, d.flip, rng, uint64_t(pos),

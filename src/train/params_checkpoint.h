@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "switchyard/core/error.h"
+#include "switchyard/core/rng.h"
 #include "switchyard/io/safetensors.h"
 #include "switchyard/train/optimizer.h"
 
@@ -119,6 +120,33 @@ inline nlohmann::json resumed_history(const std::string& path, int64_t step) {
       if (row.is_object() && row.value("step", int64_t(0)) <= step) h[key].push_back(row);
   }
   return h;
+}
+
+// A resume's preconditions: out_dir holds a checkpoint (ck_path), and it was trained with this
+// very config (both as their canonical JSON). Throws ConfigError naming what is wrong.
+inline void require_checkpoint(const std::string& ck_path, const std::string& out_dir) {
+  if (!std::filesystem::exists(ck_path))
+    throw ConfigError(fmt::format("--resume: {} does not exist: expected the checkpoint of an "
+                                  "earlier run of this config in {}",
+                                  ck_path, out_dir));
+}
+inline void require_same_config(const std::string& ck_path, const std::string& checkpoint_json,
+                                const std::string& run_json) {
+  if (checkpoint_json != run_json)
+    throw ConfigError(fmt::format("--resume: {} was trained with another config: expected the "
+                                  "same config to resume (its config:\n{})",
+                                  ck_path, checkpoint_json));
+}
+
+// order = 0..n-1 shuffled for `epoch` (Fisher-Yates from rng's draws): each epoch of a run
+// visits every example once, in an order that is a function of the seed and the epoch alone.
+inline void epoch_order(const Philox& rng, int64_t epoch, std::vector<int64_t>& order) {
+  const int64_t n = int64_t(order.size());
+  for (int64_t i = 0; i < n; ++i) order[i] = i;
+  for (int64_t i = n - 1; i > 0; --i) {
+    const uint32_t r = rng.bits(uint64_t(epoch) * uint64_t(n) + uint64_t(i))[1];
+    std::swap(order[i], order[int64_t(r % uint32_t(i + 1))]);
+  }
 }
 
 }  // namespace sy::detail

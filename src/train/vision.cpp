@@ -209,15 +209,9 @@ VisionRun train_vision(const VisionRunConfig& cfg, const VisionData& data,
   VitAdamW adam(t, run.params);
   int64_t start = 0;
   if (opt.resume) {
-    if (!std::filesystem::exists(ck_path))
-      throw ConfigError(fmt::format("--resume: {} does not exist: expected the checkpoint of an "
-                                    "earlier run of this config in {}",
-                                    ck_path, out_dir));
+    detail::require_checkpoint(ck_path, out_dir);
     VisionCheckpoint ck = load_vision_checkpoint(ck_path, /*with_optimizer=*/true);
-    if (vision_config_json(ck.cfg) != vision_config_json(cfg))
-      throw ConfigError(fmt::format("--resume: {} was trained with another config: expected the "
-                                    "same config to resume (its config:\n{})",
-                                    ck_path, vision_config_json(ck.cfg)));
+    detail::require_same_config(ck_path, vision_config_json(ck.cfg), vision_config_json(cfg));
     run.params = std::move(ck.params);
     adam = std::move(*ck.optimizer);
     start = ck.step;
@@ -265,16 +259,11 @@ VisionRun train_vision(const VisionRunConfig& cfg, const VisionData& data,
   for (int64_t step = start; step < t.steps; ++step) {
     const double t0 = wall_seconds();
     for (int64_t b = 0; b < B; ++b) {
-      // Each epoch visits every image once, in an order drawn from the seed and the epoch; a
-      // batch that straddles two epochs takes its last images from the new order.
+      // A batch that straddles two epochs takes its last images from the new epoch's order.
       const int64_t pos = step * B + b;
       if (pos / n != epoch) {
         epoch = pos / n;
-        std::iota(order.begin(), order.end(), 0);
-        for (int64_t i = n - 1; i > 0; --i) {
-          const uint32_t r = rng.bits(uint64_t(epoch) * uint64_t(n) + uint64_t(i))[1];
-          std::swap(order[i], order[int64_t(r % uint32_t(i + 1))]);
-        }
+        detail::epoch_order(rng, epoch, order);
       }
       const int64_t img = order[size_t(pos % n)];
       augment_image(data.train.image(img), data.train.rows, data.train.cols, cfg.data.pad,

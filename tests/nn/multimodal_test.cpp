@@ -44,11 +44,7 @@ MultimodalConfig tiny(int64_t moe_every) {
 
 MmParams random_params(const MultimodalConfig& cfg) {
   MmParams p = init_mm_params(cfg, DType::kF64, 3);
-  uint64_t seed = 100;
-  for (auto& [name, t] : p.named()) {
-    const Tensor r = random_tensor({t->numel()}, DType::kF64, seed++, -0.3, 0.3);
-    for (int64_t i = 0; i < t->numel(); ++i) t->data<double>()[i] += r.data<double>()[i];
-  }
+  testing::perturb(p.named());
   return p;
 }
 

@@ -3,6 +3,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
+
+#include <fmt/format.h>
 
 namespace sy::testing {
 
@@ -60,6 +63,26 @@ double dot(std::span<const double> y, std::span<const double> r) {
   double s = 0;
   for (size_t i = 0; i < y.size(); ++i) s += y[i] * r[i];
   return s;
+}
+
+void perturb(const std::vector<std::pair<std::string, Tensor*>>& params, uint64_t seed) {
+  for (const auto& [name, t] : params) {
+    const Tensor r = random_tensor({t->numel()}, DType::kF64, seed++, -0.3, 0.3);
+    for (int64_t i = 0; i < t->numel(); ++i) t->data<double>()[i] += r.data<double>()[i];
+  }
+}
+
+std::string fashion_slice_dir(const std::string& dir, const std::string& source_dir) {
+  namespace fs = std::filesystem;
+  fs::create_directories(dir);
+  const fs::path data = fs::path(source_dir) / "data";
+  for (const char* split : {"train", "t10k"})
+    for (const auto& [kind, idx] : {std::pair{"images", "idx3"}, std::pair{"labels", "idx1"}}) {
+      const fs::path to = fs::path(dir) / fmt::format("{}-{}-{}-ubyte.gz", split, kind, idx);
+      if (!fs::exists(to))
+        fs::copy_file(data / fmt::format("fashion-mnist-t10k-1000-{}-{}-ubyte.gz", kind, idx), to);
+    }
+  return dir;
 }
 
 }  // namespace sy::testing

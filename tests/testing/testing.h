@@ -41,6 +41,14 @@ void expect_named_grads_close(const std::function<double()>& loss,
                               const std::vector<std::pair<std::string, Tensor*>>& grads,
                               int max_checks = 24);
 
+// Adds uniform [-0.3, 0.3) noise (seeds seed, seed + 1, ...) to every float64 tensor of a
+// parameter set, so that no gradient is checked where it vanishes (initial biases are zero).
+void perturb(const std::vector<std::pair<std::string, Tensor*>>& params, uint64_t seed = 100);
+
+// A directory in Fashion-MNIST's layout (train-images-idx3-ubyte.gz, ...) whose training and
+// test files are both the committed 1000-image slice under source_dir/data; returns dir.
+std::string fashion_slice_dir(const std::string& dir, const std::string& source_dir);
+
 // sum(y * r): a scalar loss whose gradient w.r.t. y is r.
 double dot(std::span<const double> y, std::span<const double> r);
 

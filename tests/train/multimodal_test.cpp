@@ -13,6 +13,7 @@
 #include "switchyard/core/error.h"
 #include "switchyard/core/file.h"
 #include "switchyard/train/vision.h"
+#include "testing/testing.h"
 
 namespace sy {
 namespace {
@@ -27,18 +28,8 @@ class ScratchCleanup : public ::testing::Environment {
 };
 const auto* const kCleanup = ::testing::AddGlobalTestEnvironment(new ScratchCleanup);
 
-// Fashion-MNIST's layout with the committed 1000-image slice as both the training and test files.
 std::string slice_dir() {
-  const fs::path dir = scratch_dir();
-  fs::create_directories(dir);
-  const fs::path data = fs::path(SY_SOURCE_DIR) / "data";
-  for (const char* split : {"train", "t10k"})
-    for (const auto& [kind, idx] : {std::pair{"images", "idx3"}, std::pair{"labels", "idx1"}}) {
-      const fs::path to = dir / fmt::format("{}-{}-{}-ubyte.gz", split, kind, idx);
-      if (!fs::exists(to))
-        fs::copy_file(data / fmt::format("fashion-mnist-t10k-1000-{}-{}-ubyte.gz", kind, idx), to);
-    }
-  return dir.string();
+  return testing::fashion_slice_dir(scratch_dir().string(), SY_SOURCE_DIR);
 }
 
 MultimodalRunConfig small_run(bool moe) {

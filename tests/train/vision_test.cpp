@@ -15,6 +15,7 @@
 #include "switchyard/core/error.h"
 #include "switchyard/core/file.h"
 #include "switchyard/io/safetensors.h"
+#include "testing/testing.h"
 
 namespace sy {
 namespace {
@@ -33,17 +34,7 @@ const auto* const kCleanup = ::testing::AddGlobalTestEnvironment(new ScratchClea
 // A data directory in Fashion-MNIST's layout whose training and test files are both the committed
 // slice (the test files' contents do not matter to these tests).
 std::string slice_dir() {
-  const fs::path dir = scratch_dir();
-  fs::create_directories(dir);
-  const fs::path data = fs::path(SY_SOURCE_DIR) / "data";
-  for (const char* split : {"train", "t10k"}) {
-    for (const auto& [kind, idx] : {std::pair{"images", "idx3"}, std::pair{"labels", "idx1"}}) {
-      const fs::path to = dir / fmt::format("{}-{}-{}-ubyte.gz", split, kind, idx);
-      if (!fs::exists(to))
-        fs::copy_file(data / fmt::format("fashion-mnist-t10k-1000-{}-{}-ubyte.gz", kind, idx), to);
-    }
-  }
-  return dir.string();
+  return testing::fashion_slice_dir(scratch_dir().string(), SY_SOURCE_DIR);
 }
 
 VisionRunConfig small_run(const std::string& json_model) {
