@@ -186,9 +186,11 @@ int main(int argc, char** argv) {
 #endif
 
   sy::cli::TrainCliOptions train_opt;
-  CLI::App* train = app.add_subcommand("train", "Train a language model or a vision transformer (default: austen-moe)");
+  CLI::App* train = app.add_subcommand(
+      "train", "Train a language model, a vision transformer or the multimodal model (default: "
+               "austen-moe)");
   train->add_option("--config", train_opt.config,
-                    "Built-in config (austen-moe, austen-dense, fashion-vit, ...) or a JSON file")
+                    "Built-in config (austen-moe, austen-dense, fashion-vit, multimodal-moe, ...) or a JSON file")
       ->capture_default_str();
   train->add_option("--set", train_opt.overrides,
                     "Override a config value, e.g. --set train.lr=0.001 (repeatable)");
@@ -221,13 +223,15 @@ int main(int argc, char** argv) {
   CLI::App* eval = app.add_subcommand("eval", "Validation loss and bits per byte of a checkpoint");
   eval->add_option("--checkpoint", eval_opt.checkpoint, "Checkpoint file");
   eval->add_option("--model", eval_opt.model, "Hugging Face model directory (" + sy::supported_hf_architectures() + ")");
-  eval->add_option("--data", eval_opt.data, "Text file (default: the checkpoint's data.path)");
+  eval->add_option("--data", eval_opt.data,
+                  "Text file (default: the checkpoint's data.path); vision and multimodal "
+                  "checkpoints: the image directory");
   eval->add_option("--max-tokens", eval_opt.max_tokens, "Tokens to score (0: whole split)")
       ->capture_default_str();
-  eval->add_option("--split", eval_opt.split, "Vision checkpoints: the test or val split")
+  eval->add_option("--split", eval_opt.split, "Vision and multimodal checkpoints: the test or val split")
       ->capture_default_str();
   eval->add_option("--set", eval_opt.overrides,
-                   "Vision checkpoints: evaluate under a changed config value, e.g. --set "
+                   "Vision and multimodal checkpoints: evaluate under a changed config value, e.g. --set "
                    "model.moe.capacity_factor_eval=0.5 (repeatable)");
   eval->add_option("--threads", eval_opt.threads, "Threads (0: all cores)")->capture_default_str();
 
@@ -335,7 +339,9 @@ int main(int argc, char** argv) {
   CLI::App* routes = app.add_subcommand(
       "routes", "Per layer and expert: load, drops, entropy, co-selection, specialisation");
   routes->add_option("--checkpoint", routes_opt.checkpoint, "Checkpoint file")->required();
-  routes->add_option("--data", routes_opt.data, "Text file (default: the checkpoint's data.path)");
+  routes->add_option("--data", routes_opt.data,
+                    "Text file (default: the checkpoint's data.path); vision and multimodal "
+                    "checkpoints: the image directory");
   routes->add_option("--max-tokens", routes_opt.max_tokens, "Validation tokens (0: all)")
       ->capture_default_str();
   routes->add_option("--html", routes_opt.html, "HTML report (default: routes.html beside it)");

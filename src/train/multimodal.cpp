@@ -234,6 +234,7 @@ MultimodalRun train_multimodal(const MultimodalRunConfig& cfg, const MultimodalD
                      .pixels = std::vector<uint8_t>(static_cast<size_t>(Bi * px)), .labels = {},
                      .n_classes = 0};
   MmBatch b;
+  b.labels.resize(size_t(Bi));
   MmCache cache;
   json history = detail::resumed_history(history_path, start);
   if (start > 0) log(fmt::format("resuming {} at step {} of {}", ck_path, start, t.steps));
@@ -273,7 +274,6 @@ MultimodalRun train_multimodal(const MultimodalRunConfig& cfg, const MultimodalD
       const int64_t img = order[size_t(pos % n)];
       augment_image(train.image(img), train.rows, train.cols, d.pad, d.flip, rng, uint64_t(pos),
                     {batch_set.pixels.data() + i * px, size_t(px)});
-      if (int64_t(b.labels.size()) != Bi) b.labels.resize(size_t(Bi));
       b.labels[i] = train.labels[img];
     }
     if (Bi > 0) image_batch(batch_set, all, b.images);
