@@ -82,7 +82,10 @@ int eval_multimodal_cli(const EvalCliOptions& o, const std::string& checkpoint) 
   fmt::print("{} (step {}), {} split: {} images, {} text bytes scored, {} control steps\n{}\n",
              checkpoint, ck.step, o.split, ev.count[0], ev.count[1], ev.count[2], figures(ev));
   for (size_t l = 0; l < ev.nmi.size(); ++l)
-    fmt::print("MoE layer {}: NMI(modality; expert) {:.3f}\n", l, ev.nmi[l]);
+    fmt::print("MoE layer {}: NMI(modality; expert) {:.3f}; slots dropped: image {:.2f}%, text "
+               "{:.2f}%, control {:.2f}%\n",
+               l, ev.nmi[l], 100 * ev.dropped[l][0], 100 * ev.dropped[l][1],
+               100 * ev.dropped[l][2]);
   return 0;
 }
 

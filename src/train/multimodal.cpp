@@ -140,6 +140,8 @@ MmEval evaluate_multimodal(const MultimodalModel& model, const MmParams& p,
   MmEval ev;
   ev.modality_expert.assign(size_t(mc.n_moe_layers()), std::vector<int64_t>(size_t(kModalities * E), 0));
   std::array<double, kModalities> sums{};
+  std::vector<std::array<int64_t, kModalities>> slots(size_t(mc.n_moe_layers())),
+      drops(size_t(mc.n_moe_layers()));
   int64_t correct = 0, rows = 0;
   MmCache cache;
   MmBatch b;
@@ -172,10 +174,12 @@ MmEval evaluate_multimodal(const MultimodalModel& model, const MmParams& p,
     int64_t layer = 0;
     for (int64_t l = 0; l < mc.n_layers; ++l) {
       if (!mc.is_moe(l)) continue;
-      const std::vector<int32_t>& expert = cache.layers[l].moe.router.expert;
+      const MoeCache& moe = cache.layers[l].moe;
       for (int64_t r = 0; r < cache.n_rows; ++r) {
         const int64_t m = int64_t(MultimodalModel::row_modality(cache, r));
-        ++ev.modality_expert[layer][size_t(m * E + expert[size_t(r * k)])];
+        ++ev.modality_expert[layer][size_t(m * E + moe.router.expert[size_t(r * k)])];
+        slots[layer][m] += k;
+        for (int64_t j = 0; j < k; ++j) drops[layer][m] += moe.plan.slot_row[size_t(r * k + j)] < 0;
       }
       ++layer;
     }
@@ -186,6 +190,12 @@ MmEval evaluate_multimodal(const MultimodalModel& model, const MmParams& p,
   ev.image_accuracy = ev.count[0] > 0 ? double(correct) / double(ev.count[0]) : 0.0;
   for (const auto& counts : ev.modality_expert)
     ev.nmi.push_back(normalized_mutual_information(modality_by_expert(counts, E)));
+  for (size_t l = 0; l < slots.size(); ++l) {
+    std::array<double, kModalities> share{};
+    for (int64_t m = 0; m < kModalities; ++m)
+      share[m] = slots[l][m] > 0 ? double(drops[l][m]) / double(slots[l][m]) : 0.0;
+    ev.dropped.push_back(share);
+  }
   return ev;
 }
 
@@ -380,6 +390,8 @@ std::string render_multimodal_routes_text(const MultimodalRunConfig& cfg, const 
     out += fmt::format("MoE layer {}: NMI(modality; first-choice expert) {:.3f}, share of the "
                        "modality's entropy the expert explains {:.3f}\n",
                        l, ev.nmi[l], label_entropy_explained(joint));
+    out += fmt::format("  slots dropped by capacity: image {:.2f}%, text {:.2f}%, control {:.2f}%\n",
+                       100 * ev.dropped[l][0], 100 * ev.dropped[l][1], 100 * ev.dropped[l][2]);
     out += "  share of each modality's rows per expert\n";
     out += fmt::format("  {:<8}{:>10}", "modality", "rows");
     for (int64_t e = 0; e < E; ++e) out += fmt::format(" {:>5}", fmt::format("e{}", e));

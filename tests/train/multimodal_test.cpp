@@ -110,6 +110,9 @@ TEST(MultimodalTraining, EveryTaskLearnsAndRoutesAreCountedByModality) {
   for (int64_t v : after.modality_expert[0]) rows += v;
   EXPECT_GT(rows, 200 * cfg.model.n_patches());
   for (double v : after.nmi) EXPECT_TRUE(v >= 0 && v <= 1) << v;
+  ASSERT_EQ(after.dropped.size(), 2u);
+  for (const auto& layer : after.dropped)
+    for (double v : layer) EXPECT_TRUE(v >= 0 && v < 0.5) << v;
   const std::string text = render_multimodal_routes_text(cfg, after);
   EXPECT_NE(text.find("NMI(modality; first-choice expert)"), std::string::npos) << text;
   EXPECT_NE(text.find("control"), std::string::npos);

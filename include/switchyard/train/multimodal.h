@@ -83,6 +83,8 @@ struct MmEval {
   // [layer][modality * E + expert].
   std::vector<std::vector<int64_t>> modality_expert;
   std::vector<double> nmi;  // per MoE layer: NMI(modality; first-choice expert)
+  // Per MoE layer, per modality: the share of its rows' expert slots that capacity dropped.
+  std::vector<std::array<double, kModalities>> dropped;
   double rows_per_s = 0;
 };
 
