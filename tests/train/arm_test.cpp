@@ -55,7 +55,7 @@ TEST(Arm, TheDemonstratorReachesItsTargets) {
   std::vector<double> d = ep.final_distance;
   std::sort(d.begin(), d.end());
   EXPECT_LT(d[150], 0.03);  // median: within 3 cm after 2 s
-  EXPECT_LT(d[270], 0.15);  // most; a few start folded near the singular pose
+  EXPECT_LT(d[270], 0.15);  // 90%; a few do not get there in 2 s
   for (float a : ep.actions) EXPECT_LE(std::abs(a), 1.0f);  // torques / tau_max, clipped
 }
 
