@@ -3,6 +3,7 @@
 // Internal to nn/: the models own the parameters, the caches and the loop over blocks.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -124,6 +125,22 @@ void check_layers(const std::vector<LayerParams>& layers, int64_t n_layers, int6
       if (!l.moe.w_gate.empty()) throw ShapeError(at + "moe.w_gate is set in a dense layer");
     }
   }
+}
+
+// images: [B, rows * cols * channels] -> patches: [B * Np, P*P*channels], the P x P squares in
+// raster order, each flattened (row in patch, column in patch, channel). P divides rows and cols.
+template <class T>
+void patchify(ConstMatrixView<T> images, int64_t rows, int64_t cols, int64_t channels, int64_t P,
+              MatrixView<T> patches) {
+  const int64_t per_row = cols / P, np = (rows / P) * per_row, C = channels;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < images.rows; ++b)
+    for (int64_t q = 0; q < np; ++q) {
+      const int64_t r0 = (q / per_row) * P, c0 = (q % per_row) * P;
+      T* out = patches.row(b * np + q);
+      for (int64_t i = 0; i < P; ++i)
+        std::copy_n(images.row(b) + ((r0 + i) * cols + c0) * C, P * C, out + i * P * C);
+    }
 }
 
 // dst += src, elementwise, same shape.

@@ -36,19 +36,6 @@ MmParams map_params(const MmParams& p, F f) {
   return o;
 }
 
-// images: [B, H*W] -> patches [B * Np, P*P] in raster order, each flattened row by row.
-template <class T>
-void patchify(const MultimodalConfig& cfg, ConstMatrixView<T> images, MatrixView<T> patches) {
-  const int64_t P = cfg.patch, W = cfg.image_cols, per_row = W / P, np = cfg.n_patches();
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < images.rows; ++b)
-    for (int64_t q = 0; q < np; ++q) {
-      const int64_t r0 = (q / per_row) * P, c0 = (q % per_row) * P;
-      for (int64_t i = 0; i < P; ++i)
-        std::copy_n(images.row(b) + (r0 + i) * W + c0, P, patches.row(b * np + q) + i * P);
-    }
-}
-
 // out rows = in w + bias + pos[row % L]; in: [n, k], out: [n, d] (=).
 template <class T>
 void project(const Backend& be, ConstMatrixView<T> in, const Tensor& w, const Tensor& bias,
@@ -241,7 +228,8 @@ MmStep MultimodalModel::forward_impl(const MmParams& p, const MmBatch& b, MmCach
   MatrixView<T> x = c.x.matrix<T>();
   if (Bi > 0) {
     c.patches.resize_for_overwrite({Bi * np, cfg_.patch_dim()}, dt);
-    patchify<T>(cfg_, b.images.matrix<T>(), c.patches.matrix<T>());
+    detail::patchify<T>(b.images.matrix<T>(), cfg_.image_rows, cfg_.image_cols, 1, cfg_.patch,
+                        c.patches.matrix<T>());
     project<T>(be, c.patches.matrix<T>(), p.patch_w, p.patch_b, p.pos_image,
                x.slice_rows(c.row0[0], c.row0[1]));
   }

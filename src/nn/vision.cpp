@@ -31,22 +31,6 @@ VitParams map_params(const VitParams& p, F f) {
   return out;
 }
 
-// images: [B, H*W*C] -> patches: [B * Np, P*P*C], patches in raster order, each flattened
-// (row in patch, column in patch, channel).
-template <class T>
-void patchify(const VitConfig& cfg, ConstMatrixView<T> images, MatrixView<T> patches) {
-  const int64_t P = cfg.patch, C = cfg.channels, W = cfg.image_cols;
-  const int64_t per_row = cfg.image_cols / P, np = cfg.n_patches();
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < images.rows; ++b)
-    for (int64_t q = 0; q < np; ++q) {
-      const int64_t r0 = (q / per_row) * P, c0 = (q % per_row) * P;
-      T* out = patches.row(b * np + q);
-      for (int64_t i = 0; i < P; ++i)
-        std::copy_n(images.row(b) + ((r0 + i) * W + c0) * C, P * C, out + i * P * C);
-    }
-}
-
 }  // namespace
 
 std::vector<std::pair<std::string, Tensor*>> VitParams::named() {
@@ -170,7 +154,8 @@ VitStep VisionTransformer::forward_impl(const VitParams& p, const Tensor& images
   const DType dt = dtype_of<T>();
   const Backend& be = backend_of(ctx);
   c.patches.resize_for_overwrite({B * np, cfg_.patch_dim()}, dt);
-  patchify<T>(cfg_, images.matrix<T>(), c.patches.matrix<T>());
+  detail::patchify<T>(images.matrix<T>(), cfg_.image_rows, cfg_.image_cols, cfg_.channels,
+                      cfg_.patch, c.patches.matrix<T>());
   Tensor tok;
   tok.resize_for_overwrite({B * np, d}, dt);
   be.gemm<T>(false, false, T(1), c.patches.matrix<T>(), p.patch_w.matrix<T>(), T(0),
