@@ -10,6 +10,7 @@
 #include <numbers>
 
 #include "switchyard/kernels/backend.h"
+#include "kernels/cpu/vec_math.h"
 #include "switchyard/moe/experts.h"
 
 namespace sy {
@@ -372,6 +373,121 @@ void rope_rows(float* x, int64_t heads, int64_t stride, int64_t at, int64_t dim,
 
 }  // namespace
 
+namespace {
+
+// One query row against keys [j0, j1) of one kv head: p = softmax(scale q.k), o = p V.
+// Key rows are dk * kv_heads floats apart, value rows dv * kv_heads; p: scratch of j1 - j0.
+void attend_row(const float* q, const float* k, const float* v, int64_t kv_heads, int64_t j0,
+                int64_t j1, int64_t dk, int64_t dv, float scale, float* p, float* o) {
+  const int64_t m = j1 - j0;
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < m; ++j) {
+    const float* kj = k + (j0 + j) * kv_heads * dk;
+    float dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t t = 0; t < dk; ++t) dot += q[t] * kj[t];
+    p[j] = dot * scale;
+    mx = std::max(mx, p[j]);
+  }
+  float sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < m; ++j) {
+    p[j] = cpu::detail::exp_fast(p[j] - mx);
+    sum += p[j];
+  }
+  const float inv = 1.0f / sum;
+  std::fill_n(o, dv, 0.0f);
+  for (int64_t j = 0; j < m; ++j) {
+    const float w = p[j] * inv;
+    const float* vj = v + (j0 + j) * kv_heads * dv;
+#pragma omp simd
+    for (int64_t t = 0; t < dv; ++t) o[t] += w * vj[t];
+  }
+}
+
+// Positions per GEMM block, and the fewest query rows (positions x heads per kv head) worth
+// the copies into contiguous operands.
+constexpr int64_t kAttnBlock = 64;
+constexpr int64_t kAttnGemmRows = 32;
+
+}  // namespace
+
+void cached_attention(const AttentionShape& s, const float* q, int64_t n, int64_t first,
+                      const float* k, const float* v, float* o, const Backend& be) {
+  const int64_t H = s.n_heads, Hkv = s.n_kv_heads, dk = s.dk, dv = s.dv, group = H / Hkv;
+  const int64_t m = first + n;
+  SY_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && n > 0 && first >= 0, "attention shape");
+  auto lo = [&](int64_t pos) {
+    return s.window > 0 ? std::max<int64_t>(0, pos - s.window + 1) : int64_t(0);
+  };
+  if (n * group < kAttnGemmRows) {
+#pragma omp parallel
+    {
+      std::vector<float> p(static_cast<size_t>(m));
+#pragma omp for collapse(2) schedule(dynamic, 4)
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t pos = first + i, g = h / group;
+          attend_row(q + (i * H + h) * dk, k + g * dk, v + g * dv, Hkv, lo(pos), pos + 1, dk,
+                     dv, s.scale, p.data(), o + (i * H + h) * dv);
+        }
+    }
+    return;
+  }
+  // Each kv head's keys and values made contiguous, [Hkv][m][dk] and [Hkv][m][dv], then per
+  // (kv head, block of positions): S = scale Q K^T over the keys the block sees, the masked
+  // softmax per row, O = P V. The rows of a block are its positions x the group's heads.
+  std::vector<float> kh(static_cast<size_t>(Hkv * m * dk)), vh(static_cast<size_t>(Hkv * m * dv));
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t g = 0; g < Hkv; ++g)
+    for (int64_t j = 0; j < m; ++j) {
+      std::copy_n(k + (j * Hkv + g) * dk, dk, kh.data() + (g * m + j) * dk);
+      std::copy_n(v + (j * Hkv + g) * dv, dv, vh.data() + (g * m + j) * dv);
+    }
+  const int64_t n_blocks = (n + kAttnBlock - 1) / kAttnBlock;
+#pragma omp parallel
+  {
+    std::vector<float> qb, sb, ob;
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t g = 0; g < Hkv; ++g)
+      for (int64_t b = 0; b < n_blocks; ++b) {
+        const int64_t i0 = b * kAttnBlock, i1 = std::min(n, i0 + kAttnBlock);
+        const int64_t rows = (i1 - i0) * group;
+        const int64_t j0 = lo(first + i0), j1 = first + i1, span = j1 - j0;
+        qb.resize(size_t(rows * dk));
+        sb.resize(size_t(rows * span));
+        ob.resize(size_t(rows * dv));
+        for (int64_t i = i0; i < i1; ++i)
+          std::copy_n(q + (i * H + g * group) * dk, group * dk, qb.data() + (i - i0) * group * dk);
+        be.gemm<float>(false, true, s.scale, {qb.data(), rows, dk},
+                       {kh.data() + (g * m + j0) * dk, span, dk}, 0.0f, {sb.data(), rows, span});
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t pos = first + i0 + r / group;
+          const int64_t a = lo(pos) - j0, e = pos + 1 - j0;  // the row's keys: [a, e)
+          float* sr = sb.data() + r * span;
+          float mx = -INFINITY;
+          for (int64_t j = a; j < e; ++j) mx = std::max(mx, sr[j]);
+          float sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = a; j < e; ++j) {
+            sr[j] = cpu::detail::exp_fast(sr[j] - mx);
+            sum += sr[j];
+          }
+          const float inv = 1.0f / sum;
+          std::fill(sr, sr + a, 0.0f);
+#pragma omp simd
+          for (int64_t j = a; j < e; ++j) sr[j] *= inv;
+          std::fill(sr + e, sr + span, 0.0f);
+        }
+        be.gemm<float>(false, false, 1.0f, {sb.data(), rows, span},
+                       {vh.data() + (g * m + j0) * dv, span, dv}, 0.0f, {ob.data(), rows, dv});
+        for (int64_t i = i0; i < i1; ++i)
+          std::copy_n(ob.data() + (i - i0) * group * dv, group * dv,
+                      o + (i * H + g * group) * dv);
+      }
+  }
+}
+
 void DecoderModel::attention(const DecoderLayerParams& lp, int64_t layer, const Rows& rows,
                              DecoderScratch& sc, const Backend& be) const {
   const DecoderConfig& c = cfg_;
@@ -465,48 +581,19 @@ void DecoderModel::attention(const DecoderLayerParams& lp, int64_t layer, const 
     }
   }
 
-  // Causal (and windowed) softmax attention of the new queries over every cached key.
+  // Causal (and windowed) softmax attention of each sequence's new queries over its cache.
   sc.o.resize_for_overwrite({n, H * dv}, DType::kF32);
-  const float* q = sc.q.data<float>();
-  float* o = sc.o.data<float>();
-  const int64_t group = H / Hkv, window = c.window[layer];
-  const float scale = float(c.attn_scale);
-  const int64_t max_pos = *std::max_element(rows.pos.begin(), rows.pos.end());
-#pragma omp parallel
-  {
-    std::vector<float> p(static_cast<size_t>(max_pos + 1));
-    std::vector<double> acc(static_cast<size_t>(dv));
-#pragma omp for collapse(2) schedule(dynamic, 4)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t hh = 0; hh < H; ++hh) {
-        const DecoderState::Layer& kv = rows.states[rows.seq[i]]->layers[layer];
-        const float *K = kv.k.data(), *V = kv.v.data();
-        const int64_t pos = rows.pos[i], g = hh / group;
-        const int64_t j0 = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-        const float* qi = q + (i * H + hh) * dk;
-        float mx = -INFINITY;
-        for (int64_t j = j0; j <= pos; ++j) {
-          const float* kj = K + (j * Hkv + g) * dk;
-          float dot = 0;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t t = 0; t < dk; ++t) dot += qi[t] * kj[t];
-          p[j] = dot * scale;
-          mx = std::max(mx, p[j]);
-        }
-        double sum = 0;
-        for (int64_t j = j0; j <= pos; ++j) {
-          p[j] = std::exp(p[j] - mx);
-          sum += p[j];
-        }
-        std::fill(acc.begin(), acc.end(), 0.0);
-        for (int64_t j = j0; j <= pos; ++j) {
-          const float* vj = V + (j * Hkv + g) * dv;
-          const double w = p[j] / sum;
-          for (int64_t t = 0; t < dv; ++t) acc[t] += w * vj[t];
-        }
-        float* oi = o + (i * H + hh) * dv;
-        for (int64_t t = 0; t < dv; ++t) oi[t] = float(acc[t]);
-      }
+  const AttentionShape shape{.n_heads = H,
+                             .n_kv_heads = Hkv,
+                             .dk = dk,
+                             .dv = dv,
+                             .window = c.window[layer],
+                             .scale = float(c.attn_scale)};
+  for (size_t qs = 0; qs < rows.states.size(); ++qs) {
+    const int64_t r0 = rows.start[qs], r1 = rows.start[qs + 1];
+    const DecoderState::Layer& kv = rows.states[qs]->layers[layer];
+    cached_attention(shape, sc.q.data<float>() + r0 * H * dk, r1 - r0, rows.pos[size_t(r0)],
+                     kv.k.data(), kv.v.data(), sc.o.data<float>() + r0 * H * dv, be);
   }
   linear(be, sc.o.matrix<float>(), lp.wo, lp.bo, sc.y);
 }

@@ -132,6 +132,21 @@ struct DecoderScratch {
   std::vector<float> probs;
 };
 
+// Softmax attention of one sequence's n new queries, at positions first .. first + n - 1, over
+// its cached keys and values at positions 0 .. first + n - 1: causal and, when window > 0,
+// limited to each query's last `window` positions. Query head h reads kv head
+// h / (n_heads / n_kv_heads). Scores are scale * q.k in float32 and the softmax is float32, as
+// transformers' eager attention computes them. Long runs of queries take GEMMs on `be` per
+// (kv head, block of 64 positions); a few queries (decoding) take one pass over the keys per
+// head.
+//   q: [n, H, dk], k: [first + n, Hkv, dk], v: [first + n, Hkv, dv] -> o: [n, H, dv] (=)
+struct AttentionShape {
+  int64_t n_heads = 0, n_kv_heads = 0, dk = 0, dv = 0, window = 0;
+  float scale = 1;
+};
+void cached_attention(const AttentionShape& s, const float* q, int64_t n, int64_t first,
+                      const float* k, const float* v, float* o, const Backend& be);
+
 class DecoderModel {
  public:
   explicit DecoderModel(const DecoderConfig& cfg);  // throws ConfigError
