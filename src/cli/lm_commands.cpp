@@ -204,8 +204,10 @@ int run_eval(const EvalCliOptions& o) {
   for (const Batch& b : batches) n += int64_t(b.tokens.size());
   ExecContext ctx;
   ctx.n_threads = o.threads;
-  ctx.backend = &pick_backend(cpu_features(), ck.cfg.model.precision);
-  fmt::print(stderr, "{}\n", describe_kernels(ck.cfg.model.precision));
+  const Precision precision = o.precision.empty() ? ck.cfg.model.precision
+                                                : parse_precision(o.precision, "--precision");
+  ctx.backend = &pick_backend(cpu_features(), precision);
+  fmt::print(stderr, "{}\n", describe_kernels(precision));
   const double t0 = wall_seconds();
   const double loss = evaluate(model, ck.params, batches, ctx);
   fmt::print("{} (step {}) on {} validation split: {} tokens, loss {:.4f} nats/byte, {:.4f} bits "
@@ -236,13 +238,16 @@ void print_hf_model(const HfModel& m) {
              m.tokenizer ? m.tokenizer->kind() : std::string("none"));
 }
 
-// Published models run in f32 compute (bf16 weights stay bf16), as their fixtures were checked.
-ExecContext hf_context(int threads) {
+// Published models run in f32 compute unless --precision says otherwise (bf16 weights stay
+// bf16 either way): f32 is what their fixtures were checked in.
+ExecContext hf_context(int threads, const std::string& precision_flag) {
+  const Precision precision =
+      precision_flag.empty() ? Precision::kF32 : parse_precision(precision_flag, "--precision");
   ExecContext ctx;
   ctx.n_threads = threads;
   ctx.training = false;
-  ctx.backend = &pick_backend(cpu_features(), Precision::kF32);
-  fmt::print(stderr, "{}\n", describe_kernels(Precision::kF32));
+  ctx.backend = &pick_backend(cpu_features(), precision);
+  fmt::print(stderr, "{}\n", describe_kernels(precision));
   return ctx;
 }
 
@@ -252,7 +257,7 @@ int generate_hf(const GenerateCliOptions& o) {
   if (!m.tokenizer) throw IoError(fmt::format("{}: no tokenizer.json to encode the prompt", o.model));
   print_hf_model(m);
   const DecoderModel model(m.config);
-  const ExecContext ctx = hf_context(o.threads);
+  const ExecContext ctx = hf_context(o.threads, o.precision);
   std::vector<int32_t> ids = m.tokenizer->encode(o.prompt);
   DecoderState state = model.start();
   Tensor logits;
@@ -302,7 +307,7 @@ int eval_hf(const EvalCliOptions& o) {
   const std::string text(corpus.val.begin(), corpus.val.end());
   const std::vector<int32_t> ids = m.tokenizer->encode(text, /*add_special_tokens=*/false);
   const DecoderModel model(m.config);
-  const ExecContext ctx = hf_context(o.threads);
+  const ExecContext ctx = hf_context(o.threads, o.precision);
   const int64_t window = std::min<int64_t>(256, m.config.max_context), V = m.config.vocab;
   const int64_t limit = o.max_tokens > 0 ? std::min<int64_t>(o.max_tokens, int64_t(ids.size()))
                                          : int64_t(ids.size());
@@ -338,8 +343,10 @@ int run_generate(const GenerateCliOptions& o) {
   const LanguageModel model(m);
   ExecContext ctx;
   ctx.n_threads = o.threads;
-  ctx.backend = &pick_backend(cpu_features(), m.precision);
-  fmt::print(stderr, "{}\n", describe_kernels(m.precision));
+  const Precision precision =
+      o.precision.empty() ? m.precision : parse_precision(o.precision, "--precision");
+  ctx.backend = &pick_backend(cpu_features(), precision);
+  fmt::print(stderr, "{}\n", describe_kernels(precision));
   std::vector<int32_t> text(o.prompt.begin(), o.prompt.end());
   for (int32_t& t : text) t &= 0xFF;  // bytes, not chars
   if (int64_t(text.size()) > m.context) text.erase(text.begin(), text.end() - m.context);

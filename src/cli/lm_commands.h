@@ -50,6 +50,7 @@ struct EvalCliOptions {
   // model.moe.capacity_factor_eval=0.5 (those that change a weight's shape are refused).
   std::vector<std::string> overrides;
   int threads = 0;
+  std::string precision;  // f32, bf16, auto; empty: f32 for --model, else the checkpoint's
 };
 int run_eval(const EvalCliOptions& o);
 
@@ -63,6 +64,7 @@ struct GenerateCliOptions {
   double top_p = 0.95;  // 1: off
   uint64_t seed = 1;
   int threads = 1;
+  std::string precision;  // f32, bf16, auto; empty: f32 for --model, else the checkpoint's
 };
 int run_generate(const GenerateCliOptions& o);
 

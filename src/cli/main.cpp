@@ -13,6 +13,7 @@
 #ifdef SY_WITH_MPI
 #include "cli/bench_ep.h"
 #endif
+#include "cli/bench_model.h"
 #include "cli/bench_serve.h"
 #include "cli/bench_train.h"
 #include "cli/vision_commands.h"
@@ -145,6 +146,30 @@ int main(int argc, char** argv) {
   bench_serve->add_option("--json", bs_opt.json_path, "Also write JSON (- for stdout)");
   bench_serve->add_option("--svg", bs_opt.svg_path, "Write throughput against latency as SVG");
 
+  sy::cli::BenchModelOptions bm_opt;
+  CLI::App* bench_model = bench->add_subcommand(
+      "model", "A Hugging Face model's prefill and decode tokens/s against the weight-read ceiling");
+  bench_model->add_option("--model", bm_opt.model, "Hugging Face model directory")->required();
+  bench_model->add_option("--prefill", bm_opt.prefill, "Prompt lengths to time (comma-separated)")
+      ->delimiter(',')
+      ->capture_default_str();
+  bench_model->add_option("--batch", bm_opt.batch, "Sequences decoding together (comma-separated)")
+      ->delimiter(',')
+      ->capture_default_str();
+  bench_model->add_option("--steps", bm_opt.steps, "Timed decode steps per batch")
+      ->capture_default_str();
+  bench_model->add_option("--context", bm_opt.context, "Tokens each decoding sequence holds first")
+      ->capture_default_str();
+  bench_model->add_option("--iters", bm_opt.iters, "Prefill runs per length (the fastest counts)")
+      ->capture_default_str();
+  bench_model->add_option("--threads", bm_opt.n_threads, "Threads (0: all cores)")
+      ->capture_default_str();
+  bench_model->add_option("--precision", bm_opt.precision, "GEMM precision f32, bf16 or auto")
+      ->capture_default_str();
+  bench_model->add_option("--text", bm_opt.text, "Text the prompts come from")
+      ->capture_default_str();
+  bench_model->add_option("--json", bm_opt.json_path, "Also write JSON (- for stdout)");
+
   sy::cli::BenchTrainOptions bt_opt;
   CLI::App* bench_train =
       bench->add_subcommand("train", "Training steps/s of a config against the dense GEMM rates");
@@ -234,6 +259,8 @@ int main(int argc, char** argv) {
                    "Vision and multimodal checkpoints: evaluate under a changed config value, e.g. --set "
                    "model.moe.capacity_factor_eval=0.5 (repeatable)");
   eval->add_option("--threads", eval_opt.threads, "Threads (0: all cores)")->capture_default_str();
+  eval->add_option("--precision", eval_opt.precision,
+                   "GEMM precision f32, bf16 or auto (default: f32 with --model, the checkpoint's own)");
 
   sy::cli::SuperclassesCliOptions sc_opt;
   CLI::App* superclasses = app.add_subcommand(
@@ -297,6 +324,8 @@ int main(int argc, char** argv) {
   generate->add_option("--top-p", gen_opt.top_p, "Nucleus mass (1: off)")->capture_default_str();
   generate->add_option("--seed", gen_opt.seed, "Sampling seed")->capture_default_str();
   generate->add_option("--threads", gen_opt.threads, "Threads")->capture_default_str();
+  generate->add_option("--precision", gen_opt.precision,
+                       "GEMM precision f32, bf16 or auto (default: f32 with --model, the checkpoint's own)");
 
   sy::cli::ExportCliOptions export_opt;
   CLI::App* export_cmd = app.add_subcommand(
@@ -393,6 +422,7 @@ int main(int argc, char** argv) {
     if (bench_moe->parsed()) return sy::cli::run_bench_moe(moe_opt);
     if (bench_train->parsed()) return sy::cli::run_bench_train(bt_opt);
     if (bench_serve->parsed()) return sy::cli::run_bench_serve(bs_opt);
+    if (bench_model->parsed()) return sy::cli::run_bench_model(bm_opt);
     if (train->parsed()) return sy::cli::run_train(train_opt);
     if (eval->parsed()) return sy::cli::run_eval(eval_opt);
     if (superclasses->parsed()) return sy::cli::run_superclasses(sc_opt);
