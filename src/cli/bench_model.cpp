@@ -1,8 +1,7 @@
 #include "cli/bench_model.h"
 
-#include <sys/resource.h>
-
 #include <algorithm>
+#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "cli/bench_moe.h"
@@ -16,10 +15,14 @@ namespace sy::cli {
 
 namespace {
 
+// The process's peak resident bytes (VmHWM: of this program's memory since exec, unlike
+// getrusage's ru_maxrss, which Linux carries over from the parent across execve).
 int64_t peak_resident_bytes() {
-  rusage u{};
-  getrusage(RUSAGE_SELF, &u);
-  return int64_t(u.ru_maxrss) * 1024;  // KiB on Linux
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.starts_with("VmHWM:")) return std::stoll(line.substr(6)) * 1024;  // kB
+  return 0;
 }
 
 // Multiply-adds of attention scores and values for a prompt of L tokens, every layer, as
@@ -151,11 +154,34 @@ int run_bench_model(const BenchModelOptions& opt) {
     fmt::print("prefill {:5d} tokens: {:8.3f} s, {:8.1f} tokens/s, {:7.1f} GFLOP/s = {:.2f} of "
                "dense\n",
                L, best, double(L) / best, flops / best / 1e9, flops / best / dense_rate);
+    // Once more with the phases timed (profiling adds a clock read per phase and layer).
+    ExecContext prof = ctx;
+    prof.profile = true;
+    DecoderState s = model.start();
+    model.forward(m.params, std::span(ids).first(size_t(L)), s, logits, prof, false);
+    const DecoderTimes& t = model.last_times();
+    fmt::print("  phases (s): qkv {:.3f}, attention {:.3f}, out proj {:.3f}, MoE {:.3f} (router "
+               "{:.3f}, plan {:.3f}, gather {:.3f}, experts {:.3f}, combine {:.3f}), dense ffn "
+               "{:.3f}, shared {:.3f}, lm head {:.3f}\n",
+               t.qkv, t.attend, t.out_proj, t.moe_total, t.moe.router, t.moe.plan, t.moe.gather,
+               t.moe.experts, t.moe.combine, t.dense_ffn, t.shared, t.lm_head);
     j["prefill"].push_back({{"tokens", L},
                             {"seconds", best},
                             {"tokens_per_s", double(L) / best},
                             {"flops", flops},
-                            {"vs_dense", flops / best / dense_rate}});
+                            {"vs_dense", flops / best / dense_rate},
+                            {"phases_s",
+                             {{"qkv", t.qkv},
+                              {"attention", t.attend},
+                              {"out_proj", t.out_proj},
+                              {"moe", t.moe_total},
+                              {"moe_router", t.moe.router},
+                              {"moe_gather", t.moe.gather},
+                              {"moe_experts", t.moe.experts},
+                              {"moe_combine", t.moe.combine},
+                              {"dense_ffn", t.dense_ffn},
+                              {"shared", t.shared},
+                              {"lm_head", t.lm_head}}}});
   }
 
   const std::vector<int64_t> per_layer_experts = expert_bytes(m.params);

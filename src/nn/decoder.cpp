@@ -387,8 +387,9 @@ void attend_row(const float* q, const float* k, const float* v, int64_t kv_heads
 #pragma omp simd reduction(+ : dot)
     for (int64_t t = 0; t < dk; ++t) dot += q[t] * kj[t];
     p[j] = dot * scale;
-    mx = std::max(mx, p[j]);
   }
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < m; ++j) mx = mx > p[j] ? mx : p[j];
   float sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < m; ++j) {
@@ -444,6 +445,10 @@ void cached_attention(const AttentionShape& s, const float* q, int64_t n, int64_
       std::copy_n(k + (j * Hkv + g) * dk, dk, kh.data() + (g * m + j) * dk);
       std::copy_n(v + (j * Hkv + g) * dv, dv, vh.data() + (g * m + j) * dv);
     }
+  // The scores and probabilities stay f32 whatever the context's precision: rounding them to
+  // bf16 for the GEMMs costs more passes over them than bf16 compute saves (measured on the
+  // Qwen3-30B-A3B shapes, bench/README.md).
+  const Backend& f32 = be.f32 != nullptr ? *be.f32 : be;
   const int64_t n_blocks = (n + kAttnBlock - 1) / kAttnBlock;
 #pragma omp parallel
   {
@@ -459,14 +464,15 @@ void cached_attention(const AttentionShape& s, const float* q, int64_t n, int64_
         ob.resize(size_t(rows * dv));
         for (int64_t i = i0; i < i1; ++i)
           std::copy_n(q + (i * H + g * group) * dk, group * dk, qb.data() + (i - i0) * group * dk);
-        be.gemm<float>(false, true, s.scale, {qb.data(), rows, dk},
+        f32.gemm<float>(false, true, s.scale, {qb.data(), rows, dk},
                        {kh.data() + (g * m + j0) * dk, span, dk}, 0.0f, {sb.data(), rows, span});
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t pos = first + i0 + r / group;
           const int64_t a = lo(pos) - j0, e = pos + 1 - j0;  // the row's keys: [a, e)
           float* sr = sb.data() + r * span;
           float mx = -INFINITY;
-          for (int64_t j = a; j < e; ++j) mx = std::max(mx, sr[j]);
+#pragma omp simd reduction(max : mx)
+          for (int64_t j = a; j < e; ++j) mx = mx > sr[j] ? mx : sr[j];
           float sum = 0;
 #pragma omp simd reduction(+ : sum)
           for (int64_t j = a; j < e; ++j) {
@@ -479,7 +485,7 @@ void cached_attention(const AttentionShape& s, const float* q, int64_t n, int64_
           for (int64_t j = a; j < e; ++j) sr[j] *= inv;
           std::fill(sr + e, sr + span, 0.0f);
         }
-        be.gemm<float>(false, false, 1.0f, {sb.data(), rows, span},
+        f32.gemm<float>(false, false, 1.0f, {sb.data(), rows, span},
                        {vh.data() + (g * m + j0) * dv, span, dv}, 0.0f, {ob.data(), rows, dv});
         for (int64_t i = i0; i < i1; ++i)
           std::copy_n(ob.data() + (i - i0) * group * dv, group * dv,
@@ -489,8 +495,10 @@ void cached_attention(const AttentionShape& s, const float* q, int64_t n, int64_
 }
 
 void DecoderModel::attention(const DecoderLayerParams& lp, int64_t layer, const Rows& rows,
-                             DecoderScratch& sc, const Backend& be) const {
+                             DecoderScratch& sc, const ExecContext& ctx) const {
   const DecoderConfig& c = cfg_;
+  const Backend& be = backend_of(ctx);
+  double t0 = ctx.profile ? wall_seconds() : 0;
   const int64_t H = c.n_heads, Hkv = c.mla() ? c.n_heads : c.n_kv_heads;
   const int64_t dk = c.head_dim, dv = c.v_head_dim, n = rows.n();
   ConstMatrixView<float> h = sc.h.matrix<float>();
@@ -581,6 +589,7 @@ void DecoderModel::attention(const DecoderLayerParams& lp, int64_t layer, const 
     }
   }
 
+  if (ctx.profile) times_.qkv += wall_seconds() - t0, t0 = wall_seconds();
   // Causal (and windowed) softmax attention of each sequence's new queries over its cache.
   sc.o.resize_for_overwrite({n, H * dv}, DType::kF32);
   const AttentionShape shape{.n_heads = H,
@@ -595,7 +604,9 @@ void DecoderModel::attention(const DecoderLayerParams& lp, int64_t layer, const 
     cached_attention(shape, sc.q.data<float>() + r0 * H * dk, r1 - r0, rows.pos[size_t(r0)],
                      kv.k.data(), kv.v.data(), sc.o.data<float>() + r0 * H * dv, be);
   }
+  if (ctx.profile) times_.attend += wall_seconds() - t0, t0 = wall_seconds();
   linear(be, sc.o.matrix<float>(), lp.wo, lp.bo, sc.y);
+  if (ctx.profile) times_.out_proj += wall_seconds() - t0;
 }
 
 void DecoderModel::feed_forward(const DecoderLayerParams& lp, int64_t layer, int64_t n,
@@ -604,15 +615,24 @@ void DecoderModel::feed_forward(const DecoderLayerParams& lp, int64_t layer, int
   const Backend& be = backend_of(ctx);
   const int64_t d = c.d_model;
   sc.y.resize_for_overwrite({n, d}, DType::kF32);
+  double t0 = ctx.profile ? wall_seconds() : 0;
   if (!c.moe_layer[layer]) {
     const int32_t offsets[2] = {0, int32_t(n)};
     experts(be, lp.w1, lp.w3, lp.w2, sc.h.matrix<float>(), offsets, sc.y.matrix<float>(),
             sc.experts);
+    if (ctx.profile) times_.dense_ffn += wall_seconds() - t0;
     return;
   }
   ExecContext eval = ctx;
   eval.training = false;
   MoeForward f = moe_->forward(lp.moe, sc.h, sc.y, sc.moe, eval);
+  if (ctx.profile) {
+    times_.moe_total += wall_seconds() - t0;
+    const MoeTimes& m = sc.moe.times;
+    times_.moe.router += m.router, times_.moe.plan += m.plan, times_.moe.gather += m.gather;
+    times_.moe.experts += m.experts, times_.moe.combine += m.combine;
+    t0 = wall_seconds();
+  }
   routing_.push_back(std::move(f.stats));
   const int64_t k = moe_->config().slots_per_token();
   std::vector<int32_t>& top1 = top1_.emplace_back(static_cast<size_t>(n));
@@ -639,6 +659,7 @@ void DecoderModel::feed_forward(const DecoderLayerParams& lp, int64_t layer, int
       }
       for (int64_t j = 0; j < d; ++j) y[i * d + j] += gate * ys[i * d + j];
     }
+    if (ctx.profile) times_.shared += wall_seconds() - t0;
   }
 }
 
@@ -649,7 +670,9 @@ void DecoderModel::forward(const DecoderParams& p, std::span<const int32_t> toke
   const int64_t n = int64_t(tokens.size());
   forward_rows(p, one, state, ctx);
   const ConstMatrixView<float> h = scratch_.h.matrix<float>();
+  const double t0 = ctx.profile ? wall_seconds() : 0;
   linear(backend_of(ctx), all_positions ? h : h.slice_rows(n - 1, n), p.lm_head, {}, logits);
+  if (ctx.profile) times_.lm_head = wall_seconds() - t0;
 }
 
 void DecoderModel::forward_batch(const DecoderParams& p,
@@ -666,7 +689,9 @@ void DecoderModel::forward_batch(const DecoderParams& p,
     end += int64_t(tokens[q].size());
     std::copy_n(sc.h.data<float>() + (end - 1) * d, d, sc.last.data<float>() + q * d);
   }
+  const double t0 = ctx.profile ? wall_seconds() : 0;
   linear(backend_of(ctx), sc.last.matrix<float>(), p.lm_head, {}, logits);
+  if (ctx.profile) times_.lm_head = wall_seconds() - t0;
 }
 
 void DecoderModel::forward_rows(const DecoderParams& p,
@@ -705,11 +730,11 @@ void DecoderModel::forward_rows(const DecoderParams& p,
     rows.start.push_back(int64_t(all.size()));
   }
   const int64_t n = rows.n(), d = c.d_model;
-  const Backend& be = backend_of(ctx);
   const ThreadScope threads(ctx.n_threads);
   DecoderScratch& sc = scratch_;
   routing_.clear();
   top1_.clear();
+  times_ = {};
 
   sc.x.resize_for_overwrite({n, d}, DType::kF32);
   float* x = sc.x.data<float>();
@@ -725,7 +750,7 @@ void DecoderModel::forward_rows(const DecoderParams& p,
   for (int64_t l = 0; l < c.n_layers; ++l) {
     const DecoderLayerParams& lp = p.layers[l];
     rms_norm(x, sc.h.data<float>(), n, d, lp.norm_attn.data<float>(), c.norm_eps);
-    attention(lp, l, rows, sc, be);
+    attention(lp, l, rows, sc, ctx);
     const float* y = sc.y.data<float>();
     for (int64_t i = 0; i < n * d; ++i) x[i] += y[i];
     rms_norm(x, sc.h.data<float>(), n, d, lp.norm_ffn.data<float>(), c.norm_eps);

@@ -123,6 +123,16 @@ struct DecoderState {
   int64_t n_pos = 0;
 };
 
+// Wall seconds of the last forward's phases, summed over layers, when ExecContext::profile is
+// set: attention's projections (with norms and RoPE), the attention itself, its output
+// projection, the MoE layers (moe: their router, gather, experts and combine), the dense and
+// shared feed-forwards, and the LM head.
+struct DecoderTimes {
+  double qkv = 0, attend = 0, out_proj = 0, dense_ffn = 0, shared = 0, lm_head = 0;
+  MoeTimes moe;
+  double moe_total = 0;
+};
+
 // Scratch reused between calls (no allocation in the steady state of decoding).
 struct DecoderScratch {
   Tensor x, h, q, k, v, o, y, a, b, c, latent, kv, last;
@@ -136,7 +146,7 @@ struct DecoderScratch {
 // its cached keys and values at positions 0 .. first + n - 1: causal and, when window > 0,
 // limited to each query's last `window` positions. Query head h reads kv head
 // h / (n_heads / n_kv_heads). Scores are scale * q.k in float32 and the softmax is float32, as
-// transformers' eager attention computes them. Long runs of queries take GEMMs on `be` per
+// transformers' eager attention computes them. Long runs of queries take f32 GEMMs (be.f32) per
 // (kv head, block of 64 positions); a few queries (decoding) take one pass over the keys per
 // head.
 //   q: [n, H, dk], k: [first + n, Hkv, dk], v: [first + n, Hkv, dv] -> o: [n, H, dv] (=)
@@ -172,6 +182,8 @@ class DecoderModel {
   const std::vector<RoutingStats>& last_routing() const { return routing_; }
   // [MoE layer][row] of the last forward: each row's first-choice expert.
   const std::vector<std::vector<int32_t>>& last_top1() const { return top1_; }
+  // Phases of the last forward (zeros unless it ran with ExecContext::profile).
+  const DecoderTimes& last_times() const { return times_; }
 
   void check_params(const DecoderParams& p) const;  // throws ShapeError naming the tensor
 
@@ -189,7 +201,7 @@ class DecoderModel {
   void forward_rows(const DecoderParams& p, std::span<const std::span<const int32_t>> tokens,
                     std::span<DecoderState* const> states, const ExecContext& ctx) const;
   void attention(const DecoderLayerParams& lp, int64_t layer, const Rows& rows, DecoderScratch& sc,
-                 const Backend& be) const;
+                 const ExecContext& ctx) const;
   void feed_forward(const DecoderLayerParams& lp, int64_t layer, int64_t n, DecoderScratch& sc,
                     const ExecContext& ctx) const;
 
@@ -200,6 +212,7 @@ class DecoderModel {
   mutable DecoderScratch scratch_;
   mutable std::vector<RoutingStats> routing_;
   mutable std::vector<std::vector<int32_t>> top1_;
+  mutable DecoderTimes times_;
 };
 
 }  // namespace sy
