@@ -526,7 +526,38 @@ int run_sweep(const SweepCliOptions& o) {
   return 0;
 }
 
+namespace {
+
+// Routes of a Hugging Face model on the validation split of a text, in windows of up to 256
+// tokens as its tokenizer cuts the text.
+int routes_hf(const RoutesCliOptions& o) {
+  const HfModel m = load_hf_model(o.model);
+  if (!m.tokenizer) throw IoError(fmt::format("{}: no tokenizer.json to encode the text", o.model));
+  if (m.config.n_moe_layers() == 0)
+    throw ConfigError(fmt::format("{}: a dense model ({}) has no routes", o.model, m.model_type));
+  print_hf_model(m);
+  const std::string data = resolve_data_path(o.data.empty() ? "data/austen.txt.gz" : o.data);
+  const Corpus corpus = load_corpus(data, 0.05, 2);
+  std::vector<int32_t> ids = m.tokenizer->encode(
+      std::string(corpus.val.begin(), corpus.val.end()), /*add_special_tokens=*/false);
+  if (o.max_tokens > 0 && int64_t(ids.size()) > o.max_tokens) ids.resize(size_t(o.max_tokens));
+  const DecoderModel model(m.config);
+  const ExecContext ctx = hf_context(o.threads, "");
+  const RouteAnalysis a = analyze_decoder_routes(model, m.params, *m.tokenizer, ids,
+                                                 std::min<int64_t>(256, m.config.max_context), ctx);
+  fmt::print("{} ({}), {} validation split\n{}", o.model, m.model_type, data, render_routes_text(a));
+  const std::string html = o.html.empty() ? "routes.html" : o.html;
+  write_file_atomic(html, render_routes_html(a, o.model));
+  fmt::print("wrote {}\n", html);
+  return 0;
+}
+
+}  // namespace
+
 int run_routes(const RoutesCliOptions& o) {
+  if (o.checkpoint.empty() == o.model.empty())
+    throw ConfigError("routes: expected one of --checkpoint or --model");
+  if (!o.model.empty()) return routes_hf(o);
   if (const std::string path = find_checkpoint(o.checkpoint); is_vision_checkpoint(path))
     return vision_routes_cli(o, path);
   if (const std::string path = find_checkpoint(o.checkpoint); is_multimodal_checkpoint(path))

@@ -113,6 +113,7 @@ int run_sweep(const SweepCliOptions& o);
 
 struct RoutesCliOptions {
   std::string checkpoint;
+  std::string model;          // a Hugging Face model directory instead of a checkpoint
   std::string data;           // default: the checkpoint's data.path
   int64_t max_tokens = 65536; // validation tokens to route (0: all)
   std::string html;           // default: routes.html beside the checkpoint

@@ -367,13 +367,17 @@ int main(int argc, char** argv) {
   sy::cli::RoutesCliOptions routes_opt;
   CLI::App* routes = app.add_subcommand(
       "routes", "Per layer and expert: load, drops, entropy, co-selection, specialisation");
-  routes->add_option("--checkpoint", routes_opt.checkpoint, "Checkpoint file")->required();
+  routes->add_option("--checkpoint", routes_opt.checkpoint, "Checkpoint file");
+  routes->add_option("--model", routes_opt.model,
+                     "Hugging Face model directory (" + sy::supported_hf_architectures() + ")");
   routes->add_option("--data", routes_opt.data,
                     "Text file (default: the checkpoint's data.path); vision and multimodal "
                     "checkpoints: the image directory");
   routes->add_option("--max-tokens", routes_opt.max_tokens, "Validation tokens (0: all)")
       ->capture_default_str();
-  routes->add_option("--html", routes_opt.html, "HTML report (default: routes.html beside it)");
+  routes->add_option("--html", routes_opt.html,
+                     "HTML report (default: routes.html beside the checkpoint; with --model, in "
+                     "the working directory)");
   routes->add_option("--threads", routes_opt.threads, "Threads (0: all cores)")
       ->capture_default_str();
 

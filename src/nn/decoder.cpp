@@ -637,6 +637,7 @@ void DecoderModel::feed_forward(const DecoderLayerParams& lp, int64_t layer, int
   const int64_t k = moe_->config().slots_per_token();
   std::vector<int32_t>& top1 = top1_.emplace_back(static_cast<size_t>(n));
   for (int64_t t = 0; t < n; ++t) top1[size_t(t)] = sc.moe.router.expert[size_t(t * k)];
+  experts_.emplace_back(sc.moe.router.expert.begin(), sc.moe.router.expert.begin() + n * k);
   float* y = sc.y.data<float>();
   if (c.routed_scaling != 1.0) {
     const float s = float(c.routed_scaling);
@@ -734,6 +735,7 @@ void DecoderModel::forward_rows(const DecoderParams& p,
   DecoderScratch& sc = scratch_;
   routing_.clear();
   top1_.clear();
+  experts_.clear();
   times_ = {};
 
   sc.x.resize_for_overwrite({n, d}, DType::kF32);

@@ -6,6 +6,7 @@
 #include <array>
 #include <cctype>
 #include <cmath>
+#include <tuple>
 #include <unordered_map>
 
 #include "switchyard/core/rng.h"
@@ -110,43 +111,62 @@ std::vector<std::string> words_at(const std::vector<int32_t>& tokens) {
 
 }  // namespace
 
-RouteAnalysis analyze_routes(const LanguageModel& model, const LmParams& p,
-                             const std::vector<Batch>& batches, const ExecContext& ctx,
-                             const Corpus* corpus) {
-  const LmConfig& cfg = model.config();
-  const int64_t E = cfg.moe.n_experts, k = cfg.moe.slots_per_token();
-  ExecContext eval = ctx;
-  eval.training = false;
-  RouteAnalysis a;
-  std::vector<int64_t> moe_layers;
-  for (int64_t i = 0; i < cfg.n_layers; ++i)
-    if (cfg.is_moe(i)) moe_layers.push_back(i);
-  const size_t L = moe_layers.size();
-  // Per layer: slots and kept per expert, co-selection, entropy sum, byte and word counts.
-  std::vector<std::vector<std::vector<int64_t>>> byte_count(L, std::vector<std::vector<int64_t>>(size_t(E), std::vector<int64_t>(256)));
-  std::vector<std::vector<std::unordered_map<std::string, int64_t>>> word_count(L, std::vector<std::unordered_map<std::string, int64_t>>(size_t(E)));
-  std::vector<int64_t> byte_total(256);
-  std::unordered_map<std::string, int64_t> word_total;
-  std::vector<double> entropy_sum(L), slots_all(L), dropped_all(L);
-  // Per token: its labels (character class, document, script), and per layer the k experts it
-  // was routed to (-1 for a slot not taken): the label tables and their chance level.
-  std::vector<std::array<int32_t, 3>> token_labels;
-  std::vector<std::vector<int32_t>> token_experts(L);
-  const bool labelled = corpus != nullptr && corpus->labelled();
-  std::vector<int32_t> script_of;
-  if (labelled) {
-    a.scripts = corpus->scripts();
-    script_of = corpus->doc_scripts();
+namespace {
+
+// What a route analysis records of a text, token by token, before it summarises: the same for
+// Switchyard's byte models and for published models with their own tokenizers.
+struct RouteRecord {
+  int64_t E = 0, k = 0;
+  std::vector<int64_t> layers;          // model index of each MoE layer
+  std::vector<int32_t> byte;            // per token: its byte, or -1 when tokens are not bytes
+  std::vector<int32_t> word;            // per token: index into words, -1 for none
+  std::vector<std::string> words;
+  std::unordered_map<std::string, int32_t> word_index;
+  std::vector<std::array<int32_t, 3>> labels;  // per token: character class, document, script
+  // [layer][token * k + j]: the expert of slot j (-1: a slot that took no expert) and whether it
+  // was computed (not dropped).
+  std::vector<std::vector<int32_t>> experts;
+  std::vector<std::vector<uint8_t>> kept;
+  std::vector<double> entropy_sum;  // [layer]: router entropy summed over tokens
+
+  RouteRecord(int64_t n_experts, int64_t slots, std::vector<int64_t> moe_layers)
+      : E(n_experts), k(slots), layers(std::move(moe_layers)), experts(layers.size()),
+        kept(layers.size()), entropy_sum(layers.size()) {}
+  void add_token(int32_t b, const std::string& w, std::array<int32_t, 3> label) {
+    byte.push_back(b);
+    labels.push_back(label);
+    if (w.empty()) {
+      word.push_back(-1);
+      return;
+    }
+    auto [it, fresh] = word_index.try_emplace(w, int32_t(words.size()));
+    if (fresh) words.push_back(w);
+    word.push_back(it->second);
   }
+  int64_t n_tokens() const { return int64_t(labels.size()); }
+};
+
+RouteAnalysis summarize_routes(const RouteRecord& r, const Corpus* corpus) {
+  const int64_t E = r.E, k = r.k;
+  const size_t L = r.layers.size();
+  RouteAnalysis a;
+  a.n_tokens = r.n_tokens();
+  const bool labelled = corpus != nullptr && corpus->labelled();
+  if (labelled) a.scripts = corpus->scripts();
   auto label_table = [](std::string kind, std::vector<std::string> names) {
     LabelRoutes t;
     t.kind = std::move(kind);
     t.names = std::move(names);
     return t;
   };
-  for (int64_t li : moe_layers) {
+  std::vector<int64_t> byte_total(256), word_total(r.words.size());
+  for (int64_t t = 0; t < a.n_tokens; ++t) {
+    if (r.byte[size_t(t)] >= 0) ++byte_total[size_t(r.byte[size_t(t)])];
+    if (r.word[size_t(t)] >= 0) ++word_total[size_t(r.word[size_t(t)])];
+  }
+  for (size_t l = 0; l < L; ++l) {
     LayerRoutes lr;
-    lr.layer = li;
+    lr.layer = r.layers[l];
     lr.experts.resize(size_t(E));
     lr.co_selected.assign(size_t(E), std::vector<int64_t>(size_t(E)));
     std::vector<std::string> classes;
@@ -156,84 +176,48 @@ RouteAnalysis analyze_routes(const LanguageModel& model, const LmParams& p,
       std::vector<std::string> ids;
       for (const CorpusDoc& d : corpus->docs) ids.push_back(d.id);
       lr.labels.push_back(label_table("language", ids));
-      lr.labels.back().group = script_of;
+      lr.labels.back().group = corpus->doc_scripts();
       lr.labels.push_back(label_table("script", a.scripts));
     }
-    a.layers.push_back(std::move(lr));
-  }
-  LmCache cache;
-  for (const Batch& b : batches) {
-    model.forward(p, b.tokens, b.targets, b.n_seq, cache, eval);
-    const std::vector<std::string> words = words_at(b.tokens);
-    const int64_t T = int64_t(b.tokens.size());
-    if (labelled && b.doc.size() != b.tokens.size())
-      throw ShapeError("analyze_routes: a labelled corpus's batches without document labels "
-                       "(expected its val_batches)");
-    // Padding after a document's end is not text: it is left out of every statistic.
-    auto padding = [&](int64_t t) { return !b.doc.empty() && b.doc[size_t(t)] < 0; };
-    for (int64_t t = 0; t < T; ++t) {
-      if (padding(t)) continue;
-      ++a.n_tokens;
-      const int32_t d = labelled ? b.doc[size_t(t)] : 0;
-      token_labels.push_back({char_class(b.tokens[t]), d, labelled ? script_of[size_t(d)] : 0});
-      ++byte_total[size_t(b.tokens[t])];
-      if (!words[t].empty()) ++word_total[words[t]];
-    }
-    for (size_t l = 0; l < L; ++l) {
-      const MoeCache& mc = cache.layers[size_t(moe_layers[l])].moe;
-      LayerRoutes& lr = a.layers[l];
-      for (int64_t t = 0; t < T; ++t) {
-        if (padding(t)) continue;
-        std::vector<int32_t> chosen;
-        for (int64_t j = 0; j < k; ++j) {
-          const size_t slot = size_t(t * k + j);
-          const bool kept = mc.plan.slot_row[slot] >= 0;
-          // Expert choice offers every token to every expert: only taken slots count.
-          if (cfg.moe.gating == Gating::kExpertChoice && !kept) continue;
-          const int32_t e = mc.router.expert[slot];
-          ExpertProfile& ep = lr.experts[size_t(e)];
-          ++ep.slots;
-          ep.kept += kept;
-          slots_all[l] += 1;
-          dropped_all[l] += !kept;
-          chosen.push_back(e);
-          ++byte_count[l][size_t(e)][size_t(b.tokens[t])];
-          if (!words[t].empty()) ++word_count[l][size_t(e)][words[t]];
-        }
-        for (int64_t j = 0; j < k; ++j) token_experts[l].push_back(j < int64_t(chosen.size()) ? chosen[size_t(j)] : -1);
-        for (size_t x = 0; x < chosen.size(); ++x)
-          for (size_t y = 0; y < chosen.size(); ++y)
-            if (x != y) ++lr.co_selected[size_t(chosen[x])][size_t(chosen[y])];
+    std::vector<std::vector<int64_t>> byte_count(size_t(E), std::vector<int64_t>(256));
+    std::vector<std::unordered_map<int32_t, int64_t>> word_count(static_cast<size_t>(E));
+    double slots_all = 0, dropped_all = 0;
+    for (int64_t t = 0; t < a.n_tokens; ++t) {
+      std::vector<int32_t> chosen;
+      for (int64_t j = 0; j < k; ++j) {
+        const size_t slot = size_t(t * k + j);
+        const int32_t e = r.experts[l][slot];
+        if (e < 0) continue;
+        const bool kept = r.kept[l][slot] != 0;
+        ExpertProfile& ep = lr.experts[size_t(e)];
+        ++ep.slots;
+        ep.kept += kept;
+        slots_all += 1;
+        dropped_all += !kept;
+        chosen.push_back(e);
+        if (r.byte[size_t(t)] >= 0) ++byte_count[size_t(e)][size_t(r.byte[size_t(t)])];
+        if (r.word[size_t(t)] >= 0) ++word_count[size_t(e)][r.word[size_t(t)]];
       }
-      // Router entropy per token, from the cached probabilities.
-      const auto probs = mc.router.probs.matrix<float>();
-      for (int64_t t = 0; t < T; ++t) {
-        if (padding(t)) continue;
-        for (int64_t e = 0; e < E; ++e) {
-          const double q = probs(t, e);
-          if (q > 0) entropy_sum[l] -= q * std::log(q);
-        }
-      }
+      for (size_t x = 0; x < chosen.size(); ++x)
+        for (size_t y = 0; y < chosen.size(); ++y)
+          if (x != y) ++lr.co_selected[size_t(chosen[x])][size_t(chosen[y])];
     }
-  }
-  for (size_t l = 0; l < L; ++l) {
-    LayerRoutes& lr = a.layers[l];
-    lr.entropy = a.n_tokens > 0 ? entropy_sum[l] / double(a.n_tokens) : 0;
-    lr.dropped_fraction = slots_all[l] > 0 ? dropped_all[l] / slots_all[l] : 0;
+    lr.entropy = a.n_tokens > 0 ? r.entropy_sum[l] / double(a.n_tokens) : 0;
+    lr.dropped_fraction = slots_all > 0 ? dropped_all / slots_all : 0;
     std::vector<double> load;
     for (const ExpertProfile& ep : lr.experts) load.push_back(double(ep.slots));
     lr.load_cv = load_cv(load);
     for (size_t kind = 0; kind < lr.labels.size(); ++kind) {
       LabelRoutes& t = lr.labels[kind];
       std::vector<int32_t> label;
-      for (const auto& tl : token_labels) label.push_back(tl[kind]);
+      for (const auto& tl : r.labels) label.push_back(tl[kind]);
       // Each token's label against the experts it chose: the table, then again with the labels
       // shuffled (Fisher-Yates on a fixed stream: the same chance level on every run).
       auto table = [&](const std::vector<int32_t>& of_token) {
         std::vector<std::vector<double>> out(t.names.size(), std::vector<double>(size_t(E)));
         for (size_t i = 0; i < of_token.size(); ++i)
           for (int64_t j = 0; j < k; ++j)
-            if (const int32_t e = token_experts[l][i * size_t(k) + size_t(j)]; e >= 0)
+            if (const int32_t e = r.experts[l][i * size_t(k) + size_t(j)]; e >= 0)
               out[size_t(of_token[i])][size_t(e)] += 1;
         return out;
       };
@@ -255,9 +239,10 @@ RouteAnalysis analyze_routes(const LanguageModel& model, const LmParams& p,
       const double base = double(ep.slots) / double(a.n_tokens);
       for (int c = 0; c < 256; ++c)
         if (byte_total[size_t(c)] >= 20)
-          ep.top_bytes.push_back({c, double(byte_count[l][size_t(e)][size_t(c)]) / double(byte_total[size_t(c)]) / base});
-      for (const auto& [w, n] : word_count[l][size_t(e)])
-        if (word_total[w] >= 20) ep.top_words.push_back({w, double(n) / double(word_total[w]) / base});
+          ep.top_bytes.push_back({c, double(byte_count[size_t(e)][size_t(c)]) / double(byte_total[size_t(c)]) / base});
+      for (const auto& [w, n] : word_count[size_t(e)])
+        if (word_total[size_t(w)] >= 20)
+          ep.top_words.push_back({r.words[size_t(w)], double(n) / double(word_total[size_t(w)]) / base});
       // Highest lift first; among equal lifts (a byte or word the expert took every time) the
       // more frequent one, which says more about the expert than a rare one.
       std::sort(ep.top_bytes.begin(), ep.top_bytes.end(), [&](const auto& x, const auto& y) {
@@ -266,16 +251,120 @@ RouteAnalysis analyze_routes(const LanguageModel& model, const LmParams& p,
           return byte_total[size_t(x.first)] > byte_total[size_t(y.first)];
         return x.first < y.first;
       });
+      auto total_of = [&](const std::string& w) { return word_total[size_t(r.word_index.at(w))]; };
       std::sort(ep.top_words.begin(), ep.top_words.end(), [&](const auto& x, const auto& y) {
         if (x.second != y.second) return x.second > y.second;
-        if (word_total[x.first] != word_total[y.first]) return word_total[x.first] > word_total[y.first];
+        if (total_of(x.first) != total_of(y.first)) return total_of(x.first) > total_of(y.first);
         return x.first < y.first;
       });
       if (ep.top_bytes.size() > 8) ep.top_bytes.resize(8);
       if (ep.top_words.size() > 8) ep.top_words.resize(8);
     }
+    a.layers.push_back(std::move(lr));
   }
   return a;
+}
+
+}  // namespace
+
+RouteAnalysis analyze_routes(const LanguageModel& model, const LmParams& p,
+                             const std::vector<Batch>& batches, const ExecContext& ctx,
+                             const Corpus* corpus) {
+  const LmConfig& cfg = model.config();
+  const int64_t E = cfg.moe.n_experts, k = cfg.moe.slots_per_token();
+  ExecContext eval = ctx;
+  eval.training = false;
+  std::vector<int64_t> moe_layers;
+  for (int64_t i = 0; i < cfg.n_layers; ++i)
+    if (cfg.is_moe(i)) moe_layers.push_back(i);
+  RouteRecord r(E, k, moe_layers);
+  const bool labelled = corpus != nullptr && corpus->labelled();
+  const std::vector<int32_t> script_of = labelled ? corpus->doc_scripts() : std::vector<int32_t>{};
+  LmCache cache;
+  for (const Batch& b : batches) {
+    model.forward(p, b.tokens, b.targets, b.n_seq, cache, eval);
+    const std::vector<std::string> words = words_at(b.tokens);
+    const int64_t T = int64_t(b.tokens.size());
+    if (labelled && b.doc.size() != b.tokens.size())
+      throw ShapeError("analyze_routes: a labelled corpus's batches without document labels "
+                       "(expected its val_batches)");
+    // Padding after a document's end is not text: it is left out of every statistic.
+    auto padding = [&](int64_t t) { return !b.doc.empty() && b.doc[size_t(t)] < 0; };
+    for (int64_t t = 0; t < T; ++t) {
+      if (padding(t)) continue;
+      const int32_t d = labelled ? b.doc[size_t(t)] : 0;
+      r.add_token(b.tokens[t], words[t],
+                  {char_class(b.tokens[t]), d, labelled ? script_of[size_t(d)] : 0});
+    }
+    for (size_t l = 0; l < moe_layers.size(); ++l) {
+      const MoeCache& mc = cache.layers[size_t(moe_layers[l])].moe;
+      const auto probs = mc.router.probs.matrix<float>();
+      for (int64_t t = 0; t < T; ++t) {
+        if (padding(t)) continue;
+        for (int64_t j = 0; j < k; ++j) {
+          const size_t slot = size_t(t * k + j);
+          const bool kept = mc.plan.slot_row[slot] >= 0;
+          // Expert choice offers every token to every expert: only taken slots count.
+          const bool counts = cfg.moe.gating != Gating::kExpertChoice || kept;
+          r.experts[l].push_back(counts ? mc.router.expert[slot] : -1);
+          r.kept[l].push_back(kept);
+        }
+        for (int64_t e = 0; e < E; ++e) {
+          const double q = probs(t, e);
+          if (q > 0) r.entropy_sum[l] -= q * std::log(q);
+        }
+      }
+    }
+  }
+  return summarize_routes(r, corpus);
+}
+
+RouteAnalysis analyze_decoder_routes(const DecoderModel& model, const DecoderParams& p,
+                                     const Tokenizer& tok, std::span<const int32_t> ids,
+                                     int64_t window, const ExecContext& ctx) {
+  const DecoderConfig& cfg = model.config();
+  if (cfg.n_moe_layers() == 0) throw ConfigError("analyze_decoder_routes: a dense model has no routes");
+  if (window < 1) throw ConfigError(fmt::format("route window {}: expected >= 1", window));
+  const int64_t E = cfg.moe.n_experts, k = cfg.moe.slots_per_token();
+  std::vector<int64_t> moe_layers;
+  for (int64_t i = 0; i < cfg.n_layers; ++i)
+    if (cfg.moe_layer[size_t(i)]) moe_layers.push_back(i);
+  RouteRecord r(E, k, moe_layers);
+  // A token's word is its own text, trimmed and lower-cased; its class, that of its first
+  // byte that is not a space (a token of spaces alone: its first byte's).
+  std::unordered_map<int32_t, std::pair<std::string, int32_t>> seen;
+  auto describe = [&](int32_t id) -> const std::pair<std::string, int32_t>& {
+    auto it = seen.find(id);
+    if (it != seen.end()) return it->second;
+    const std::string text = tok.decode(std::vector<int32_t>{id}, /*skip_special_tokens=*/false);
+    size_t a = 0, e = text.size();
+    while (a < e && std::isspace(static_cast<unsigned char>(text[a]))) ++a;
+    while (e > a && std::isspace(static_cast<unsigned char>(text[e - 1]))) --e;
+    std::string w = text.substr(a, e - a);
+    for (char& ch : w) ch = char(std::tolower(static_cast<unsigned char>(ch)));
+    const int32_t cls =
+        text.empty() ? 5 : char_class(static_cast<unsigned char>(text[a < text.size() ? a : 0]));
+    return seen.emplace(id, std::pair{w, cls}).first->second;
+  };
+  ExecContext eval = ctx;
+  eval.training = false;
+  Tensor logits;
+  for (size_t at = 0; at < ids.size(); at += size_t(window)) {
+    const std::span<const int32_t> w = ids.subspan(at, std::min(ids.size() - at, size_t(window)));
+    DecoderState s = model.start();
+    model.forward(p, w, s, logits, eval, /*all_positions=*/false);
+    for (int32_t id : w) {
+      const auto& [word, cls] = describe(id);
+      r.add_token(-1, word, {cls, 0, 0});
+    }
+    for (size_t l = 0; l < moe_layers.size(); ++l) {
+      const std::vector<int32_t>& ex = model.last_experts()[l];
+      r.experts[l].insert(r.experts[l].end(), ex.begin(), ex.end());
+      r.kept[l].insert(r.kept[l].end(), ex.size(), uint8_t(1));
+      r.entropy_sum[l] += model.last_routing()[l].router_entropy * double(w.size());
+    }
+  }
+  return summarize_routes(r, nullptr);
 }
 
 std::string escape_html(const std::string& s) {
@@ -491,14 +580,30 @@ std::string render_routes_text(const RouteAnalysis& a) {
                          std::string(size_t(std::min(bar, 24)), '#'),
                          ep.slots > 0 ? 100.0 * double(ep.kept) / double(ep.slots) : 0.0, bytes, words);
     }
-    out += "co-selection (tokens that chose both, % of tokens):\n      ";
-    for (int64_t e = 0; e < E; ++e) out += fmt::format("{:>6}", e);
-    out += "\n";
-    for (int64_t x = 0; x < E; ++x) {
-      out += fmt::format("{:>6}", x);
-      for (int64_t y = 0; y < E; ++y)
-        out += x == y ? fmt::format("{:>6}", "-")
-                      : fmt::format("{:>6.1f}", 100.0 * double(lr.co_selected[size_t(x)][size_t(y)]) / double(std::max<int64_t>(1, a.n_tokens)));
+    const double per_token = 100.0 / double(std::max<int64_t>(1, a.n_tokens));
+    if (E <= 16) {
+      out += "co-selection (tokens that chose both, % of tokens):\n      ";
+      for (int64_t e = 0; e < E; ++e) out += fmt::format("{:>6}", e);
+      out += "\n";
+      for (int64_t x = 0; x < E; ++x) {
+        out += fmt::format("{:>6}", x);
+        for (int64_t y = 0; y < E; ++y)
+          out += x == y ? fmt::format("{:>6}", "-")
+                        : fmt::format("{:>6.1f}", per_token * double(lr.co_selected[size_t(x)][size_t(y)]));
+        out += "\n";
+      }
+    } else {
+      // A matrix of E^2 cells says nothing at a glance: the pairs chosen together most.
+      std::vector<std::tuple<int64_t, int64_t, int64_t>> pairs;
+      for (int64_t x = 0; x < E; ++x)
+        for (int64_t y = x + 1; y < E; ++y)
+          if (lr.co_selected[size_t(x)][size_t(y)] > 0) pairs.emplace_back(lr.co_selected[size_t(x)][size_t(y)], x, y);
+      std::sort(pairs.begin(), pairs.end(), [](const auto& p, const auto& q) {
+        return std::get<0>(p) != std::get<0>(q) ? std::get<0>(p) > std::get<0>(q) : p < q;
+      });
+      out += "co-selection, the pairs most often chosen together (% of tokens):";
+      for (size_t i = 0; i < std::min<size_t>(16, pairs.size()); ++i)
+        out += fmt::format(" {}+{} {:.1f}", std::get<1>(pairs[i]), std::get<2>(pairs[i]), per_token * double(std::get<0>(pairs[i])));
       out += "\n";
     }
     out += specialisation_text(lr, 12);

@@ -182,6 +182,8 @@ class DecoderModel {
   const std::vector<RoutingStats>& last_routing() const { return routing_; }
   // [MoE layer][row] of the last forward: each row's first-choice expert.
   const std::vector<std::vector<int32_t>>& last_top1() const { return top1_; }
+  // [MoE layer][row * k + j] of the last forward: every expert each row chose, in rank order.
+  const std::vector<std::vector<int32_t>>& last_experts() const { return experts_; }
   // Phases of the last forward (zeros unless it ran with ExecContext::profile).
   const DecoderTimes& last_times() const { return times_; }
 
@@ -212,6 +214,7 @@ class DecoderModel {
   mutable DecoderScratch scratch_;
   mutable std::vector<RoutingStats> routing_;
   mutable std::vector<std::vector<int32_t>> top1_;
+  mutable std::vector<std::vector<int32_t>> experts_;
   mutable DecoderTimes times_;
 };
 

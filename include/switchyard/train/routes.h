@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "switchyard/io/tokenizer.h"
+#include "switchyard/nn/decoder.h"
 #include "switchyard/nn/model.h"
 #include "switchyard/train/data.h"
 
@@ -58,6 +60,14 @@ struct RouteAnalysis {
 RouteAnalysis analyze_routes(const LanguageModel& model, const LmParams& p,
                              const std::vector<Batch>& batches, const ExecContext& ctx,
                              const Corpus* corpus = nullptr);
+
+// The same for a published decoder (io/hf_model.h) on token ids its tokenizer made, in windows of
+// `window` tokens: each token's "word" is its own text (trimmed, lower-cased) and its character
+// class that of its first byte that is not a space. Its MoE layers run dropless, so nothing is
+// dropped. Throws ConfigError for a dense model.
+RouteAnalysis analyze_decoder_routes(const DecoderModel& model, const DecoderParams& p,
+                                     const Tokenizer& tok, std::span<const int32_t> ids,
+                                     int64_t window, const ExecContext& ctx);
 
 std::string render_routes_text(const RouteAnalysis& a);
 std::string render_routes_html(const RouteAnalysis& a, const std::string& title);
