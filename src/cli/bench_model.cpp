@@ -45,6 +45,21 @@ std::vector<int64_t> expert_bytes(const DecoderParams& p) {
   return b;
 }
 
+// The phases of the last profiled forward, printed (in `unit`s of seconds) and as JSON.
+nlohmann::json phases(const DecoderTimes& t, double unit) {
+  const char* name = unit == 1.0 ? "s" : "ms";
+  fmt::print("  phases ({}): qkv {:.3f}, attention {:.3f}, out proj {:.3f}, MoE {:.3f} (router "
+             "{:.3f}, plan {:.3f}, gather {:.3f}, experts {:.3f}, combine {:.3f}), dense ffn "
+             "{:.3f}, shared {:.3f}, lm head {:.3f}\n",
+             name, t.qkv / unit, t.attend / unit, t.out_proj / unit, t.moe_total / unit,
+             t.moe.router / unit, t.moe.plan / unit, t.moe.gather / unit, t.moe.experts / unit,
+             t.moe.combine / unit, t.dense_ffn / unit, t.shared / unit, t.lm_head / unit);
+  return {{"qkv", t.qkv},           {"attention", t.attend},      {"out_proj", t.out_proj},
+          {"moe", t.moe_total},     {"moe_router", t.moe.router}, {"moe_gather", t.moe.gather},
+          {"moe_experts", t.moe.experts}, {"moe_combine", t.moe.combine},
+          {"dense_ffn", t.dense_ffn}, {"shared", t.shared},       {"lm_head", t.lm_head}};
+}
+
 int32_t argmax(const float* x, int64_t n) { return int32_t(std::max_element(x, x + n) - x); }
 
 }  // namespace
@@ -70,7 +85,7 @@ int run_bench_model(const BenchModelOptions& opt) {
     if (L > c.max_context)
       throw ConfigError(fmt::format("--prefill {}: past the model's context of {} tokens", L,
                                     c.max_context));
-  if (opt.context + opt.steps > c.max_context)
+  if (opt.context + opt.steps + 1 > c.max_context)
     throw ConfigError(fmt::format("--context {} + --steps {}: past the model's context of {}",
                                   opt.context, opt.steps, c.max_context));
   const int64_t weights = m.params.bytes();
@@ -159,29 +174,12 @@ int run_bench_model(const BenchModelOptions& opt) {
     prof.profile = true;
     DecoderState s = model.start();
     model.forward(m.params, std::span(ids).first(size_t(L)), s, logits, prof, false);
-    const DecoderTimes& t = model.last_times();
-    fmt::print("  phases (s): qkv {:.3f}, attention {:.3f}, out proj {:.3f}, MoE {:.3f} (router "
-               "{:.3f}, plan {:.3f}, gather {:.3f}, experts {:.3f}, combine {:.3f}), dense ffn "
-               "{:.3f}, shared {:.3f}, lm head {:.3f}\n",
-               t.qkv, t.attend, t.out_proj, t.moe_total, t.moe.router, t.moe.plan, t.moe.gather,
-               t.moe.experts, t.moe.combine, t.dense_ffn, t.shared, t.lm_head);
     j["prefill"].push_back({{"tokens", L},
                             {"seconds", best},
                             {"tokens_per_s", double(L) / best},
                             {"flops", flops},
                             {"vs_dense", flops / best / dense_rate},
-                            {"phases_s",
-                             {{"qkv", t.qkv},
-                              {"attention", t.attend},
-                              {"out_proj", t.out_proj},
-                              {"moe", t.moe_total},
-                              {"moe_router", t.moe.router},
-                              {"moe_gather", t.moe.gather},
-                              {"moe_experts", t.moe.experts},
-                              {"moe_combine", t.moe.combine},
-                              {"dense_ffn", t.dense_ffn},
-                              {"shared", t.shared},
-                              {"lm_head", t.lm_head}}}});
+                            {"phases_s", phases(model.last_times(), 1.0)}});
   }
 
   const std::vector<int64_t> per_layer_experts = expert_bytes(m.params);
@@ -221,13 +219,18 @@ int run_bench_model(const BenchModelOptions& opt) {
     }
     std::sort(step_s.begin(), step_s.end());
     const double median = step_s[step_s.size() / 2];
+    ExecContext prof = ctx;
+    prof.profile = true;
+    for (int64_t b = 0; b < B; ++b) toks[b] = std::span(&next[b], 1);
+    model.forward_batch(m.params, toks, ptrs, logits, prof);
     bytes /= double(opt.steps);
     const double ceiling = double(B) / (bytes / copy_bw);
     fmt::print("decode batch {:3d}: step {:7.2f} ms, {:8.1f} tokens/s; {:.0f} MB read a step, "
                "weight-read ceiling {:.1f} tokens/s: {:.2f} of it\n",
                B, 1e3 * median, double(B) / median, bytes / 1e6, ceiling,
                double(B) / median / ceiling);
-    j["decode"].push_back({{"batch", B},
+    j["decode"].push_back({{"phases_s", phases(model.last_times(), 1e-3)},
+                           {"batch", B},
                            {"context", opt.context},
                            {"step_median_s", median},
                            {"tokens_per_s", double(B) / median},
