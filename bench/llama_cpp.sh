@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# llama.cpp's llama-server and converter from the source PyPI's llama-cpp-python ships, for
-# benchmarks only (bench/serve_compare.py). Builds into .venv-bench/llama.cpp/ (git-ignored);
-# needs scripts/bench_env.sh first. Not used by the build, the tests, CI or the README commands.
+# llama.cpp's llama-server, llama-bench and converter from the source PyPI's llama-cpp-python
+# ships, for benchmarks only (bench/serve_compare.py, bench/hf_vs_llama_cpp.sh). Builds into
+# .venv-bench/llama.cpp/ (git-ignored); needs scripts/bench_env.sh first. Not used by the build,
+# the tests, CI or the README commands.
 #   bash bench/llama_cpp.sh            # prints the directory holding llama-server
 #   bash bench/llama_cpp.sh HF_DIR OUT.gguf   # also converts a model `switchyard export` wrote
 set -euo pipefail
@@ -20,10 +21,10 @@ if [[ ! -d $src ]]; then
   tar -xzf "$dir/llama_cpp_python-$version.tar.gz" -C "$dir"
   "$venv/bin/pip" install --quiet sentencepiece gguf
 fi
-if [[ ! -x $src/build/bin/llama-server ]]; then
+if [[ ! -x $src/build/bin/llama-server || ! -x $src/build/bin/llama-bench ]]; then
   cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null
-  cmake --build "$src/build" --target llama-server -j"$(nproc)" >/dev/null
+  cmake --build "$src/build" --target llama-server llama-bench -j"$(nproc)" >/dev/null
 fi
 if [[ $# -ge 2 ]]; then
   # Switchyard's byte tokenizer is GPT-2's byte-level BPE with no merges and no split regex;
