@@ -105,9 +105,25 @@ int threads_per_rank(int asked) {
 }
 
 int train_with(const TrainCliOptions& o, const ParallelGroup* grid) {
-  const RunConfig cfg = config_for(o.config, o.overrides, o.steps);
+  RunConfig cfg = config_for(o.config, o.overrides, o.steps);
   const bool lead = grid == nullptr || grid->world_rank() == 0;
   TrainOptions opt;
+  // Fine-tuning: the model's shape from the directory; on --resume the checkpoint holds the
+  // weights, and the same shape makes it this run's.
+  std::optional<ImportedLm> imported;
+  if (!o.init_from.empty()) {
+    imported.emplace(import_hf_lm(o.init_from, cfg.model));
+    cfg.model = imported->cfg;
+    if (!o.resume) opt.init = &imported->params;
+    if (lead)
+      fmt::print("{} the model of {}: d {}, {} layers, {} heads, {}\n",
+                 o.resume ? "resuming" : "initialised from", o.init_from, cfg.model.d_model,
+                 cfg.model.n_layers, cfg.model.n_heads,
+                 cfg.model.moe_every > 0
+                     ? fmt::format("{} experts of width {}, top-{}", cfg.model.moe.n_experts,
+                                   cfg.model.moe.d_ff, cfg.model.moe.top_k)
+                     : fmt::format("dense, width {}", cfg.model.d_ff));
+  }
   opt.out_dir = o.out.empty() ? default_out(o.config) : o.out;
   opt.resume = o.resume;
   opt.n_threads = grid != nullptr ? threads_per_rank(o.threads) : o.threads;
@@ -156,6 +172,10 @@ int train_with(const TrainCliOptions& o, const ParallelGroup* grid) {
 }  // namespace
 
 int run_train(const TrainCliOptions& o) {
+  if (!o.init_from.empty() && (is_vision_config(o.config) || is_multimodal_config(o.config)))
+    throw ConfigError(fmt::format("--init-from with --config {}: a published language model "
+                                  "initialises a language model run only",
+                                  o.config));
   if (is_vision_config(o.config)) return train_vision_cli(o);
   if (is_multimodal_config(o.config)) return train_multimodal_cli(o);
   if (o.expert_parallel <= 0 && !mpi_launched()) return train_with(o, nullptr);

@@ -32,6 +32,9 @@ struct TrainCliOptions {
   int64_t steps = 0;                   // > 0: overrides train.steps
   std::string out;                     // default runs/<config name>
   bool resume = false;
+  // A Hugging Face mixtral / llama directory to fine-tune: the model's shape comes from it (the
+  // rest of --config stays), its weights replace the random initialisation.
+  std::string init_from;
   int threads = 0;
   int expert_parallel = 0;       // > 0: ranks per expert group (run under mpirun)
   double comm_timeout = 300;     // seconds a collective may wait on a peer

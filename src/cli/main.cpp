@@ -222,6 +222,10 @@ int main(int argc, char** argv) {
   train->add_option("--steps", train_opt.steps, "Training steps (overrides train.steps)");
   train->add_option("--out", train_opt.out, "Run directory (default: runs/<config>)");
   train->add_flag("--resume", train_opt.resume, "Continue the checkpoint in the run directory");
+  train->add_option("--init-from", train_opt.init_from,
+                    "Fine-tune a Hugging Face mixtral or llama directory of Switchyard's "
+                    "architecture (byte vocabulary; e.g. one `export` wrote): its shape and "
+                    "weights, the rest from --config");
   train->add_option("--threads", train_opt.threads,
                     "Threads (0: all cores, shared by the ranks on one machine)")
       ->capture_default_str();

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "switchyard/core/file.h"
+#include "switchyard/io/hf_model.h"
 #include "switchyard/io/safetensors.h"
 
 namespace sy {
@@ -191,6 +192,144 @@ std::vector<std::string> export_hf_model(const LmConfig& cfg, const LmParams& p,
                             .dump(2) +
                         "\n");
   return notes;
+}
+
+namespace {
+
+// A [rows, cols] matrix in f32 (bf16 widened), the shape checked by the loader already.
+Tensor as_f32(const Tensor& t) {
+  if (t.dtype() == DType::kF32) return t.clone();
+  Tensor out(t.shape(), DType::kF32);
+  const bf16* src = t.data<bf16>();
+  float* dst = out.data<float>();
+  for (int64_t i = 0; i < t.numel(); ++i) dst[i] = to_float(src[i]);
+  return out;
+}
+
+// A stacked [1, in, out] dense projection as the [in, out] matrix LayerParams holds.
+Tensor unstacked(const Tensor& t) {
+  const Tensor wide = as_f32(t);
+  Tensor out({t.dim(1), t.dim(2)}, DType::kF32);
+  std::copy_n(wide.data<float>(), wide.numel(), out.data<float>());
+  return out;
+}
+
+}  // namespace
+
+ImportedLm import_hf_lm(const std::string& dir, const LmConfig& base) {
+  const HfModel m = load_hf_model(dir);
+  const DecoderConfig& c = m.config;
+  auto refuse = [&](const std::string& field, const std::string& why) {
+    throw ConfigError(fmt::format("--init-from {}: {} ({}): {}", dir, field, m.model_type, why));
+  };
+  if (m.model_type != "mixtral" && m.model_type != "llama")
+    refuse("model_type",
+           "Switchyard trains its own architecture, which is mixtral's (softmax top-k MoE in "
+           "every layer) or llama's (dense); expected one of those");
+  if (c.vocab != 256)
+    refuse("vocab_size", fmt::format("{} tokens; Switchyard trains byte-level models (256, id b = "
+                                     "byte b)",
+                                     c.vocab));
+  if (m.tokenizer) {
+    for (int b = 0; b < 256; ++b) {
+      const char byte[1] = {char(b)};
+      const std::vector<int32_t> ids =
+          m.tokenizer->encode(std::string_view(byte, 1), /*add_special_tokens=*/false);
+      // Bytes past 0x7F alone are not valid UTF-8; only ASCII can be checked through the
+      // tokenizer, and it decides whether the ids are bytes at all.
+      if (b < 0x80 && (ids.size() != 1 || ids[0] != b))
+        refuse("tokenizer.json", fmt::format("byte {} encodes to {} ids, the first {}; expected "
+                                             "the single id {}",
+                                             b, ids.size(), ids.empty() ? -1 : ids[0], b));
+    }
+  }
+  if (c.n_kv_heads != c.n_heads)
+    refuse("num_key_value_heads", fmt::format("{} for {} heads: grouped-query attention; "
+                                              "Switchyard's model has one key head per query head",
+                                              c.n_kv_heads, c.n_heads));
+  if (c.head_dim * c.n_heads != c.d_model || c.v_head_dim != c.head_dim)
+    refuse("head_dim", fmt::format("{}: expected hidden_size / num_attention_heads = {}",
+                                   c.head_dim, c.d_model / c.n_heads));
+  if (c.rope.type != "default" || (c.rope.dim != 0 && c.rope.dim != c.head_dim))
+    refuse("rope_parameters", "expected rope_type default over the whole head");
+  if (c.qkv_bias || c.o_bias) refuse("attention_bias", "Switchyard's attention has no biases");
+  if (c.tie_embeddings) refuse("tie_word_embeddings", "expected separate embedding and LM head");
+  for (int64_t w : c.window)
+    if (w > 0) refuse("sliding_window", fmt::format("{}: expected none", w));
+  const bool moe = c.n_moe_layers() > 0;
+  if (moe && c.n_moe_layers() != c.n_layers)
+    refuse("layers", "MoE in some layers only; Switchyard's model is MoE in every layer or none");
+
+  ImportedLm out;
+  LmConfig& cfg = out.cfg;
+  cfg = base;
+  cfg.vocab = c.vocab;
+  cfg.d_model = c.d_model;
+  cfg.n_layers = c.n_layers;
+  cfg.n_heads = c.n_heads;
+  cfg.rope_theta = c.rope.theta;
+  cfg.norm_eps = c.norm_eps;
+  if (cfg.context > c.max_context)
+    refuse("max_position_embeddings", fmt::format("{}: below the run's model.context {}",
+                                                  c.max_context, cfg.context));
+  if (moe) {
+    cfg.moe_every = 1;
+    cfg.moe.n_experts = c.moe.n_experts;
+    cfg.moe.top_k = c.moe.top_k;
+    cfg.moe.d_ff = c.moe.d_ff;
+    cfg.moe.gating = Gating::kSoftmaxTopK;
+    cfg.moe.renormalize = true;
+    cfg.moe.n_groups = 0;
+    cfg.moe.n_shared_experts = 0;
+  } else {
+    cfg.moe_every = 0;
+    cfg.d_ff = c.d_ff;
+  }
+  cfg.validate();
+
+  const int64_t d = c.d_model;
+  LmParams& p = out.params;
+  p.embed = as_f32(m.params.embed);
+  p.norm_out = m.params.norm_out.clone();
+  p.lm_head = as_f32(m.params.lm_head);
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    const DecoderLayerParams& s = m.params.layers[size_t(l)];
+    LayerParams& lp = p.layers.emplace_back();
+    lp.norm_attn = s.norm_attn.clone();
+    lp.norm_ffn = s.norm_ffn.clone();
+    const Tensor q = as_f32(s.wq), k = as_f32(s.wk), v = as_f32(s.wv);
+    lp.attn.w_qkv = Tensor({d, 3 * d}, DType::kF32);
+    float* qkv = lp.attn.w_qkv.data<float>();
+    for (int64_t i = 0; i < d; ++i) {
+      std::copy_n(q.data<float>() + i * d, d, qkv + i * 3 * d);
+      std::copy_n(k.data<float>() + i * d, d, qkv + i * 3 * d + d);
+      std::copy_n(v.data<float>() + i * d, d, qkv + i * 3 * d + 2 * d);
+    }
+    lp.attn.w_o = as_f32(s.wo);
+    if (moe) {
+      lp.moe.w_gate = s.moe.w_gate.clone();
+      lp.moe.w1 = as_f32(s.moe.w1);
+      lp.moe.w3 = as_f32(s.moe.w3);
+      lp.moe.w2 = as_f32(s.moe.w2);
+      // Unused by softmax top-k, but part of every MoE layer's parameters.
+      lp.moe.expert_bias = Tensor({c.moe.n_experts}, DType::kF32);
+      lp.moe.expert_bias.fill_zero();
+    } else {
+      lp.w1 = unstacked(s.w1);
+      lp.w3 = unstacked(s.w3);
+      lp.w2 = unstacked(s.w2);
+    }
+  }
+  // The same shapes init_lm_params gives this config, tensor by tensor.
+  const LmParams want = init_lm_params(cfg, DType::kF32, 0);
+  auto got = p.named();
+  const auto shapes = want.named();
+  if (got.size() != shapes.size())
+    throw ShapeError(fmt::format("--init-from {}: {} tensors for {} in Switchyard's model", dir,
+                                 got.size(), shapes.size()));
+  for (size_t i = 0; i < got.size(); ++i)
+    expect_shape(*got[i].second, shapes[i].second->shape(), "--init-from " + got[i].first);
+  return out;
 }
 
 }  // namespace sy

@@ -215,6 +215,18 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opt) {
     history = std::move(ck.history);
   } else {
     params = init_lm_params(mc, DType::kF32, tc.seed);
+    if (opt.init != nullptr) {
+      auto from = opt.init->named();
+      auto to = params.named();
+      if (from.size() != to.size())
+        throw ShapeError(fmt::format("initial parameters: {} tensors, expected {}", from.size(),
+                                     to.size()));
+      for (size_t i = 0; i < to.size(); ++i) {
+        expect_shape(*from[i].second, to[i].second->shape(), "initial " + to[i].first);
+        expect_dtype(*from[i].second, DType::kF32, "initial " + to[i].first);
+        *to[i].second = from[i].second->clone();
+      }
+    }
     adam.emplace(tc, params);
   }
   if (grid != nullptr) {

@@ -362,3 +362,93 @@ TEST(HfExport, RefusesWhatTransformersCannotExpress) {
 
 }  // namespace
 }  // namespace sy
+
+namespace sy {
+namespace {
+
+// Switchyard -> mixtral / llama directory -> import_hf_lm (train --init-from): the shape fields
+// and every tensor come back exactly; the run's other settings stay those of the base config.
+void expect_import_round_trip(int64_t moe_every) {
+  LmConfig cfg = small_lm(moe_every);
+  cfg.rope_theta = 5e5;
+  cfg.norm_eps = 1e-6;
+  const LmParams p = init_lm_params(cfg, DType::kF32, 11);
+  const fs::path dir =
+      fs::temp_directory_path() / fmt::format("sy_import_{}_{}", moe_every, ::getpid());
+  fs::remove_all(dir);
+  export_hf_model(cfg, p, dir.string());
+  LmConfig base;  // the defaults: other widths, heads, experts
+  base.context = 48;
+  base.moe.capacity_factor_train = 1.5;
+  const ImportedLm imp = import_hf_lm(dir.string(), base);
+  EXPECT_EQ(imp.cfg.d_model, cfg.d_model);
+  EXPECT_EQ(imp.cfg.n_layers, cfg.n_layers);
+  EXPECT_EQ(imp.cfg.n_heads, cfg.n_heads);
+  EXPECT_EQ(imp.cfg.moe_every, cfg.moe_every);
+  EXPECT_EQ(imp.cfg.rope_theta, cfg.rope_theta);
+  EXPECT_EQ(imp.cfg.norm_eps, cfg.norm_eps);
+  if (moe_every) {
+    EXPECT_EQ(imp.cfg.moe.n_experts, cfg.moe.n_experts);
+    EXPECT_EQ(imp.cfg.moe.top_k, cfg.moe.top_k);
+    EXPECT_EQ(imp.cfg.moe.d_ff, cfg.moe.d_ff);
+  } else {
+    EXPECT_EQ(imp.cfg.d_ff, cfg.d_ff);
+  }
+  EXPECT_EQ(imp.cfg.context, 48);  // the run's, not the file's
+  EXPECT_EQ(imp.cfg.moe.capacity_factor_train, 1.5);
+  const auto want = p.named();
+  const auto got = imp.params.named();
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    ASSERT_EQ(got[i].first, want[i].first);
+    ASSERT_EQ(got[i].second->shape(), want[i].second->shape()) << got[i].first;
+    const auto a = got[i].second->span<float>(), b = want[i].second->span<float>();
+    for (size_t j = 0; j < a.size(); ++j)
+      if (std::string_view(got[i].first).ends_with("expert_bias"))
+        ASSERT_EQ(a[j], 0.0f);
+      else
+        ASSERT_EQ(a[j], b[j]) << got[i].first << "[" << j << "]";
+  }
+  fs::remove_all(dir);
+}
+
+TEST(HfImport, ExportedMixtralComesBackExactly) { expect_import_round_trip(1); }
+TEST(HfImport, ExportedLlamaComesBackExactly) { expect_import_round_trip(0); }
+
+TEST(HfImport, RefusesWhatSwitchyardsModelCannotHold) {
+  auto error = [](const std::string& model) {
+    try {
+      import_hf_lm(fixture("models/" + model), LmConfig{});
+    } catch (const ConfigError& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(error("qwen3_moe").find("model_type (qwen3_moe)"), std::string::npos)
+      << error("qwen3_moe");
+  EXPECT_NE(error("mixtral").find("vocab_size (mixtral): 576 tokens"), std::string::npos)
+      << error("mixtral");
+  EXPECT_NE(error("llama").find("vocab_size (llama)"), std::string::npos) << error("llama");
+
+  // An exported model whose config asks for linear RoPE scaling: the loader takes it, the
+  // training model has no such option.
+  const LmConfig cfg = small_lm(1);
+  const fs::path dir = fs::temp_directory_path() / fmt::format("sy_import_gqa_{}", ::getpid());
+  fs::remove_all(dir);
+  export_hf_model(cfg, init_lm_params(cfg, DType::kF32, 3), dir.string());
+  nlohmann::json j = nlohmann::json::parse(read((dir / "config.json").string()));
+  j.erase("rope_scaling");
+  j["rope_parameters"] = {{"rope_type", "linear"}, {"factor", 2.0}, {"rope_theta", 10000.0}};
+  write(dir / "config.json", j.dump());
+  try {
+    import_hf_lm(dir.string(), LmConfig{});
+    ADD_FAILURE() << "linear RoPE scaling accepted";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("rope_parameters (mixtral)"), std::string::npos)
+        << e.what();
+  }
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace sy

@@ -20,6 +20,18 @@ namespace sy {
 std::vector<std::string> export_hf_model(const LmConfig& cfg, const LmParams& params,
                                          const std::string& out_dir);
 
+// The way back, for fine-tuning (`train --init-from DIR`): a `mixtral` or `llama` directory whose
+// architecture Switchyard's language model expresses (byte vocabulary with id b = byte b,
+// multi-head attention with head_dim = d / H and default RoPE, no biases, q/k norms, sliding
+// window or tied embeddings; every layer MoE with softmax top-k, or none) as the shape fields of
+// an LmConfig (the others, and the training context, from `base`) and f32 parameters.
+// Anything else is a ConfigError naming the field and what Switchyard's model would need.
+struct ImportedLm {
+  LmConfig cfg;
+  LmParams params;
+};
+ImportedLm import_hf_lm(const std::string& dir, const LmConfig& base);
+
 // The tokenizer.json of Switchyard's byte vocabulary: id b is byte b.
 std::string byte_tokenizer_json();
 

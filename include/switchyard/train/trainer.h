@@ -21,6 +21,9 @@ namespace sy {
 struct TrainOptions {
   std::string out_dir;        // checkpoint.safetensors and report.html go here
   bool resume = false;        // continue out_dir's checkpoint (its model config must match)
+  // Start from these parameters instead of a random initialisation (fine-tuning; shapes must be
+  // those of cfg.model); the optimizer starts fresh. Not with resume.
+  const LmParams* init = nullptr;
   int n_threads = 0;          // 0: all cores
   std::FILE* log = stdout;    // progress lines; nullptr: silent
   const std::atomic<bool>* stop = nullptr;  // set: finish the step, checkpoint, return
