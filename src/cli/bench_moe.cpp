@@ -50,7 +50,10 @@ int default_iters(const MoeShape& s) { return s.decode ? 50 : 5; }
 }  // namespace
 
 double copy_bandwidth(int iters) {
-  const int64_t n = int64_t(256) << 20;  // bytes per buffer
+  // Bytes per buffer: at least twice the last-level cache a core sees (some machines report
+  // hundreds of MiB), so the copy runs from memory, within 256 MiB .. 2 GiB.
+  const int64_t n = std::clamp<int64_t>(2 * cpu_features().llc_bytes, int64_t(256) << 20,
+                                        int64_t(2) << 30) / 64 * 64;
   std::vector<char> src(size_t(n), 1), dst(size_t(n), 0);
   const double t = median_seconds(iters, [&] {
 #pragma omp parallel for schedule(static)
