@@ -635,8 +635,6 @@ void DecoderModel::feed_forward(const DecoderLayerParams& lp, int64_t layer, int
   }
   routing_.push_back(std::move(f.stats));
   const int64_t k = moe_->config().slots_per_token();
-  std::vector<int32_t>& top1 = top1_.emplace_back(static_cast<size_t>(n));
-  for (int64_t t = 0; t < n; ++t) top1[size_t(t)] = sc.moe.router.expert[size_t(t * k)];
   experts_.emplace_back(sc.moe.router.expert.begin(), sc.moe.router.expert.begin() + n * k);
   float* y = sc.y.data<float>();
   if (c.routed_scaling != 1.0) {
@@ -662,6 +660,16 @@ void DecoderModel::feed_forward(const DecoderLayerParams& lp, int64_t layer, int
     }
     if (ctx.profile) times_.shared += wall_seconds() - t0;
   }
+}
+
+std::vector<std::vector<int32_t>> DecoderModel::last_top1() const {
+  const int64_t k = moe_ ? moe_->config().slots_per_token() : 1;
+  std::vector<std::vector<int32_t>> top1;
+  for (const std::vector<int32_t>& layer : experts_) {
+    std::vector<int32_t>& t = top1.emplace_back();
+    for (size_t i = 0; i < layer.size(); i += size_t(k)) t.push_back(layer[i]);
+  }
+  return top1;
 }
 
 void DecoderModel::forward(const DecoderParams& p, std::span<const int32_t> tokens, DecoderState& s,
@@ -734,7 +742,6 @@ void DecoderModel::forward_rows(const DecoderParams& p,
   const ThreadScope threads(ctx.n_threads);
   DecoderScratch& sc = scratch_;
   routing_.clear();
-  top1_.clear();
   experts_.clear();
   times_ = {};
 

@@ -180,10 +180,10 @@ class DecoderModel {
                      const ExecContext& ctx) const;
   // Routing of the last forward: one RoutingStats per MoE layer, in layer order.
   const std::vector<RoutingStats>& last_routing() const { return routing_; }
-  // [MoE layer][row] of the last forward: each row's first-choice expert.
-  const std::vector<std::vector<int32_t>>& last_top1() const { return top1_; }
   // [MoE layer][row * k + j] of the last forward: every expert each row chose, in rank order.
   const std::vector<std::vector<int32_t>>& last_experts() const { return experts_; }
+  // [MoE layer][row] of the last forward: each row's first-choice expert (of last_experts).
+  std::vector<std::vector<int32_t>> last_top1() const;
   // Phases of the last forward (zeros unless it ran with ExecContext::profile).
   const DecoderTimes& last_times() const { return times_; }
 
@@ -213,7 +213,6 @@ class DecoderModel {
   std::optional<MoeLayer> moe_;
   mutable DecoderScratch scratch_;
   mutable std::vector<RoutingStats> routing_;
-  mutable std::vector<std::vector<int32_t>> top1_;
   mutable std::vector<std::vector<int32_t>> experts_;
   mutable DecoderTimes times_;
 };
