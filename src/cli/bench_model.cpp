@@ -5,11 +5,10 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/bench_moe.h"
+#include "cli/lm_commands.h"
 #include "switchyard/io/hf_model.h"
 #include "switchyard/kernels/backend.h"
 #include "switchyard/nn/decoder.h"
-#include "switchyard/train/data.h"
-#include "switchyard/train/run_config.h"
 
 namespace sy::cli {
 
@@ -98,24 +97,16 @@ int run_bench_model(const BenchModelOptions& opt) {
   ctx.backend = &be;
   const DecoderModel model(c);
 
-  // The text as the model's tokenizer cuts it, repeated as needed (bytes mod vocab without one).
-  const std::string path = resolve_data_path(opt.text.empty() ? "data/austen.txt.gz" : opt.text);
-  const Corpus corpus = load_corpus(path, 0.05, 2);
+  // The held-out text as the model's tokenizer cuts it, repeated as needed (bytes mod vocab
+  // without one).
+  HeldOutText held = held_out_text(m, opt.text);
+  std::vector<int32_t>& ids = held.ids;
+  if (!m.tokenizer)
+    for (unsigned char ch : held.text) ids.push_back(int32_t(ch % c.vocab));
+  if (ids.empty()) throw IoError(fmt::format("{}: no tokens to benchmark with", held.path));
   const int64_t need = std::max(*std::max_element(opt.prefill.begin(), opt.prefill.end()),
                                 opt.context * *std::max_element(opt.batch.begin(), opt.batch.end()));
-  std::vector<int32_t> ids;
-  {
-    const std::string text(corpus.val.begin(),
-                           corpus.val.begin() + std::min<size_t>(corpus.val.size(),
-                                                                 size_t(need) * 16));
-    if (m.tokenizer) {
-      ids = m.tokenizer->encode(text, /*add_special_tokens=*/false);
-    } else {
-      for (unsigned char ch : text) ids.push_back(int32_t(ch % c.vocab));
-    }
-    if (ids.empty()) throw IoError(fmt::format("{}: no tokens to benchmark with", path));
-    for (size_t i = 0; int64_t(ids.size()) < need; ++i) ids.push_back(ids[i]);
-  }
+  for (size_t i = 0; int64_t(ids.size()) < need; ++i) ids.push_back(ids[i]);
 
   fmt::print("bench model: {} ({}), {} layers ({} MoE), {:.2f} GB of {} weights, tokenizer {}\n",
              m.dir, m.model_type, c.n_layers, c.n_moe_layers(), double(weights) / 1e9,

@@ -271,6 +271,19 @@ ExecContext hf_context(int threads, const std::string& precision_flag) {
   return ctx;
 }
 
+}  // namespace
+
+HeldOutText held_out_text(const HfModel& m, const std::string& data) {
+  HeldOutText h;
+  h.path = resolve_data_path(data.empty() ? "data/austen.txt.gz" : data);
+  const Corpus corpus = load_corpus(h.path, 0.05, 2);
+  h.text.assign(corpus.val.begin(), corpus.val.end());
+  if (m.tokenizer) h.ids = m.tokenizer->encode(h.text, /*add_special_tokens=*/false);
+  return h;
+}
+
+namespace {
+
 // Generation from a Hugging Face model directory: its tokenizer, BOS template and EOS ids.
 int generate_hf(const GenerateCliOptions& o) {
   const HfModel m = load_hf_model(o.model);
@@ -322,10 +335,10 @@ int eval_hf(const EvalCliOptions& o) {
   const HfModel m = load_hf_model(o.model);
   if (!m.tokenizer) throw IoError(fmt::format("{}: no tokenizer.json to encode the text", o.model));
   print_hf_model(m);
-  const std::string data = resolve_data_path(o.data.empty() ? "data/austen.txt.gz" : o.data);
-  const Corpus corpus = load_corpus(data, 0.05, 2);
-  const std::string text(corpus.val.begin(), corpus.val.end());
-  const std::vector<int32_t> ids = m.tokenizer->encode(text, /*add_special_tokens=*/false);
+  const HeldOutText held = held_out_text(m, o.data);
+  const std::string& data = held.path;
+  const std::string& text = held.text;
+  const std::vector<int32_t>& ids = held.ids;
   const DecoderModel model(m.config);
   const ExecContext ctx = hf_context(o.threads, o.precision);
   const int64_t window = std::min<int64_t>(256, m.config.max_context), V = m.config.vocab;
@@ -556,10 +569,9 @@ int routes_hf(const RoutesCliOptions& o) {
   if (m.config.n_moe_layers() == 0)
     throw ConfigError(fmt::format("{}: a dense model ({}) has no routes", o.model, m.model_type));
   print_hf_model(m);
-  const std::string data = resolve_data_path(o.data.empty() ? "data/austen.txt.gz" : o.data);
-  const Corpus corpus = load_corpus(data, 0.05, 2);
-  std::vector<int32_t> ids = m.tokenizer->encode(
-      std::string(corpus.val.begin(), corpus.val.end()), /*add_special_tokens=*/false);
+  HeldOutText held = held_out_text(m, o.data);
+  const std::string& data = held.path;
+  std::vector<int32_t>& ids = held.ids;
   if (o.max_tokens > 0 && int64_t(ids.size()) > o.max_tokens) ids.resize(size_t(o.max_tokens));
   const DecoderModel model(m.config);
   const ExecContext ctx = hf_context(o.threads, "");

@@ -7,7 +7,20 @@
 #include <string>
 #include <vector>
 
+namespace sy {
+struct HfModel;
+}
+
 namespace sy::cli {
+
+// The held-out part of a text file (the last 5% of each document; data/austen.txt.gz when
+// `data` is empty) and, when the model has a tokenizer, its ids as that tokenizer cuts it (no
+// special tokens): what eval, routes and bench model run a Hugging Face model on.
+struct HeldOutText {
+  std::string path, text;
+  std::vector<int32_t> ids;
+};
+HeldOutText held_out_text(const HfModel& m, const std::string& data);
 
 // For the life of a training run: the first SIGINT (Ctrl-C), SIGTERM or SIGUSR1 sets flag(), so
 // the run finishes its step, writes a checkpoint it can resume from and exits 0; a second one
