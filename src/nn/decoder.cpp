@@ -375,12 +375,27 @@ void rope_rows(float* x, int64_t heads, int64_t stride, int64_t at, int64_t dim,
 
 namespace {
 
+// x[0, n) <- softmax(x[0, n)), in float32 with the maximum subtracted first.
+void softmax_in_place(float* x, int64_t n) {
+  float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) mx = mx > x[j] ? mx : x[j];
+  float sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = cpu::detail::exp_fast(x[j] - mx);
+    sum += x[j];
+  }
+  const float inv = 1.0f / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) x[j] *= inv;
+}
+
 // One query row against keys [j0, j1) of one kv head: p = softmax(scale q.k), o = p V.
 // Key rows are dk * kv_heads floats apart, value rows dv * kv_heads; p: scratch of j1 - j0.
 void attend_row(const float* q, const float* k, const float* v, int64_t kv_heads, int64_t j0,
                 int64_t j1, int64_t dk, int64_t dv, float scale, float* p, float* o) {
   const int64_t m = j1 - j0;
-  float mx = -INFINITY;
   for (int64_t j = 0; j < m; ++j) {
     const float* kj = k + (j0 + j) * kv_heads * dk;
     float dot = 0;
@@ -388,18 +403,10 @@ void attend_row(const float* q, const float* k, const float* v, int64_t kv_heads
     for (int64_t t = 0; t < dk; ++t) dot += q[t] * kj[t];
     p[j] = dot * scale;
   }
-#pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < m; ++j) mx = mx > p[j] ? mx : p[j];
-  float sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < m; ++j) {
-    p[j] = cpu::detail::exp_fast(p[j] - mx);
-    sum += p[j];
-  }
-  const float inv = 1.0f / sum;
+  softmax_in_place(p, m);
   std::fill_n(o, dv, 0.0f);
   for (int64_t j = 0; j < m; ++j) {
-    const float w = p[j] * inv;
+    const float w = p[j];
     const float* vj = v + (j0 + j) * kv_heads * dv;
 #pragma omp simd
     for (int64_t t = 0; t < dv; ++t) o[t] += w * vj[t];
@@ -470,19 +477,8 @@ void cached_attention(const AttentionShape& s, const float* q, int64_t n, int64_
           const int64_t pos = first + i0 + r / group;
           const int64_t a = lo(pos) - j0, e = pos + 1 - j0;  // the row's keys: [a, e)
           float* sr = sb.data() + r * span;
-          float mx = -INFINITY;
-#pragma omp simd reduction(max : mx)
-          for (int64_t j = a; j < e; ++j) mx = mx > sr[j] ? mx : sr[j];
-          float sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = a; j < e; ++j) {
-            sr[j] = cpu::detail::exp_fast(sr[j] - mx);
-            sum += sr[j];
-          }
-          const float inv = 1.0f / sum;
+          softmax_in_place(sr + a, e - a);
           std::fill(sr, sr + a, 0.0f);
-#pragma omp simd
-          for (int64_t j = a; j < e; ++j) sr[j] *= inv;
           std::fill(sr + e, sr + span, 0.0f);
         }
         f32.gemm<float>(false, false, 1.0f, {sb.data(), rows, span},
