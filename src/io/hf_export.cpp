@@ -196,15 +196,8 @@ std::vector<std::string> export_hf_model(const LmConfig& cfg, const LmParams& p,
 
 namespace {
 
-// A [rows, cols] matrix in f32 (bf16 widened), the shape checked by the loader already.
-Tensor as_f32(const Tensor& t) {
-  if (t.dtype() == DType::kF32) return t.clone();
-  Tensor out(t.shape(), DType::kF32);
-  const bf16* src = t.data<bf16>();
-  float* dst = out.data<float>();
-  for (int64_t i = 0; i < t.numel(); ++i) dst[i] = to_float(src[i]);
-  return out;
-}
+// The loaded tensor in f32 (bf16 widened; the shape checked by the loader already).
+Tensor as_f32(const Tensor& t) { return convert(t, DType::kF32); }
 
 // A stacked [1, in, out] dense projection as the [in, out] matrix LayerParams holds.
 Tensor unstacked(const Tensor& t) {
