@@ -2,6 +2,7 @@
 #include "switchyard/moe/config.h"
 
 #include <cmath>
+#include <string_view>
 
 #include "switchyard/core/error.h"
 
@@ -61,6 +62,23 @@ void MoeConfig::validate() const {
   if (d_ff_shared < 0)
     throw ConfigError(
         fmt::format("moe.d_ff_shared = {}: expected >= 0 (0: moe.d_ff)", d_ff_shared));
+}
+
+void MoeConfig::check_trainable(bool guided) const {
+  if (top_k != 1 || guided) return;
+  const std::string_view fix =
+      "so the task loss gives the router no gradient and it would learn from the auxiliary "
+      "losses alone; expected";
+  const std::string_view guide = "or a guidance target (moe.loss_guide_weight > 0 with "
+                                 "super-classes)";
+  if ((gating == Gating::kSoftmaxTopK || gating == Gating::kSigmoidBias) && renormalize)
+    throw ConfigError(fmt::format(
+        "moe.top_k = 1 with moe.renormalize = true: the one chosen weight is renormalised to 1, "
+        "{} moe.renormalize = false (Switch Transformer's top-1), moe.top_k >= 2, {}", fix, guide));
+  if (gating == Gating::kNoisyTopK)
+    throw ConfigError(fmt::format(
+        "moe.router = noisy_topk with moe.top_k = 1: the softmax over one chosen logit is 1, {} "
+        "moe.top_k >= 2, softmax_topk with moe.renormalize = false, {}", fix, guide));
 }
 
 int64_t MoeConfig::capacity(int64_t n_tokens, bool training) const {

@@ -209,6 +209,7 @@ MultimodalRun train_multimodal(const MultimodalRunConfig& cfg, const MultimodalD
   const TrainConfig& t = cfg.train;
   const MultimodalDataConfig& d = cfg.data;
   const MultimodalModel model(cfg.model);
+  if (cfg.model.n_moe_layers() > 0) cfg.model.moe.check_trainable(/*guided=*/false);
   std::filesystem::create_directories(out_dir);
   const std::string ck_path = (std::filesystem::path(out_dir) / "checkpoint.safetensors").string();
   const std::string history_path = (std::filesystem::path(out_dir) / "history.json").string();

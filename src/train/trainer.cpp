@@ -193,6 +193,7 @@ TrainResult train(const RunConfig& cfg, const TrainOptions& opt) {
                                     mc.moe.n_experts, grid->ep_size()));
   }
 
+  if (mc.n_moe_layers() > 0) mc.moe.check_trainable(/*guided=*/false);
   // Everything that can fail on bad input fails here, before any file is written.
   const Corpus corpus = load_corpus(resolve_data_path(cfg.data.path), cfg.data.val_fraction, mc.context);
   const LanguageModel model(mc);

@@ -201,6 +201,8 @@ VisionRun train_vision(const VisionRunConfig& cfg, const VisionData& data,
   const VisionTransformer vit(cfg.model);
   if (!data.superclass.empty() && cfg.model.n_moe_layers() == 0)
     throw ConfigError("data.superclasses with a dense model: expected MoE layers to guide");
+  if (cfg.model.n_moe_layers() > 0)
+    cfg.model.moe.check_trainable(!data.superclass.empty() && cfg.model.moe.loss_guide_weight > 0);
   std::filesystem::create_directories(out_dir);
   const std::string ck_path = (std::filesystem::path(out_dir) / "checkpoint.safetensors").string();
   const std::string history_path = (std::filesystem::path(out_dir) / "history.json").string();

@@ -362,5 +362,36 @@ TEST(RoutingPolicies, BadGroupConfigsNameTheField) {
   EXPECT_THROW(cfg.validate(), ConfigError);
 }
 
+// A renormalised top-1 weight is always 1: such a router cannot learn from the task loss, so
+// training refuses it unless a guidance target trains the router; inference accepts it (a
+// published top-1 model with norm_topk_prob runs as it was trained).
+TEST(RoutingPolicies, RenormalisedTopOneIsRefusedForTrainingAlone) {
+  MoeConfig cfg = base(4, 1);
+  cfg.renormalize = true;
+  EXPECT_NO_THROW(cfg.validate());
+  try {
+    cfg.check_trainable(/*guided=*/false);
+    FAIL() << "expected ConfigError";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("moe.renormalize"), std::string::npos) << e.what();
+  }
+  EXPECT_NO_THROW(cfg.check_trainable(/*guided=*/true));
+  cfg.gating = Gating::kSigmoidBias;
+  EXPECT_THROW(cfg.check_trainable(false), ConfigError);
+  cfg.gating = Gating::kNoisyTopK;  // a softmax over the one chosen logit
+  cfg.renormalize = false;
+  EXPECT_THROW(cfg.check_trainable(false), ConfigError);
+  for (Gating g : {Gating::kHash, Gating::kRandom, Gating::kExpertChoice}) {
+    cfg.gating = g;  // not trained, or weights that are the probabilities themselves
+    EXPECT_NO_THROW(cfg.check_trainable(false));
+  }
+  cfg = base(4, 1);
+  cfg.renormalize = false;
+  EXPECT_NO_THROW(cfg.check_trainable(false));
+  cfg = base(4, 2);
+  cfg.renormalize = true;
+  EXPECT_NO_THROW(cfg.check_trainable(false));
+}
+
 }  // namespace
 }  // namespace sy

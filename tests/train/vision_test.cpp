@@ -50,7 +50,8 @@ VisionRunConfig small_run(const std::string& json_model) {
 const char* kDense = R"({"patch": 7, "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 48})";
 const char* kPerImage = R"({"patch": 7, "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 48,
     "moe_last": 1, "routing": "per_image",
-    "moe": {"n_experts": 2, "top_k": 1, "d_ff": 48, "capacity_factor_train": 2.0}})";
+    "moe": {"n_experts": 2, "top_k": 1, "renormalize": false, "d_ff": 48,
+            "capacity_factor_train": 2.0}})";
 
 TEST(VisionConfig, BuiltInConfigsLoadAndBadValuesAreNamed) {
   EXPECT_TRUE(is_vision_config("fashion-vit"));

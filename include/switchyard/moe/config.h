@@ -72,6 +72,11 @@ struct MoeConfig {
   double bias_update_rate = 0.001;
 
   void validate() const;
+  // Throws ConfigError for a layer that validate() accepts for inference but that cannot learn
+  // its routing: a top-1 router whose one weight is always 1 (softmax top-k or sigmoid
+  // renormalised, noisy top-k's softmax over the chosen logit), so the task loss gives it no
+  // gradient, unless a guidance target trains it (`guided`).
+  void check_trainable(bool guided) const;
   // Rows each expert takes for n_tokens tokens; -1 means unbounded (dropless).
   int64_t capacity(int64_t n_tokens, bool training) const;
   int64_t shared_width() const { return d_ff_shared > 0 ? d_ff_shared : d_ff; }
