@@ -18,6 +18,7 @@
 
 #include "switchyard/core/error.h"
 #include "switchyard/core/exec_context.h"
+#include "switchyard/kernels/cpu.h"
 #include "switchyard/kernels/ref.h"
 #include "testing/testing.h"
 
@@ -255,6 +256,47 @@ TEST_P(BackendKernels, SameBitsAtAnyThreadCount) {
     return out;
   };
   EXPECT_EQ(run(1), run(2));
+}
+
+// The vdpbf16ps skinny kernel, whichever kernel this CPU's bf16 backend picked: against the
+// f64 sum of the bf16-rounded rows times the weights, at every row count, K odd (a half pair)
+// and even, columns that leave a partial chunk and span several thread blocks; and the same
+// bits at one and two threads.
+TEST(SkinnyDotBf16, AgainstReferenceEveryRowCount) {
+  if (!__builtin_cpu_supports("avx512bf16")) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+  for (int64_t K : {1, 33, 64, 257})
+    for (int64_t N : {1, 31, 32, 300, 2100})
+      for (int64_t M = 1; M <= 16; M += (N > 300 ? 5 : 1)) {
+        const uint64_t seed = uint64_t(K * 1000 + N * 20 + M);
+        Tensor x = random_tensor({M, K}, DType::kF32, seed);
+        Tensor w = convert(random_tensor({K, N}, DType::kF32, seed + 1), DType::kBF16);
+        Tensor want({M, N}, DType::kF64), bound({M, N}, DType::kF64);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = 0; n < N; ++n) {
+            double s = 0, b = 0;
+            for (int64_t k = 0; k < K; ++k) {
+              const double p = double(to_float(to_bf16(x.data<float>()[m * K + k]))) *
+                               double(to_float(w.data<bf16>()[k * N + n]));
+              s += p;
+              b += std::abs(p);
+            }
+            want.data<double>()[m * N + n] = s;
+            bound.data<double>()[m * N + n] = b;
+          }
+        auto run = [&](int threads) {
+          ThreadScope scope(threads);
+          Tensor y({M, N}, DType::kF32);
+          cpu::skinny_gemm_dot_bf16(x.matrix<float>(), w.matrix<bf16>(), y.matrix<float>());
+          return y;
+        };
+        const Tensor y1 = run(1), y2 = run(2);
+        const std::string what = fmt::format("M {} K {} N {}", M, K, N);
+        expect_within(y1, want, bound, double(K + 2) * std::ldexp(1.0, -24), 1e-30, what);
+        EXPECT_TRUE(std::equal(y1.data<float>(), y1.data<float>() + M * N, y2.data<float>()))
+            << what;
+      }
+  const cpu::SkinnyBf16Choice& choice = cpu::skinny_dot_bf16_choice();
+  if (std::getenv("SY_SKINNY_BF16") == nullptr) EXPECT_GT(choice.ratio, 0.0);  // measured
 }
 
 INSTANTIATE_TEST_SUITE_P(Available, BackendKernels, ::testing::ValuesIn(backends()), backend_label);

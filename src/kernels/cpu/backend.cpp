@@ -16,6 +16,7 @@
 
 #include "kernels/cpu/onednn_gemm.h"
 #include "switchyard/core/error.h"
+#include "switchyard/kernels/cpu.h"
 
 namespace sy {
 
@@ -355,7 +356,16 @@ std::string describe_kernels(Precision precision) {
   std::string why;
   if (precision == Precision::kAuto)
     why = fmt::format(" (auto: {})", resolve_precision(cpu).reason);
-  return fmt::format("kernels {}{} on {}", be.name, why, cpu.describe());
+  std::string skinny;
+  if (be.precision == Precision::kBf16) {
+    const cpu::SkinnyBf16Choice& c = cpu::skinny_dot_bf16_choice();
+    skinny = c.ratio > 0 ? fmt::format("; few-row bf16 products: {} (vdpbf16ps measured {:.2f}x "
+                                       "the widening kernel)",
+                                       c.use_dot ? "vdpbf16ps" : "widened to f32", c.ratio)
+                         : fmt::format("; few-row bf16 products: {} (SY_SKINNY_BF16)",
+                                       c.use_dot ? "vdpbf16ps" : "widened to f32");
+  }
+  return fmt::format("kernels {}{} on {}{}", be.name, why, cpu.describe(), skinny);
 }
 
 const Backend& backend_of(const ExecContext& ctx) {
